@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import logging
+
+import psutil
+import pytest
+
+from support import ManagedProcess, kill_tree
+
+
+@pytest.fixture
+def procs():
+    """Register real processes here; every one is killed with its tree at teardown."""
+    started: list[ManagedProcess] = []
+    yield started
+    for p in reversed(started):
+        p.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """Fail a test that leaves a child process of pytest running (and kill it)."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    me = psutil.Process()
+    leftovers = [p for p in me.children(recursive=True) if p.pid not in before]
+    if leftovers:
+        _, alive = psutil.wait_procs(leftovers, timeout=5)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        names = []
+        for p in alive:
+            try:
+                names.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+            except psutil.Error:
+                continue
+            kill_tree(p.pid)
+        if names:
+            pytest.fail("test left processes running: " + "; ".join(names))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logging(caplog):
+    caplog.set_level(logging.DEBUG)

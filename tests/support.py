@@ -1,0 +1,172 @@
+"""Helpers shared by the tests: free ports, bounded waits, real processes that always stop."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterable
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
+               what: str = "condition") -> object:
+    """Poll condition until it returns something truthy; fail the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def http_json(url: str, token: str = "", data: dict | None = None, timeout: float = 10.0):
+    """(status, parsed body or text) for a GET (or a POST when data is given)."""
+    body = json.dumps(data).encode() if data is not None else None
+    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw, status = resp.read(), resp.status
+    except urllib.error.HTTPError as err:
+        raw, status = err.read(), err.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+class ManagedProcess:
+    """A real child process (own session) that is killed with its tree on close()."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None):
+        self.argv = argv
+        self.log_path = log_path
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ManagedProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=self.env, cwd=REPO,
+                                     start_new_session=True)
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        kill_tree(self.proc.pid)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - the kernel did not reap
+            pass
+
+
+class ManagerProcess(ManagedProcess):
+    """`bcmanager` serving a real SQLite file on a free loopback port."""
+
+    def __init__(self, tmp: Path, input_dir: Path, output_dir: Path, *, port: int | None = None,
+                 token: str = "", extra: Iterable[str] = (), config: Path | None = None,
+                 settle_s: float = 0.0, scan_interval_s: float = 0.2,
+                 report_back_interval: float | None = None, batch_size: int | None = None,
+                 max_attempts: int | None = None, input_closed: bool = False):
+        self.port = port or free_port()
+        self.token = token
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = config or tmp / f"manager-{self.port}.toml"
+        if config is None:
+            lines = ["[manager]", f"settle_s = {settle_s}", f"scan_interval_s = {scan_interval_s}"]
+            if report_back_interval is not None:
+                lines.append(f"report_back_interval = {report_back_interval}")
+            if batch_size is not None:
+                lines.append(f"batch_size = {batch_size}")
+            if max_attempts is not None:
+                lines.append(f"max_attempts = {max_attempts}")
+            cfg.write_text("\n".join(lines) + "\n")
+        argv = [sys.executable, "-m", "manager", "--config", str(cfg),
+                "--input-dir", str(input_dir), "--output-dir", str(output_dir),
+                "--port", str(self.port), *extra]
+        if token:
+            argv += ["--token", token]
+        if input_closed:
+            argv.append("--input-closed")
+        super().__init__(argv, tmp / f"manager-{self.port}.log")
+
+    def start(self, timeout: float = 30.0) -> "ManagerProcess":
+        super().start()
+        wait_until(self._up, timeout, what=f"manager on {self.url}\n{self.log()}")
+        return self
+
+    def _up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"manager exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return http_json(self.url + "/heartbeat", timeout=1)[0] == 200
+        except OSError:
+            return False
+
+    def get(self, route: str, **params):
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return http_json(f"{self.url}{route}{'?' + query if query else ''}", self.token)
+
+    def post(self, route: str, body: dict):
+        return http_json(self.url + route, self.token, body)
+
+    def status(self) -> dict:
+        code, body = self.get("/status")
+        assert code == 200, body
+        return body

@@ -1,0 +1,160 @@
+"""The wire protocol shared by the manager and the engines.
+
+This package is the one definition both sides import (DESIGN.md §3): job states,
+the batch message, id validation and the process exit codes. It depends on the
+standard library only, so the manager can import it without pulling in engine code.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+DEFAULT_PORT = 40765
+MAX_BATCH_SIZE = 10_000
+
+EXIT_OK = 0
+EXIT_PROTOCOL = 75      # manager unreachable or lease lost (EX_TEMPFAIL)
+EXIT_CONFIG = 78        # configuration error, do not restart (EX_CONFIG)
+
+_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; str() is a one-line reason."""
+
+
+class JobState(str, enum.Enum):
+    STARTED = "STARTED"
+    PROCESSING = "PROCESSING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.STOPPED})
+
+
+def is_valid_id(value: object) -> bool:
+    """Engine and job ids end up in directory names: short, no separators."""
+    return (isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+            and value not in (".", ".."))
+
+
+def validate_id(value: object, what: str) -> str:
+    if not is_valid_id(value):
+        raise ProtocolError(f"{what} must match [A-Za-z0-9._-]{{1,64}}, got {str(value)[:80]!r}")
+    return value  # type: ignore[return-value]
+
+
+def validate_dir_name(value: object, what: str) -> str:
+    """A name sent by the manager that the engine joins to a path: one component, never '..'."""
+    if (not isinstance(value, str) or not value or len(value) > 255
+            or any(c in value for c in "/\\\0") or ".." in value or value == "."):
+        raise ProtocolError(f"{what} must be a plain directory name without '/' or '..', "
+                            f"got {str(value)[:80]!r}")
+    return value
+
+
+def validate_file_name(value: object, what: str) -> str:
+    """A batch entry: the name of one symlink in the job's input dir (flat, no traversal)."""
+    return validate_dir_name(value, what)
+
+
+def parse_job_state(value: object, allowed: frozenset[JobState] | None = None) -> JobState:
+    try:
+        state = JobState(value)
+    except ValueError:
+        raise ProtocolError(f"job_state must be one of {', '.join(s.value for s in JobState)}, "
+                            f"got {str(value)[:40]!r}") from None
+    if allowed is not None and state not in allowed:
+        raise ProtocolError(f"job_state must be one of {', '.join(sorted(s.value for s in allowed))}, "
+                            f"got {state.value}")
+    return state
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The answer to /assignwork. An empty batch has batch_size 0 and no job id."""
+
+    jobid: str
+    job_input_dir: str
+    job_output_dir: str
+    bc_engine_id: str
+    batch: tuple[str, ...]
+    report_back_interval: float
+    input_closed: bool | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.batch)
+
+    @property
+    def empty(self) -> bool:
+        return not self.batch
+
+    def to_dict(self) -> dict[str, Any]:
+        answer: dict[str, Any] = {
+            "jobid": self.jobid,
+            "job_input_dir": self.job_input_dir,
+            "job_output_dir": self.job_output_dir,
+            "bc_engine_id": self.bc_engine_id,
+            "batch_size": self.batch_size,
+            "batch": list(self.batch),
+            "report_back_interval": self.report_back_interval,
+        }
+        if self.input_closed is not None:
+            answer["input_closed"] = self.input_closed
+        return answer
+
+    @classmethod
+    def empty_answer(cls, engine_id: str, report_back_interval: float,
+                     input_closed: bool) -> "Batch":
+        return cls("", "", "", engine_id, (), report_back_interval, input_closed)
+
+    @classmethod
+    def from_answer(cls, answer: object) -> "Batch":
+        """Parse and validate an /assignwork answer (ours or the original manager's)."""
+        if not isinstance(answer, Mapping):
+            raise ProtocolError(f"/assignwork answer must be a JSON object, got {type(answer).__name__}")
+        try:
+            size = answer["batch_size"]
+        except KeyError:
+            raise ProtocolError("/assignwork answer has no batch_size") from None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ProtocolError(f"/assignwork batch_size must be a non-negative integer, got {size!r}")
+        interval = answer.get("report_back_interval", 0) if size == 0 else _require(answer, "report_back_interval")
+        if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval < 0:
+            raise ProtocolError(f"/assignwork report_back_interval must be a number of seconds, got {interval!r}")
+        closed = answer.get("input_closed")
+        if closed is not None and not isinstance(closed, bool):
+            raise ProtocolError(f"/assignwork input_closed must be a boolean, got {closed!r}")
+        engine_id = answer.get("bc_engine_id", "")
+        if size == 0:
+            return cls.empty_answer(str(engine_id), float(interval), closed)
+        batch = _require(answer, "batch")
+        if not isinstance(batch, list) or len(batch) != size:
+            raise ProtocolError(f"/assignwork batch must be a list of {size} file names")
+        files = tuple(validate_file_name(f, "batch entry") for f in batch)
+        return cls(
+            jobid=validate_id(_require(answer, "jobid"), "jobid"),
+            job_input_dir=validate_dir_name(_require(answer, "job_input_dir"), "job_input_dir"),
+            job_output_dir=validate_dir_name(_require(answer, "job_output_dir"), "job_output_dir"),
+            bc_engine_id=str(engine_id),
+            batch=files,
+            report_back_interval=float(interval),
+            input_closed=closed,
+        )
+
+
+def _require(answer: Mapping[str, Any], key: str) -> Any:
+    try:
+        return answer[key]
+    except KeyError:
+        raise ProtocolError(f"/assignwork answer has no {key}") from None

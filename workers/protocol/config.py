@@ -1,0 +1,249 @@
+"""The one typed model of config.toml, validated on load.
+
+It lives beside the wire protocol because the file is shared by every command
+(manager, orchestrator, engine) and the manager may import workers.protocol only.
+Every key, its default and a one-line comment are in the repository's config.toml;
+tests check that the two agree.
+
+A wrong type, an unknown key or a missing required key raises ConfigError, whose
+message is one line naming the key; the commands turn it into exit code 78.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from . import DEFAULT_PORT, EXIT_CONFIG, MAX_BATCH_SIZE, is_valid_id
+
+TOKEN_ENV = "BCORCH_TOKEN"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; str() is one line naming the key."""
+
+    exit_code = EXIT_CONFIG
+
+
+@dataclass
+class ManagerConfig:
+    url: str = f"http://127.0.0.1:{DEFAULT_PORT}"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str = ""
+    input_dir: str = ""
+    output_dir: str = ""
+    db: str = ""
+    batch_size: int = 10
+    report_back_interval: float = 90.0
+    max_attempts: int = 3
+    scan_interval_s: float = 10.0
+    settle_s: float = 30.0
+    input_closed: bool = False
+    threads: int = 16
+
+
+@dataclass
+class EngineConfig:
+    input_dir: str = ""
+    output_dir: str = ""
+    engine_id: str = ""
+    model: str = "hac"
+    optimal_request_size: int = 0
+    polling_interval: float = 1.0
+    busy_pause_s: float = 0.0
+    work_until_none_left: bool = False
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    request_retries: int = 3
+
+
+@dataclass
+class RunnerConfig:
+    kind: Literal["script", "dorado", "dorado-server", "simulate"] = "simulate"
+    bc_script: str = ""
+    port: int = 5555
+    samples_per_s: float = 2_000_000.0
+    startup_s: float = 0.0
+    stop_grace_s: float = 10.0
+    stall_timeout_s: float = 900.0
+    dorado_path: str = "dorado"
+    models_directory: str = ""
+    emit: Literal["fastq", "bam"] = "fastq"
+    extra_args: list[str] = field(default_factory=list)
+    fail_fraction: float = 0.1
+
+
+@dataclass
+class OrchestratorConfig:
+    gpus: str = "all"
+    control_socket: str = ""
+    hang_timeout_s: float = 60.0
+    restart_backoff_max_s: float = 300.0
+    healthy_reset_s: float = 600.0
+    max_restarts: int = 5
+    restart_window_s: float = 600.0
+    on_manager_failure: Literal["wait", "drain"] = "wait"
+    manager_down_timeout_s: float = 3600.0
+    drain_timeout_s: float = 300.0
+    metrics_port: int = 0
+
+
+@dataclass
+class Config:
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    source: str = ""
+
+    @property
+    def token(self) -> str:
+        """The bearer token: config, else the environment (flags are applied into the config)."""
+        return self.manager.token or os.environ.get(TOKEN_ENV, "")
+
+    def override(self, section: str, **values: Any) -> None:
+        """Apply command-line flags (None means 'not given') with the same checks as the file."""
+        target = getattr(self, section)
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key not in hints:
+                raise ConfigError(f"{section}.{key}: unknown key")
+            setattr(target, key, _check(f"{section}.{key}", value, hints[key]))
+        _check_ranges(self)
+
+
+SECTIONS: dict[str, type] = {
+    "manager": ManagerConfig,
+    "engine": EngineConfig,
+    "runner": RunnerConfig,
+    "orchestrator": OrchestratorConfig,
+}
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is list:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[hint]
+
+
+def _check(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+    elif origin is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}"[:300])
+
+
+_MINIMUMS: dict[str, float] = {
+    "manager.port": 0, "manager.batch_size": 1, "manager.report_back_interval": 1,
+    "manager.max_attempts": 1, "manager.scan_interval_s": 0.05, "manager.settle_s": 0,
+    "manager.threads": 1,
+    "engine.optimal_request_size": 0, "engine.polling_interval": 0, "engine.busy_pause_s": 0,
+    "engine.connect_timeout_s": 0.1, "engine.read_timeout_s": 0.1, "engine.request_retries": 0,
+    "runner.port": 0, "runner.samples_per_s": 1, "runner.startup_s": 0,
+    "runner.stop_grace_s": 0, "runner.stall_timeout_s": 1, "runner.fail_fraction": 0,
+    "orchestrator.hang_timeout_s": 1, "orchestrator.restart_backoff_max_s": 0,
+    "orchestrator.healthy_reset_s": 0, "orchestrator.max_restarts": 0,
+    "orchestrator.restart_window_s": 0, "orchestrator.manager_down_timeout_s": 0,
+    "orchestrator.drain_timeout_s": 0, "orchestrator.metrics_port": 0,
+}
+_MAXIMUMS: dict[str, float] = {
+    "manager.port": 65535, "runner.port": 65535, "orchestrator.metrics_port": 65535,
+    "manager.batch_size": MAX_BATCH_SIZE, "engine.optimal_request_size": MAX_BATCH_SIZE,
+    "runner.fail_fraction": 1,
+}
+
+
+def _check_ranges(config: Config) -> None:
+    for key, low in _MINIMUMS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        high = _MAXIMUMS.get(key)
+        if value < low or (high is not None and value > high):
+            bound = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
+            raise ConfigError(f"{key}: expected a value {bound}, got {value!r}")
+    if config.engine.engine_id and not is_valid_id(config.engine.engine_id):
+        raise ConfigError(f"engine.engine_id: expected [A-Za-z0-9._-]{{1,64}}, "
+                          f"got {config.engine.engine_id!r}")
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Build a Config from parsed TOML, refusing unknown sections and keys."""
+    config = Config(source=source)
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"[{section}]: unknown section (expected one of "
+                              f"{', '.join(SECTIONS)})")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{section}]: expected a table, got {values!r}"[:300])
+        config.override(section, **{k: _not_none(section, k, v) for k, v in values.items()})
+    _check_ranges(config)
+    return config
+
+
+def _not_none(section: str, key: str, value: Any) -> Any:
+    # TOML has no null, but a dict given by a caller might.
+    if value is None:
+        raise ConfigError(f"{section}.{key}: a value is required")
+    return value
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Load config.toml (or defaults when path is None)."""
+    if path is None:
+        return from_mapping({}, "<defaults>")
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {str(p)!r}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config: {str(p)!r} is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    return from_mapping(data, str(p))
+
+
+def require(config: Config, key: str, hint: str = "") -> Any:
+    """Return a key that has no useful default, or raise a one-line ConfigError."""
+    section, name = key.split(".")
+    value = getattr(getattr(config, section), name)
+    if value in ("", None):
+        raise ConfigError(f"{key}: required{' (' + hint + ')' if hint else ''}")
+    return value
+
+
+def defaults_as_dict() -> dict[str, dict[str, Any]]:
+    """Every key with its default, section by section (for docs and tests)."""
+    return {name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}
