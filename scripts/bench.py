@@ -1,0 +1,26 @@
+#!/usr/bin/env python3
+"""Benchmarks: one entry point, one subcommand per part (each prints a table and writes JSON).
+
+    python scripts/bench.py manager ...
+    python scripts/bench.py engine ...
+    python scripts/bench.py orchestrator ...
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+PARTS = {"manager": "bench_manager", "engine": "bench_engine", "orchestrator": "bench_orchestrator"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in PARTS:
+        print(f"usage: bench.py {{{'|'.join(PARTS)}}} [options]", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    return importlib.import_module(PARTS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
