@@ -1,0 +1,168 @@
+"""`bcmanager`: serve, `bcmanager status`, `bcmanager close-input`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from workers.protocol import EXIT_CONFIG, EXIT_PROTOCOL
+from workers.protocol import config as config_mod
+from workers.protocol.config import Config, ConfigError
+
+COMMANDS = ("status", "close-input")
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bcmanager",
+        description="Serve batches of POD5 files to basecalling engines. "
+                    "Also: `bcmanager status` and `bcmanager close-input`.")
+    p.add_argument("--config", help="config.toml (defaults when not given)")
+    p.add_argument("--input-dir", help="INPUT_DIR scanned for *.pod5 (manager.input_dir)")
+    p.add_argument("--output-dir", help="OUTPUT_DIR for pass/, fail/ and job logs (manager.output_dir)")
+    p.add_argument("--db", help="SQLite file (default OUTPUT_DIR/bcmanager.sqlite)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 40765)")
+    p.add_argument("--token", help="bearer token (or env BCORCH_TOKEN)")
+    p.add_argument("--input-closed", action="store_true", default=None,
+                   help="the run has finished writing: no file will be added")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def _client_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"bcmanager {command}")
+    p.add_argument("--config", help="config.toml (for manager.url and the token)")
+    p.add_argument("--url", help="the manager's URL (default manager.url)")
+    p.add_argument("--token", help="bearer token (or env BCORCH_TOKEN)")
+    if command == "status":
+        p.add_argument("--json", action="store_true", help="print the raw /status answer")
+        p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="S",
+                       help="reprint every S seconds (default 2) until interrupted")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            args = _client_parser(argv[0]).parse_args(argv[1:])
+            cfg = _load(args.config)
+            cfg.override("manager", token=args.token, url=args.url)
+            return _status(cfg, args) if argv[0] == "status" else _close_input(cfg)
+        return _serve(_serve_parser().parse_args(argv))
+    except ConfigError as exc:
+        print(f"bcmanager: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _load(path: str | None) -> Config:
+    return config_mod.load(path)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    cfg.override("manager", input_dir=args.input_dir, output_dir=args.output_dir, db=args.db,
+                 host=args.host, port=args.port, token=args.token,
+                 input_closed=args.input_closed)
+    config_mod.require(cfg, "manager.input_dir", "or --input-dir")
+    config_mod.require(cfg, "manager.output_dir", "or --output-dir")
+    if not os.path.isdir(cfg.manager.input_dir):
+        raise ConfigError(f"manager.input_dir: no such directory {cfg.manager.input_dir!r}")
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    from .server import Service  # waitress and sqlite only when serving
+
+    try:
+        service = Service(cfg.manager, cfg.token)
+    except OSError as exc:
+        print(f"bcmanager: cannot serve on {cfg.manager.host}:{cfg.manager.port} "
+              f"(--host/--port) or open its files: {exc}", file=sys.stderr)
+        return 1
+    return service.serve()
+
+
+def _request(cfg: Config, route: str, method: str = "GET") -> Any:
+    url = cfg.manager.url.rstrip("/") + route
+    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    req.add_header("Content-Type", "application/json")
+    if cfg.token:
+        req.add_header("Authorization", f"Bearer {cfg.token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")[:200]
+        raise SystemExit(_fail(f"{url}: HTTP {err.code} {detail}", EXIT_PROTOCOL)) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SystemExit(_fail(f"{url}: manager unreachable ({exc}) (--url)", EXIT_PROTOCOL)) from None
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"bcmanager: {message}", file=sys.stderr)
+    return code
+
+
+def _status(cfg: Config, args: argparse.Namespace) -> int:
+    while True:
+        answer = _request(cfg, "/status")
+        print(json.dumps(answer, indent=2) if args.json else format_status(answer), flush=True)
+        if args.watch is None:
+            return 0
+        try:
+            time.sleep(max(0.2, args.watch))
+        except KeyboardInterrupt:
+            return 0
+
+
+def _close_input(cfg: Config) -> int:
+    _request(cfg, "/close-input", "POST")
+    print("input closed: the manager will tell engines when nothing is left")
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_status(st: dict) -> str:
+    p = st["progress"]
+    pct = 100.0 * p["files_done"] / p["files_total"] if p["files_total"] else 0.0
+    t = st["throughput"]
+    lines = [
+        "files       " + "  ".join(f"{k} {v}" for k, v in st["files"].items()),
+        f"progress    {p['files_done']} / {p['files_total']} files ({pct:.1f}%), "
+        f"{_size(p['bytes_done'])} / {_size(p['bytes_total'])}",
+        f"throughput  {t['files_per_s']:.2f} files/s, {_size(t['bytes_per_s'])}/s "
+        f"(last {t['window_s']:.0f} s); time left {_duration(st['eta_s'])}",
+        f"input       {'closed' if st['input_closed'] else 'open (more files may come)'}; "
+        f"lease {st['report_back_interval']:.0f} s",
+    ]
+    now = time.time()
+    engines = st.get("engines", {})
+    if not engines:
+        lines.append("engines     none seen yet")
+    for i, (engine, info) in enumerate(engines.items()):
+        lines.append(f"{'engines' if i == 0 else '':12}{engine}: {info['jobs_in_flight']} job(s) "
+                     f"in flight, seen {_duration(now - info['last_seen'])} ago")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""The running service: waitress serving the app, a reaper thread, a scanner thread.
+
+waitress is a production WSGI server (thread pool, HTTP/1.1 keep-alive, request
+size limits, no C extension, pure Python and already a dependency-free install),
+unlike wsgiref/http.server which are for development only.
+
+SIGTERM/SIGINT only set an event; the main loop sees it within a fraction of a
+second, stops accepting, lets the worker threads finish and exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from waitress import create_server
+from waitress import wasyncore
+
+from workers.protocol.config import ManagerConfig
+
+from .app import MAX_BODY, App
+from .layout import Layout
+from .scanner import Scanner
+from .service import Manager
+from .store import Store
+
+log = logging.getLogger("bcmanager")
+
+
+def db_path(cfg: ManagerConfig) -> str:
+    return cfg.db or str(Path(cfg.output_dir) / "bcmanager.sqlite")
+
+
+class Service:
+    """Everything a serving manager owns, started and stopped together."""
+
+    def __init__(self, cfg: ManagerConfig, token: str = ""):
+        self.cfg = cfg
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        self.store = Store(db_path(cfg), cfg.max_attempts)
+        self.layout = Layout(cfg.input_dir, cfg.output_dir)
+        self.manager = Manager(self.store, self.layout, batch_size=cfg.batch_size,
+                               report_back_interval=cfg.report_back_interval,
+                               input_closed=cfg.input_closed)
+        self.manager.recover()
+        skip = (cfg.output_dir,) if _inside(cfg.output_dir, cfg.input_dir) else ()
+        self.scanner = Scanner(cfg.input_dir, cfg.settle_s, self.store.add_files,
+                               self.store.known_paths(), skip=skip)
+        self.app = App(self.manager, token)
+        self.stop_event = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.server = create_server(self.app, host=cfg.host, port=cfg.port, threads=cfg.threads,
+                                    max_request_body_size=MAX_BODY, ident="bcmanager",
+                                    connection_limit=1000, channel_timeout=300)
+        self.port = int(self.server.effective_port)
+
+    def reap_tick_s(self) -> float:
+        """A lease expires within one tick of its deadline."""
+        return min(1.0, self.cfg.report_back_interval / 10)
+
+    def _every(self, period: float, what: str, work) -> None:
+        while not self.stop_event.is_set():
+            try:
+                work()
+            except Exception:
+                log.exception("%s failed (will retry)", what)
+            self.stop_event.wait(period)
+
+    def serve(self) -> int:
+        log.info("serving on http://%s:%d (input %s, output %s, db %s, lease %.0f s, token %s)",
+                 self.cfg.host, self.port, self.cfg.input_dir, self.cfg.output_dir,
+                 self.store.path, self.cfg.report_back_interval,
+                 "required" if self.app._expected else "off")
+        self._threads = [
+            threading.Thread(target=self._every, name="reaper", daemon=True,
+                             args=(self.reap_tick_s(), "lease reaper", self.manager.reap)),
+            threading.Thread(target=self._every, name="scanner", daemon=True,
+                             args=(self.cfg.scan_interval_s, "input scan",
+                                   lambda: self.scanner.scan_once(self.stop_event.is_set))),
+        ]
+        for t in self._threads:
+            t.start()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not self.stop_event.is_set():
+                wasyncore.loop(timeout=0.2, map=self.server._map, count=1)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.stop_event.set()
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        log.info("stopping: no new requests, finishing those in progress")
+        wasyncore.close_all(self.server._map)
+        self.server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
+        deadline = time.monotonic() + 30
+        for t in self._threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.store.close()
+        log.info("stopped")
+
+
+def _inside(child: str, parent: str) -> bool:
+    child_abs, parent_abs = os.path.abspath(child), os.path.abspath(parent)
+    return child_abs != parent_abs and child_abs.startswith(parent_abs.rstrip(os.sep) + os.sep)

@@ -1,0 +1,233 @@
+"""The manager's operations: store + filesystem layout + leases, under one lock.
+
+Each operation (assign, keep-alive, completion, expiry) holds the lock from its
+database transaction to the end of its filesystem moves, so the two never disagree
+between operations, and a crash in between is repaired by recover() on restart.
+The HTTP layer (manager.app) only parses, validates and calls these methods.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from workers.protocol import Batch, JobState as WireState
+
+from .layout import Layout
+from .leases import Leases
+from .states import FileState, JobState
+from .store import Completion, Job, Store
+
+log = logging.getLogger("bcmanager")
+
+THROUGHPUT_WINDOW_S = 300.0
+
+_FINAL = {WireState.DONE: JobState.DONE, WireState.FAILED: JobState.FAILED,
+          WireState.STOPPED: JobState.STOPPED}
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+
+class Manager:
+    def __init__(self, store: Store, layout: Layout, *, batch_size: int,
+                 report_back_interval: float, input_closed: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
+        self.store = store
+        self.layout = layout
+        self.batch_size = batch_size
+        self.interval = report_back_interval
+        self.leases = Leases(report_back_interval, clock)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._started = clock()
+        self._done_log: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._engines_seen: dict[str, float] = {}
+        if input_closed and not store.input_closed():
+            store.close_input()
+        self._input_closed = store.input_closed()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """After a start: finish recorded moves, re-create live jobs' dirs, fresh leases."""
+        with self._lock:
+            self.layout.create_roots()
+            self._finish_moves()
+            live = self.store.live_jobs()
+            for job in live:
+                self.layout.prepare(job)
+                self.leases.grant(job.job_id, job.engine_id)
+            self._engines_seen.update(self.store.recent_engines())
+            if live:
+                log.info("restart: %d live jobs get a fresh lease of %.0f s: %s", len(live),
+                         self.interval, ", ".join(f"{j.job_id}@{j.engine_id}" for j in live[:20]))
+
+    def _finish_moves(self) -> None:
+        for job in self.store.unfinished_moves():
+            try:
+                self.layout.settle(job)
+            except OSError as exc:
+                log.error("job %s engine %s: moving its %s outputs failed (retried later): %s",
+                          job.job_id, job.engine_id, job.state.value, exc)
+                continue
+            self.store.mark_moved(job.job_id)
+
+    # -- protocol ----------------------------------------------------------------------
+
+    @property
+    def input_closed(self) -> bool:
+        return self._input_closed
+
+    def close_input(self) -> None:
+        with self._lock:
+            if not self._input_closed:
+                self.store.close_input()
+                self._input_closed = True
+                log.info("input closed: no more files will be added")
+
+    def assign(self, engine_id: str, wanted: int) -> Answer:
+        wanted = wanted or self.batch_size
+        with self._lock:
+            self._engines_seen[engine_id] = time.time()
+            job = self.store.assign(engine_id, wanted)
+            if job is None:
+                counts = self.store.snapshot().files
+                nothing_left = (self._input_closed and counts[FileState.PENDING.value] == 0
+                                and counts[FileState.ASSIGNED.value] == 0)
+                return Answer(200, Batch.empty_answer(engine_id, self.interval,
+                                                      nothing_left).to_dict())
+            try:
+                self.layout.prepare(job)
+            except OSError as exc:
+                log.error("job %s engine %s: cannot create its directories, batch withdrawn: %s",
+                          job.job_id, engine_id, exc)
+                self.store.finish(job.job_id, JobState.STOPPED)
+                self._settle_quietly(self.store.job(job.job_id))
+                return Answer(503, {"error": f"cannot create the job's directories: {exc}"[:300]})
+            self.leases.grant(job.job_id, engine_id)
+        log.info("job %s engine %s: assigned %d files", job.job_id, engine_id, len(job.files))
+        return Answer(200, Batch(
+            jobid=job.job_id,
+            job_input_dir=self.layout.assigned_dir(job).name,
+            job_output_dir=self.layout.tmp_output_dir(job).name,
+            bc_engine_id=engine_id,
+            batch=tuple(f.link for f in job.files),
+            report_back_interval=self.interval,
+            input_closed=self._input_closed,
+        ).to_dict())
+
+    def keepalive(self, job_id: str, state: WireState) -> Answer:
+        with self._lock:
+            alive = self.leases.refresh(job_id)
+            engine = self.leases.engine_of(job_id)
+            if engine:
+                self._engines_seen[engine] = time.time()
+        if not alive:
+            log.info("job %s: keep-alive (%s) for a lease that is not live: late",
+                     job_id, state.value)
+        return Answer(200, {"late": not alive})
+
+    def complete(self, job_id: str, state: WireState, failed: dict[str, str],
+                 reason: str) -> Answer:
+        target = _FINAL[state]
+        with self._lock:
+            result: Completion = self.store.finish(job_id, target, failed, reason)
+            job = result.job
+            if job is None:
+                log.info("job %s: %s for an unknown job: late", job_id, state.value)
+                return Answer(200, {"ok": False, "late": True})
+            self._engines_seen[job.engine_id] = time.time()
+            if not result.changed:
+                return self._repeat_answer(job, target)
+            self.leases.drop(job_id)
+            if result.files_done:
+                self._done_log.append((self._clock(), result.files_done, result.bytes_done))
+            self._settle_quietly(job)
+        log.info("job %s engine %s: %s (%d files done%s)", job_id, job.engine_id, state.value,
+                 result.files_done, f", {len(failed)} named failed" if failed else "")
+        return Answer(200, {"ok": True})
+
+    def _repeat_answer(self, job: Job, target: JobState) -> Answer:
+        if job.state is JobState.EXPIRED:
+            log.info("job %s engine %s: %s after its lease expired: late, output discarded",
+                     job.job_id, job.engine_id, target.value)
+            self._discard_late(job)
+            return Answer(200, {"ok": False, "late": True})
+        if job.state is target:
+            return Answer(200, {"ok": True})
+        return Answer(409, {"error": f"job {job.job_id} was already reported {job.state.value}, "
+                                     f"not {target.value}"})
+
+    def _discard_late(self, job: Job) -> None:
+        try:
+            self.layout.discard_output(job)
+        except OSError as exc:
+            log.error("job %s engine %s: cannot put aside late output: %s",
+                      job.job_id, job.engine_id, exc)
+
+    def _settle_quietly(self, job: Job | None) -> None:
+        if job is None:
+            return
+        try:
+            self.layout.settle(job)
+        except OSError as exc:
+            log.error("job %s engine %s: moving its %s outputs failed (retried by the reaper): %s",
+                      job.job_id, job.engine_id, job.state.value, exc)
+            return
+        self.store.mark_moved(job.job_id)
+
+    def reap(self) -> int:
+        """Expire leases past their deadline; retry failed moves. Returns jobs expired."""
+        with self._lock:
+            expired = self.leases.expired()
+            for job_id in expired:
+                engine = self.leases.engine_of(job_id)
+                self.leases.drop(job_id)
+                result = self.store.finish(job_id, JobState.EXPIRED)
+                log.warning("job %s engine %s: no keep-alive for %.0f s: lease EXPIRED, "
+                            "files back to PENDING", job_id, engine, self.interval)
+                self._settle_quietly(result.job)
+            self._finish_moves()
+        return len(expired)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        counters = self.store.snapshot()
+        now = self._clock()
+        with self._lock:
+            while self._done_log and self._done_log[0][0] < now - THROUGHPUT_WINDOW_S:
+                self._done_log.popleft()
+            window = min(THROUGHPUT_WINDOW_S, max(now - self._started, 1e-3))
+            files_done = sum(f for _, f, _ in self._done_log)
+            bytes_done = sum(b for _, _, b in self._done_log)
+            in_flight = {e: sorted(jobs) for e, jobs in self.leases.by_engine().items()}
+            seen = dict(self._engines_seen)
+        files_per_s = files_done / window
+        left = counters.files["PENDING"] + counters.files["ASSIGNED"]
+        total_files = sum(counters.files.values())
+        total_bytes = sum(counters.bytes.values())
+        return {
+            "files": counters.files,
+            "bytes": counters.bytes,
+            "progress": {
+                "files_done": counters.files["DONE"], "files_total": total_files,
+                "bytes_done": counters.bytes["DONE"], "bytes_total": total_bytes,
+            },
+            "jobs_in_flight": {e: len(j) for e, j in in_flight.items()},
+            "jobs": in_flight,
+            "engines": {e: {"last_seen": t, "jobs_in_flight": len(in_flight.get(e, ()))}
+                        for e, t in sorted(seen.items())},
+            "throughput": {"window_s": round(window, 1), "files_per_s": files_per_s,
+                           "bytes_per_s": bytes_done / window},
+            "eta_s": (left / files_per_s) if files_per_s > 0 else None,
+            "input_closed": self._input_closed,
+            "report_back_interval": self.interval,
+        }
