@@ -1,0 +1,570 @@
+"""BCEngine: one engine process per GPU (DESIGN.md §5).
+
+Loop: request a batch -> keep-alive thread starts -> runner starts -> poll (heartbeat
+to the parent each second, watch BCManager_PB and parent commands) -> result ->
+completion -> next. The main thread never blocks in one long call: it waits in
+select() on the basecaller's pidfd, the parent pipe and a self-pipe (signals,
+lease loss), at most until the next heartbeat is due.
+
+Exit codes: 0 drained / stopped / nothing left; 75 manager unreachable or lease
+lost; 78 configuration error.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import random
+import re
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import channel
+from .channel import Cmd, EngineState, Msg
+from .client import ManagerClient, ManagerUnreachable
+from .keepalive import BCKeepAlive, LeaseLost, ReportOutcome
+from .legacy_config import load_any
+from .protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobState, ProtocolError
+from .protocol.config import Config, ConfigError
+from .runners import RunHandle, RunResult, make_runner
+
+AFTER_OUTAGE_ENV = "BCORCH_AFTER_OUTAGE"
+PARENT_GONE_EXIT_S = 4.0     # the orchestrator died: be gone well within 5 s
+AFTER_OUTAGE_CAP_S = 30.0
+
+TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
+    EngineState.STARTING: frozenset({EngineState.REQUESTING, EngineState.WAITING,
+                                     EngineState.STOPPING}),
+    EngineState.REQUESTING: frozenset({EngineState.WORKING, EngineState.DRAINING,
+                                       EngineState.WAITING,
+                                       EngineState.MANAGER_DOWN, EngineState.STOPPING}),
+    EngineState.WORKING: frozenset({EngineState.DRAINING, EngineState.REPORTING,
+                                    EngineState.STOPPING}),
+    EngineState.DRAINING: frozenset({EngineState.WORKING, EngineState.REPORTING,
+                                     EngineState.STOPPING}),
+    EngineState.REPORTING: frozenset({EngineState.REQUESTING, EngineState.WAITING,
+                                      EngineState.STOPPING}),
+    EngineState.WAITING: frozenset({EngineState.REQUESTING, EngineState.STOPPING}),
+    EngineState.MANAGER_DOWN: frozenset({EngineState.REQUESTING, EngineState.STOPPING}),
+    EngineState.STOPPING: frozenset(),
+}
+
+
+class _EngineLog(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"[{self.extra['engine_id']} gpu{self.extra['gpu']}] {msg}", kwargs
+
+
+class _Waker:
+    """A self-pipe: signal handlers and other threads wake the main loop's select()."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        os.set_blocking(self.w, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def default_engine_id(gpu_index: int) -> str:
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "host"
+    suffix = f"-gpu{gpu_index}"
+    return host[: 64 - len(suffix)] + suffix
+
+
+class BCEngine:
+    """Asks the manager for batches and basecalls them on one GPU."""
+
+    def __init__(self, config_path: str | os.PathLike[str] | None, node_index: int, *,
+                 conn: Any = None, conf: Config | None = None, manager_url: str | None = None,
+                 engine_id: str | None = None, device_index: int | None = None,
+                 after_outage: bool | None = None):
+        self.conf = conf if conf is not None else load_any(config_path, node_index)
+        if manager_url:
+            self.conf.override("manager", url=manager_url)
+        if engine_id:
+            self.conf.override("engine", engine_id=engine_id)
+        self.node_index = node_index
+        self.device_index = node_index if device_index is None else device_index
+        self.engine_id = self.conf.engine.engine_id or default_engine_id(node_index)
+        self.log = _EngineLog(logging.getLogger("workers.engine"),
+                              {"engine_id": self.engine_id, "gpu": node_index})
+        e = self.conf.engine
+        self.optimal_request_size = e.optimal_request_size
+        self.polling_interval = e.polling_interval
+        self.INPUTDIR = Path(self._dir("input_dir"))
+        self.OUTPUTDIR = Path(self._dir("output_dir"))
+        self.bc_script = self.conf.runner.bc_script
+        self.bc_model = e.model
+        self.PROCESSING_STATE = EngineState.STARTING
+        self.api_url = self.conf.manager.url
+        self.shutdown = False
+        self.work_until_none_left = e.work_until_none_left
+        if not self.api_url.startswith(("http://", "https://")):
+            raise ConfigError(f"manager.url: expected http://HOST:PORT, got {self.api_url!r}")
+        self.runner = make_runner(self.conf, self.log)
+        self._cancel = threading.Event()
+        self.client = ManagerClient.from_config(self.conf, self.api_url, cancel=self._cancel,
+                                                logger=self.log)
+        self.conn = conn
+        self._parent_pid = os.getppid()
+        self._after_outage = (os.environ.get(AFTER_OUTAGE_ENV, "") not in ("", "0")
+                              if after_outage is None else after_outage)
+        self._waker = _Waker()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="request")
+        self._drain = False
+        self._stop = False
+        self._stop_reason = ""
+        self._parent_gone = False
+        self._signals = 0
+        self._next_heartbeat = 0.0
+        self._batch: Batch | None = None
+        self._batch_started = 0.0
+        self._handle: RunHandle | None = None
+        self._keepalive: BCKeepAlive | None = None
+        self.batches_done = 0
+        self.files_done = 0
+        self.files_failed = 0
+        self.last_error = ""
+        self.batch_timings: list[dict[str, float]] = []
+
+    def _dir(self, key: str) -> str:
+        value = getattr(self.conf.engine, key) or getattr(self.conf.manager, key)
+        if not value:
+            raise ConfigError(f"engine.{key}: required (or manager.{key})")
+        return value
+
+    # -- state machine ------------------------------------------------------------------
+
+    def _set_state(self, new: EngineState) -> None:
+        old = self.PROCESSING_STATE
+        if new is old:
+            return
+        if new not in TRANSITIONS[old]:
+            raise RuntimeError(f"engine state {old.value} -> {new.value} is not allowed")
+        self.PROCESSING_STATE = new
+        self.log.debug("state %s -> %s", old.value, new.value)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def begin_working(self) -> int:
+        """Run until drained, stopped, nothing left or the manager is lost; the exit code."""
+        self._install_signal_handlers()
+        self._send(Msg.READY, engine_id=self.engine_id, gpu=self.node_index, pid=os.getpid())
+        self.log.info("engine started: manager %s, runner %s, input %s, output %s",
+                      self.api_url, self.conf.runner.kind, self.INPUTDIR, self.OUTPUTDIR)
+        reason = ""
+        try:
+            code, reason = self._loop()
+        except ConfigError as exc:
+            code, reason = EXIT_CONFIG, str(exc)
+            self.log.error("configuration error: %s", exc)
+        finally:
+            self._cleanup()
+        if self.PROCESSING_STATE is not EngineState.STOPPING:
+            self._set_state(EngineState.STOPPING)
+        self.log.info("engine exits with %d (%s)", code, reason)
+        self._send(Msg.EXITING, code=code, reason=reason)
+        return code
+
+    def _loop(self) -> tuple[int, str]:
+        if self._after_outage:
+            delay = random.uniform(0, max(1.0, min(AFTER_OUTAGE_CAP_S, self.polling_interval * 60)))
+            self.log.info("started after a manager outage: first request in %.1fs", delay)
+            self._set_state(EngineState.WAITING)
+            self._pause(delay)
+        while True:
+            self._service()
+            if self._stop or self._drain or self.shutdown:
+                return EXIT_OK, self._stop_reason or ("drained" if self._drain else "shutdown")
+            self._set_state(EngineState.REQUESTING)
+            start = time.monotonic()
+            try:
+                batch = self._request_a_batch(self.api_url, self.engine_id,
+                                              self.optimal_request_size)
+            except ManagerUnreachable as exc:
+                return self._manager_problem(f"manager unreachable: {exc}")
+            except ProtocolError as exc:
+                return self._manager_problem(f"bad answer from the manager: {exc}")
+            end = time.monotonic()
+            if batch is None:  # a stop arrived while asking
+                continue
+            if batch.empty:
+                if self.work_until_none_left and batch.input_closed is not False:
+                    self.shutdown = True
+                    self._set_state(EngineState.STOPPING)
+                    return EXIT_OK, "nothing left to basecall"
+                self._set_state(EngineState.WAITING)
+                self._sleep_before_next_batch(start, end, had_work=False)
+                continue
+            outcome = self._run_batch(batch, start)
+            if outcome is not None:
+                return outcome
+            self._sleep_before_next_batch(start, time.monotonic(), had_work=True)
+
+    def _request_a_batch(self, api_url: str, engine_id: str,
+                         optimal_request_size: int) -> Batch | None:
+        """Ask for a batch without blocking the loop; None when a stop came meanwhile."""
+        client = self.client if api_url == self.client.url else ManagerClient.from_config(
+            self.conf, api_url, cancel=self._cancel, logger=self.log)
+        future = self._executor.submit(client.assign_work, engine_id, optimal_request_size)
+        future.add_done_callback(lambda _f: self._waker.wake())
+        while not future.done():
+            if self._stop:
+                self._cancel.set()
+            self._wait(1.0)
+        batch = future.result()
+        if self._stop and not batch.empty:
+            self.log.info("stop requested while asking: returning job %s as STOPPED", batch.jobid)
+            try:
+                client.completed(batch.jobid, JobState.STOPPED, reason=self._stop_reason,
+                                 retries=1, timeout=(1.0, 2.0))
+            except (ManagerUnreachable, ProtocolError) as exc:
+                self.log.warning("could not return job %s: %s", batch.jobid, exc)
+            return None
+        if not batch.empty:
+            self.log.info("got job %s: %d file(s), lease %gs", batch.jobid, batch.batch_size,
+                          batch.report_back_interval)
+        return batch
+
+    def _run_batch(self, batch: Batch, requested_at: float) -> tuple[int, str] | None:
+        """One batch from lease to report; an (exit code, reason) to end the loop, else None."""
+        timing = {"requested": requested_at, "received": time.monotonic()}
+        self._batch, self._batch_started = batch, time.monotonic()
+        self._keepalive = BCKeepAlive.started_instance(
+            batch, JobState.PROCESSING, self.conf, client=self.client,
+            on_lease_lost=self._on_lease_lost, logger=self.log)
+        timing["keepalive_started"] = time.monotonic()
+        self._send(Msg.JOB_START, job_id=batch.jobid, batch_size=batch.batch_size)
+        input_dir = self.INPUTDIR / batch.job_input_dir
+        output_dir = self.OUTPUTDIR / batch.job_output_dir
+        self._set_state(EngineState.DRAINING if self._drain else EngineState.WORKING)
+        try:
+            if not input_dir.is_dir():
+                raise ConfigError(f"engine.input_dir: the job's input dir {str(input_dir)!r} does "
+                                  f"not exist here (is engine.input_dir this host's mount of the "
+                                  f"manager's INPUT_DIR?)")
+            result = self._basecalling_work(input_dir, output_dir, self.bc_model, timing)
+        except LeaseLost as exc:
+            return self._end_batch_lost(str(exc))
+        except (ConfigError, OSError) as exc:
+            # Not the files' fault: give them back without counting an attempt, do not restart.
+            reason = str(exc).splitlines()[0]
+            self._report(RunResult(JobState.STOPPED, reason=reason), timing)
+            return EXIT_CONFIG, reason if isinstance(exc, ConfigError) else \
+                f"runner.kind {self.conf.runner.kind}: cannot start the basecaller: {reason}"
+        return self._report(result, timing)
+
+    def _basecalling_work(self, input_dir: Path, output_dir: Path, model: str,
+                          timing: dict[str, float] | None = None) -> RunResult:
+        """Run the basecaller on one batch, polling it; raises LeaseLost."""
+        assert self._batch is not None and self._keepalive is not None
+        timing = timing if timing is not None else {}
+        self._handle = handle = self.runner.start(input_dir, output_dir, model, self._batch.batch)
+        timing["runner_started"] = time.monotonic()
+        self.log.info("job %s: basecaller pid %d started (log %s)", self._batch.jobid,
+                      handle.pid, handle.log_path)
+        if self._keepalive.BCManager_PB:  # lost before the handle existed
+            handle.terminate()
+        fds = [handle.fileno()] if handle.fileno() is not None else []
+        tick = 1.0 if fds else 0.05
+        stop_deadline: float | None = None
+        while True:
+            result = handle.poll()
+            if result is not None:
+                break
+            if self._keepalive.BCManager_PB:
+                handle.stop(self._grace())
+                self._keepalive.shutdown_if_broken_keepalive()
+            if self._stop:
+                if stop_deadline is None:
+                    self._set_state(EngineState.STOPPING)
+                    self.log.info("stopping basecaller pid %d (%s)", handle.pid, self._stop_reason)
+                    handle.terminate()
+                    stop_deadline = time.monotonic() + self._grace()
+                elif time.monotonic() >= stop_deadline:
+                    result = handle.stop(0.0, self._stop_reason)
+                    break
+            self._wait(tick if stop_deadline is None else min(tick, 0.1), fds)
+        timing["basecaller_ended"] = time.monotonic()
+        self._keepalive.shutdown_if_broken_keepalive()
+        if result.state is JobState.STOPPED and self._stop_reason:
+            result.reason = self._stop_reason
+        return result
+
+    def _report(self, result: RunResult, timing: dict[str, float]) -> tuple[int, str] | None:
+        assert self._batch is not None and self._keepalive is not None
+        batch, keepalive = self._batch, self._keepalive
+        if self.PROCESSING_STATE is not EngineState.STOPPING:
+            self._set_state(EngineState.REPORTING)
+        if result.state is JobState.FAILED:
+            self.log.warning("job %s FAILED: %s", batch.jobid, result.reason)
+        elif result.failed_files:
+            self.log.warning("job %s: %d file(s) failed: %s", batch.jobid,
+                             len(result.failed_files),
+                             "; ".join(f"{k}: {v}" for k, v in list(result.failed_files.items())[:3]))
+        deadline = time.monotonic() + self._grace() if self._parent_gone else None
+        keepalive.finish(result.state, result.failed_files, result.reason, deadline)
+        while keepalive.is_alive():
+            keepalive.join(timeout=max(0.0, min(0.2, self._next_heartbeat - time.monotonic())))
+            self._service()
+        timing["reported"] = time.monotonic()
+        self._handle = None
+        if keepalive.outcome is not ReportOutcome.OK:
+            return self._end_batch_lost(keepalive.lost_reason)
+        self._record(batch, result, timing)
+        self._send(Msg.JOB_END, job_id=batch.jobid, state=result.state.value,
+                   files_failed=len(result.failed_files))
+        self._batch = self._keepalive = None
+        if result.state is JobState.STOPPED or self._stop:
+            return EXIT_OK, self._stop_reason or "stopped"
+        if self._drain:
+            return EXIT_OK, "drained"
+        return None
+
+    def _record(self, batch: Batch, result: RunResult, timing: dict[str, float]) -> None:
+        failed = len(result.failed_files) if result.state is not JobState.FAILED else batch.batch_size
+        if result.state is not JobState.STOPPED:
+            self.batches_done += 1
+            self.files_done += batch.batch_size - failed
+            self.files_failed += failed
+        if result.state is JobState.FAILED:
+            self.last_error = f"job {batch.jobid}: {result.reason}"
+        if "runner_started" in timing and "basecaller_ended" in timing:
+            overhead = ((timing["runner_started"] - timing["requested"])
+                        + (timing["reported"] - timing["basecaller_ended"]))
+            timing["overhead_s"] = overhead
+            self.batch_timings.append(timing)
+            self.log.debug("job %s: engine overhead %.1f ms", batch.jobid, overhead * 1000)
+        self.log.info("job %s %s (%d file(s), %d failed) in %.2fs", batch.jobid,
+                      result.state.value, batch.batch_size, failed,
+                      time.monotonic() - self._batch_started)
+
+    def _end_batch_lost(self, reason: str) -> tuple[int, str]:
+        assert self._batch is not None
+        if self._handle is not None:
+            self._handle.stop(self._grace(), reason)
+        if self._keepalive is not None:
+            self._keepalive.join(timeout=self.conf.engine.read_timeout_s + 5)
+        self.last_error = f"job {self._batch.jobid}: lease lost: {reason}"
+        self._send(Msg.JOB_END, job_id=self._batch.jobid, state="LEASE_LOST",
+                   files_failed=0, reason=reason)
+        self._batch = self._keepalive = self._handle = None
+        return self._manager_problem(f"lease lost: {reason}")
+
+    def _manager_problem(self, reason: str) -> tuple[int, str]:
+        self.last_error = reason
+        self.log.error("%s", reason)
+        if EngineState.MANAGER_DOWN in TRANSITIONS[self.PROCESSING_STATE]:
+            self._set_state(EngineState.MANAGER_DOWN)
+        self._send(Msg.MANAGER_PROBLEM, reason=reason)
+        return EXIT_PROTOCOL, reason
+
+    def _sleep_before_next_batch(self, start: float, end: float, had_work: bool = True) -> None:
+        """busy_pause_s after work; polling_interval (minutes, +-10% jitter) after an empty answer.
+
+        The pause counts from `end` (the answer); stop and drain cut it short.
+        """
+        if had_work:
+            pause = self.conf.engine.busy_pause_s
+        else:
+            pause = self.polling_interval * 60.0 * random.uniform(0.9, 1.1)
+        self._pause(pause - (time.monotonic() - end))
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + max(0.0, seconds)
+        while not (self._stop or self._drain):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wait(min(left, 1.0))
+
+    # -- waiting, commands, heartbeats ----------------------------------------------------
+
+    def _wait(self, timeout: float, fds: list[int] | None = None) -> None:
+        """Sleep until something happens (fd readable, wake-up) or timeout; then service."""
+        timeout = max(0.0, min(timeout, self._next_heartbeat - time.monotonic()))
+        rlist = [self._waker.r, *(fds or [])]
+        if self.conn is not None and not self._parent_gone:
+            try:
+                rlist.append(self.conn.fileno())
+            except (OSError, ValueError):
+                self._on_parent_gone("the pipe to the parent is closed")
+        try:
+            ready, _, _ = select.select(rlist, [], [], timeout)
+        except (OSError, ValueError):
+            ready = []
+        if self._waker.r in ready:
+            self._waker.drain()
+        self._service()
+
+    def _service(self) -> None:
+        self._read_commands()
+        if self.conn is not None and not self._parent_gone and os.getppid() != self._parent_pid:
+            self._on_parent_gone("the parent process is gone")
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + channel.HEARTBEAT_INTERVAL_S
+            self._heartbeat()
+
+    def _read_commands(self) -> None:
+        if self.conn is None or self._parent_gone:
+            return
+        try:
+            while self.conn.poll(0):
+                self._on_command(self.conn.recv())
+        except (EOFError, OSError, ValueError):
+            self._on_parent_gone("the pipe to the parent is closed")
+
+    def _on_command(self, msg: Any) -> None:
+        cmd = msg.get("cmd") if isinstance(msg, dict) else None
+        if cmd == Cmd.DRAIN.value:
+            self.log.info("drain requested: finishing the current batch")
+            self._drain = True
+            if self.PROCESSING_STATE is EngineState.WORKING:
+                self._set_state(EngineState.DRAINING)
+        elif cmd == Cmd.RESUME.value:
+            if self._drain:
+                self.log.info("resume: drain cancelled")
+            self._drain = False
+            if self.PROCESSING_STATE is EngineState.DRAINING:
+                self._set_state(EngineState.WORKING)
+        elif cmd == Cmd.STOP.value:
+            self._request_stop("stop requested by the parent")
+        else:
+            self.log.warning("ignoring unknown message from the parent: %r", msg)
+
+    def _request_stop(self, reason: str) -> None:
+        if not self._stop:
+            self.log.info("%s", reason)
+            self._stop_reason = reason
+        self._stop = True
+        self._cancel.set()
+        self._waker.wake()
+
+    def _on_parent_gone(self, reason: str) -> None:
+        self._parent_gone = True
+        self._request_stop(f"{reason}: stopping")
+
+    def _on_lease_lost(self, reason: str) -> None:
+        """Called by the keep-alive thread: stop the basecaller the moment the lease is lost."""
+        handle = self._handle
+        if handle is not None:
+            handle.terminate()
+        self._waker.wake()
+
+    def _heartbeat(self) -> None:
+        if self.conn is None or self._parent_gone:
+            return
+        batch, handle = self._batch, self._handle
+        ok = channel.send(self.conn, channel.message(
+            Msg.HEARTBEAT, engine_id=self.engine_id, state=self.PROCESSING_STATE.value,
+            job_id=batch.jobid if batch else None,
+            batch_size=batch.batch_size if batch else 0,
+            batch_elapsed_s=round(time.monotonic() - self._batch_started, 3) if batch else 0.0,
+            basecaller_pid=handle.pid if handle is not None and handle.result is None else None,
+            batches_done=self.batches_done, files_done=self.files_done,
+            files_failed=self.files_failed, last_error=self.last_error))
+        if not ok:
+            self._on_parent_gone("the pipe to the parent is closed")
+
+    def _send(self, kind: Msg, **fields: Any) -> None:
+        if self.conn is not None and not self._parent_gone:
+            channel.send(self.conn, channel.message(kind, **fields))
+
+    def _grace(self) -> float:
+        grace = self.conf.runner.stop_grace_s
+        return min(grace, 2.0) if self._parent_gone else grace
+
+    # -- signals and cleanup -------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._on_signal)
+        if self.conn is None:
+            signal.signal(signal.SIGINT, self._on_signal)
+        else:  # Ctrl-C reaches the whole process group: the orchestrator decides for us
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # Only record and wake; the loop does the work.
+        self._signals += 1
+        if self._signals == 1:
+            self._drain = True
+        else:
+            self._stop = True
+            self._stop_reason = f"signal {signal.Signals(signum).name} received twice"
+            self._cancel.set()
+        self._waker.wake()
+
+    def _cleanup(self) -> None:
+        if self._handle is not None and self._handle.result is None:
+            self._handle.stop(self._grace())
+        self._cancel.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+        self._waker.close()
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def run_engine_process(conn: Any, spec: dict[str, Any]) -> None:
+    """Entry point of an engine child started by the orchestrator (spawn context)."""
+    os.environ.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
+    _configure_logging(spec.get("log_level") or "INFO")
+    code = run_engine(conn, spec)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        conn.close()
+    except (OSError, AttributeError):
+        pass
+    os._exit(code)
+
+
+def run_engine(conn: Any, spec: dict[str, Any],
+               make: Callable[..., BCEngine] = BCEngine) -> int:
+    """Build and run an engine from an orchestrator spec; the exit code."""
+    try:
+        engine = make(spec.get("config_path"), int(spec.get("gpu_index", 0)), conn=conn,
+                      manager_url=spec.get("manager_url"), engine_id=spec.get("engine_id"),
+                      device_index=spec.get("device_index"),
+                      after_outage=spec.get("after_outage"))
+    except ConfigError as exc:
+        logging.getLogger("workers.engine").error("[gpu%s] configuration error: %s",
+                                                   spec.get("gpu_index"), exc)
+        channel.send(conn, channel.message(Msg.EXITING, code=EXIT_CONFIG, reason=str(exc)))
+        return EXIT_CONFIG
+    return engine.begin_working()

@@ -1,0 +1,157 @@
+"""The runner interface: start a basecaller on one batch as a child process.
+
+Every basecaller is a real child process: never through a shell, in its own
+process group (so a stop reaches everything it started), with stdout and stderr
+in OUTPUT_DIR/<job output dir>/basecaller.log. The engine polls the handle; a
+stop is TERM to the group, then KILL after a grace period.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..protocol import JobState
+
+LOG_NAME = "basecaller.log"
+FAILED_FILES_NAME = "failed_files.json"
+
+
+@dataclass
+class RunResult:
+    """How a basecaller run ended: DONE, FAILED or STOPPED, with per-file failures."""
+
+    state: JobState
+    returncode: int | None = None
+    failed_files: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+
+
+class RunHandle:
+    """A running basecaller process; pid, poll(), stop(grace), result."""
+
+    def __init__(self, argv: Sequence[str], output_dir: Path, *,
+                 env: dict[str, str] | None = None,
+                 interpret: Callable[[int], RunResult],
+                 stall_timeout_s: float = 0.0,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None):
+        self.argv = list(argv)
+        self.output_dir = output_dir
+        self.log_path = output_dir / LOG_NAME
+        self.log = logger or logging.getLogger(__name__)
+        self._interpret = interpret
+        self._stall_timeout_s = stall_timeout_s
+        self.result: RunResult | None = None
+        self._stopping = False
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env,
+                                         start_new_session=True, close_fds=True)
+        self.pid = self.proc.pid
+        self.started = time.monotonic()
+        self._last_activity = self.started
+        self._next_stall_check = self.started + 5.0
+        try:
+            self.pidfd: int | None = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # not Linux >= 5.3: the engine falls back to polling
+            self.pidfd = None
+
+    def fileno(self) -> int | None:
+        """A descriptor that becomes readable when the process exits (None: poll instead)."""
+        return self.pidfd
+
+    def poll(self) -> RunResult | None:
+        """The result once the process has exited; None while it runs."""
+        if self.result is not None:
+            return self.result
+        code = self.proc.poll()
+        if code is None:
+            self._check_stall()
+            return None
+        self._kill_group(signal.SIGKILL)  # grandchildren left behind by the leader
+        self._close_pidfd()
+        if self._stopping:
+            self.result = RunResult(JobState.STOPPED, code, reason="stopped by the engine")
+        else:
+            self.result = self._interpret(code)
+        return self.result
+
+    def terminate(self) -> None:
+        """Send TERM to the group now and return (safe to call from another thread)."""
+        self._stopping = True
+        self._kill_group(signal.SIGTERM)
+
+    def stop(self, grace: float, reason: str = "stopped by the engine") -> RunResult:
+        """TERM to the group, KILL after `grace` seconds; returns a STOPPED result."""
+        if self.result is None:
+            self.terminate()
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.log.warning("basecaller pid %d ignored TERM for %.1fs; sending KILL",
+                                 self.pid, grace)
+                self._kill_group(signal.SIGKILL)
+                self.proc.wait(timeout=10)
+            code = self.proc.returncode
+            self._kill_group(signal.SIGKILL)
+            self._close_pidfd()
+            self.result = RunResult(JobState.STOPPED, code, reason=reason)
+        return self.result
+
+    def _kill_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def _check_stall(self) -> None:
+        """Stop a basecaller that wrote nothing (log or output) for stall_timeout_s."""
+        now = time.monotonic()
+        if self._stall_timeout_s <= 0 or now < self._next_stall_check:
+            return
+        self._next_stall_check = now + 5.0
+        newest = _newest_mtime(self.output_dir)
+        age = time.time() - newest if newest else None
+        if age is not None and age < self._stall_timeout_s:
+            self._last_activity = now - age
+        if now - self._last_activity >= self._stall_timeout_s:
+            self.log.error("basecaller pid %d wrote nothing for %.0fs; stopping it",
+                           self.pid, now - self._last_activity)
+            self.stop(5.0)
+            self.result = RunResult(JobState.FAILED, self.proc.returncode,
+                                    reason=f"basecaller stalled (no output for "
+                                           f"{self._stall_timeout_s:g}s)")
+
+
+def _newest_mtime(root: Path) -> float:
+    newest = 0.0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime)
+            except OSError:
+                continue
+    return newest
+
+
+class Runner(abc.ABC):
+    """Starts one basecaller per batch."""
+
+    kind: str = ""
+
+    @abc.abstractmethod
+    def start(self, input_dir: Path, output_dir: Path, model: str,
+              batch: Sequence[str]) -> RunHandle:
+        """Start the basecaller on the batch's files in input_dir, writing into output_dir."""

@@ -1,0 +1,57 @@
+"""The simulated basecaller runner (no GPU, no dorado): see simulate_main."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..protocol import JobState
+from .base import FAILED_FILES_NAME, RunHandle, RunResult, Runner
+
+
+class SimulateRunner(Runner):
+    kind = "simulate"
+
+    def __init__(self, samples_per_s: float, startup_s: float = 0.0, fail_fraction: float = 0.1,
+                 stall_timeout_s: float = 0.0,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None):
+        self.samples_per_s = samples_per_s
+        self.startup_s = startup_s
+        self.fail_fraction = fail_fraction
+        self.stall_timeout_s = stall_timeout_s
+        self.log = logger or logging.getLogger(__name__)
+
+    def start(self, input_dir: Path, output_dir: Path, model: str,
+              batch: Sequence[str]) -> RunHandle:
+        argv = [sys.executable, "-m", "workers.runners.simulate_main",
+                "--input-dir", str(input_dir), "--output-dir", str(output_dir),
+                "--model", model, "--samples-per-s", repr(self.samples_per_s),
+                "--startup-s", repr(self.startup_s), "--fail-fraction", repr(self.fail_fraction)]
+        count = len(batch)
+
+        def interpret(code: int) -> RunResult:
+            return self._interpret(code, output_dir, count)
+
+        return RunHandle(argv, output_dir, interpret=interpret,
+                         stall_timeout_s=self.stall_timeout_s, logger=self.log)
+
+    @staticmethod
+    def _interpret(code: int, output_dir: Path, batch_size: int) -> RunResult:
+        if code != 0:
+            how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
+            return RunResult(JobState.FAILED, code, reason=f"simulated basecaller {how}")
+        try:
+            failed = json.loads((output_dir / FAILED_FILES_NAME).read_text())
+        except FileNotFoundError:
+            failed = {}
+        except ValueError as exc:
+            return RunResult(JobState.FAILED, code, reason=f"{FAILED_FILES_NAME} unreadable: {exc}")
+        if not isinstance(failed, dict):
+            return RunResult(JobState.FAILED, code, reason=f"{FAILED_FILES_NAME} is not an object")
+        failed = {str(k): str(v) for k, v in failed.items()}
+        if failed and len(failed) >= batch_size:
+            return RunResult(JobState.FAILED, code, failed,
+                             reason=f"no file of the batch could be read ({len(failed)} failed)")
+        return RunResult(JobState.DONE, code, failed)

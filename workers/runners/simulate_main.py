@@ -1,0 +1,125 @@
+"""A simulated basecaller: real POD5 input, synthetic FASTQ output, no GPU.
+
+    python -m workers.runners.simulate_main --input-dir D --output-dir O [--samples-per-s R]
+
+For each POD5 file in the job's input dir it reads every read's id and sample
+count with the pod5 library, sleeps num_samples / samples_per_s seconds per read
+(it sleeps, it does not burn CPU: many of these run side by side in benchmarks),
+and writes pass/<stem>.fastq and fail/<stem>.fastq with every real read id, a
+sequence and qualities derived from the read id (so reruns are identical).
+A read goes to fail/ for a deterministic share `fail_fraction` of read ids (a
+simulated low q-score). A file the pod5 library cannot open is listed with its
+error in failed_files.json; the rest of the batch is still done. Exit 0 unless
+the command line or the output dir is unusable.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from .base import FAILED_FILES_NAME
+
+SAMPLES_PER_BASE = 10
+MAX_BASES = 100_000
+
+
+def _hash(read_id: str) -> bytes:
+    return hashlib.blake2b(read_id.encode(), digest_size=16).digest()
+
+
+def is_fail(read_id: str, fail_fraction: float) -> bool:
+    return int.from_bytes(_hash(read_id)[:8], "big") / 2 ** 64 < fail_fraction
+
+
+def fastq_record(read_id: str, num_samples: int, fail: bool, model: str) -> str:
+    rng = random.Random(_hash(read_id))
+    length = max(20, min(MAX_BASES, num_samples // SAMPLES_PER_BASE))
+    seq = "".join(rng.choices("ACGT", k=length))
+    low, high = (3, 9) if fail else (12, 30)
+    qual = "".join(chr(33 + q) for q in rng.choices(range(low, high + 1), k=length))
+    mean_q = 6 if fail else 20
+    return (f"@{read_id} simulated=true model={model} mean_qscore={mean_q}\n"
+            f"{seq}\n+\n{qual}\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def simulate_file(path: Path, out: Path, samples_per_s: float, fail_fraction: float,
+                  model: str) -> tuple[int, int, int]:
+    """Basecall one file (simulated); returns (reads, passed, samples)."""
+    import pod5
+
+    records: list[tuple[str, int]] = []
+    with pod5.Reader(path) as reader:
+        for read in reader.reads():
+            records.append((str(read.read_id), int(read.num_samples)))
+    samples = sum(n for _, n in records)
+    time.sleep(samples / samples_per_s)
+    passed, failed = [], []
+    for read_id, n in records:
+        fail = is_fail(read_id, fail_fraction)
+        (failed if fail else passed).append(fastq_record(read_id, n, fail, model))
+    stem = path.name[:-5] if path.name.endswith(".pod5") else path.name
+    if passed:
+        _write_atomic(out / "pass" / f"{stem}.fastq", "".join(passed))
+    if failed:
+        _write_atomic(out / "fail" / f"{stem}.fastq", "".join(failed))
+    return len(records), len(passed), samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="simulate_main", description=__doc__.splitlines()[0])
+    parser.add_argument("--input-dir", required=True, type=Path)
+    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--model", default="hac")
+    parser.add_argument("--samples-per-s", type=float, default=2_000_000.0)
+    parser.add_argument("--startup-s", type=float, default=0.0)
+    parser.add_argument("--fail-fraction", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    if args.samples_per_s <= 0 or not 0 <= args.fail_fraction <= 1 or args.startup_s < 0:
+        parser.error("--samples-per-s must be > 0, --fail-fraction in [0, 1], --startup-s >= 0")
+    print(f"SIMULATION: bcorch simulated basecaller, no real basecalling is done "
+          f"(model {args.model!r}, {args.samples_per_s:g} samples/s, "
+          f"fail_fraction {args.fail_fraction:g})", flush=True)
+    try:
+        names = sorted(os.listdir(args.input_dir))
+    except OSError as exc:
+        print(f"SIMULATION: cannot list input dir: {exc}", flush=True)
+        return 2
+    for sub in ("pass", "fail"):
+        (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
+    time.sleep(args.startup_s)
+    failed: dict[str, str] = {}
+    started = time.monotonic()
+    for name in names:
+        path = args.input_dir / name
+        if name.startswith(".") or path.is_dir():
+            continue
+        try:
+            reads, passed, samples = simulate_file(path, args.output_dir, args.samples_per_s,
+                                                   args.fail_fraction, args.model)
+        except Exception as exc:  # whatever pod5/pyarrow raise for a bad file
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            failed[name] = reason
+            print(f"SIMULATION: {name}: cannot read: {reason}", flush=True)
+            continue
+        print(f"SIMULATION: {name}: {reads} reads, {samples} samples, {passed} pass, "
+              f"{reads - passed} fail", flush=True)
+    _write_atomic(args.output_dir / FAILED_FILES_NAME, json.dumps(failed, indent=1))
+    print(f"SIMULATION: done in {time.monotonic() - started:.2f}s, "
+          f"{len(failed)} file(s) failed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
