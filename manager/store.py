@@ -60,7 +60,7 @@ CREATE INDEX IF NOT EXISTS jobs_fs_pending ON jobs(seq) WHERE fs_pending = 1;
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-MAX_LINK_NAME = 200
+MAX_LINK_NAME = 200  # bytes; file systems allow 255
 
 
 class UnknownFailedFile(ValueError):
@@ -111,11 +111,16 @@ def link_name(index: int, path: str) -> str:
     the sub-folders are kept (as '__') so an operator can still read where it came from.
     '..' never appears, so engines accept the name.
     """
-    flat = path.replace("/", "__").replace("..", "._")
+    flat = path.replace("/", "__").replace("\\", "_").replace("..", "._")
     name = f"{index:04d}_{flat}"
-    if len(name) > MAX_LINK_NAME:
-        name = name[:MAX_LINK_NAME - 40] + "~" + name[-39:]
-    return name
+    if len(name.encode()) <= MAX_LINK_NAME:
+        return name
+    tail = ""  # keep the end (the file name and its .pod5 suffix), measured in bytes
+    for ch in reversed(flat):
+        if len((ch + tail).encode()) > MAX_LINK_NAME - 10:
+            break
+        tail = ch + tail
+    return f"{index:04d}_~{tail}"
 
 
 class Store:
@@ -304,10 +309,12 @@ class Store:
             moves: list[tuple[str, str, int]] = []
             updates = []
             done_files = done_bytes = 0
+            # Files named in a DONE batch are known bad one by one: they retry alone.
+            retry_from = 1 if target is JobState.DONE else len(rows)
             for file_id, link, size, attempts in rows:
                 event, why = self._event_for(target, link, failed, reason, job_id)
                 outcome = file_transition(FileState.ASSIGNED, event, attempts,
-                                          max_attempts=self.max_attempts, batch_files=len(rows))
+                                          max_attempts=self.max_attempts, batch_files=retry_from)
                 updates.append((outcome.state.value, outcome.attempts, outcome.retry_cap,
                                 why, now, file_id))
                 moves.append((FileState.ASSIGNED.value, outcome.state.value, size))
