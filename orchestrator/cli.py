@@ -1,16 +1,156 @@
-"""The `bcorch` command line."""
+"""The `bcorch` command line.
+
+    bcorch [--config F] [--gpus SPEC] [--manager-url U] [--socket S] [--log-level L]
+    bcorch engine --gpu N [--config F] [--manager-url U]      (one engine, no supervisor)
+    bcorch status [--json] | drain [--gpu N] | resume [--gpu N] | restart --gpu N | stop
+    bcorch gpus [--json] [--gpus SPEC]
+
+Bad flags or configuration: one line on stderr and exit 78. Control commands that
+cannot reach bcorch, or that bcorch refuses, print one line and exit 1.
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import os
 import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from workers.protocol import EXIT_CONFIG
+from workers.protocol.config import Config, ConfigError, load
+
+CONTROL_COMMANDS = ("status", "drain", "resume", "restart", "stop")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def main(argv: list[str] | None = None) -> int:
+class UsageError(ConfigError):
+    """A bad command-line flag (exit 78, like every configuration error)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def main(argv: list[str] | None = None, *, target: Callable[[Any, dict], Any] | None = None) -> int:
+    """Entry point; `target` replaces the engine process function (tests, benchmarks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "engine":
         from workers.engine_cli import main as engine_main
         return engine_main(argv[1:])
-    print("bcorch: only `bcorch engine` exists so far", file=sys.stderr)
-    return 2
+    try:
+        if argv and argv[0] == "gpus":
+            return cmd_gpus(argv[1:])
+        if argv and argv[0] in CONTROL_COMMANDS:
+            return cmd_control(argv[0], argv[1:])
+        return cmd_run(argv, target)
+    except ConfigError as exc:
+        print(f"bcorch: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _load(path: str | None) -> Config:
+    return load(path) if path is not None else load(None)
+
+
+def _check_url(url: str | None) -> None:
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise UsageError(f"--manager-url: expected http://HOST:PORT, got {url!r}")
+
+
+def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
+    from .control import socket_path
+    from .gpus import GpuMonitor, select_gpus
+    from .supervisor import Supervisor
+
+    p = _Parser(prog="bcorch", description="Supervise one basecalling engine per GPU.")
+    p.add_argument("--config", help="config.toml (default: built-in defaults)")
+    p.add_argument("--gpus", help="all | 0,2 | GPU-<uuid>,... | virtual:N")
+    p.add_argument("--manager-url", help="the manager's URL (overrides manager.url)")
+    p.add_argument("--socket", help="control socket path (overrides orchestrator.control_socket)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    args = p.parse_args(argv)
+    _check_url(args.manager_url)
+    config = _load(args.config)
+    config.override("orchestrator", gpus=args.gpus, control_socket=args.socket)
+    config.override("manager", url=args.manager_url)
+    _check_url(config.manager.url)
+    gpus = select_gpus(config.orchestrator.gpus)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s bcorch[%(process)d] %(name)s: %(message)s")
+    monitor = GpuMonitor(gpus) if any(not g.virtual for g in gpus) else None
+    supervisor = Supervisor(
+        config, gpus,
+        config_path=str(Path(args.config).resolve()) if args.config else None,
+        manager_url=config.manager.url, socket_path=socket_path(config.orchestrator.control_socket),
+        target=target, monitor=monitor, log_level=args.log_level)
+    return supervisor.run()
+
+
+def cmd_control(cmd: str, argv: list[str]) -> int:
+    from .control import ControlError, request, socket_path
+    from .status_view import render_status
+
+    p = _Parser(prog=f"bcorch {cmd}")
+    p.add_argument("--socket", help="control socket path")
+    p.add_argument("--config", help="config.toml (for orchestrator.control_socket)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
+    if cmd in ("drain", "resume", "restart"):
+        p.add_argument("--gpu", type=int, required=(cmd == "restart"),
+                       help="host GPU index (default: every GPU)")
+    if cmd == "status":
+        p.add_argument("--json", action="store_true", help="print the raw reply")
+    args = p.parse_args(argv)
+    if getattr(args, "gpu", None) is not None and args.gpu < 0:
+        raise UsageError(f"bcorch {cmd}: --gpu must be a GPU index (0 or more), got {args.gpu}")
+    path = Path(args.socket) if args.socket else socket_path(
+        _load(args.config).orchestrator.control_socket)
+    message: dict[str, Any] = {"cmd": cmd}
+    if getattr(args, "gpu", None) is not None:
+        message["gpu"] = args.gpu
+    try:
+        reply = request(path, message, timeout=args.timeout)
+    except ControlError as exc:
+        print(f"bcorch {cmd}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"bcorch {cmd}: {reply.get('error', 'refused')}", file=sys.stderr)
+        return 1
+    if cmd == "status":
+        print(json.dumps(reply, indent=2) if args.json else render_status(reply))
+    else:
+        for slot in reply.get("slots", []):
+            print(f"gpu{slot['gpu']}: {slot['state']} ({slot['reason']})")
+        if "slots" not in reply:
+            print(f"bcorch: {reply.get('state', 'ok')}")
+    return 0
+
+
+def cmd_gpus(argv: list[str]) -> int:
+    from .gpus import GpuMonitor, select_gpus
+    from .status_view import render_gpus
+
+    p = _Parser(prog="bcorch gpus", description="List the GPUs bcorch would use.")
+    p.add_argument("--gpus", default="all", help="selection to show (default: all)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    gpus = select_gpus(args.gpus)
+    health: dict[str, dict] = {}
+    monitor = GpuMonitor(gpus)
+    monitor.open()
+    try:
+        health = {uuid: h.to_dict() for uuid, h in monitor.sample().items()}
+    finally:
+        monitor.close()
+    listed = [g.to_dict() for g in gpus]
+    if args.json:
+        print(json.dumps({"gpus": [{**g, "health": health.get(g["uuid"])} for g in listed]},
+                         indent=2))
+    else:
+        print(render_gpus(listed, health))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,380 @@
+"""The control pipe (DESIGN.md §7): a UNIX socket speaking newline-delimited JSON.
+
+The server runs in one small thread with a selector and non-blocking sockets. It
+only frames and parses lines; each request goes to the supervisor loop through
+`on_request(request, reply)`, and `reply(dict)` (callable from any thread) queues
+the answer for the server thread to write. A client gets one answer per line, in
+order. Garbage gets an error reply; an oversized line gets an error reply and the
+connection closed; a client that sends nothing (or reads nothing) is dropped after
+`idle_timeout_s`. Nothing a client does can block the loop.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import queue
+import selectors
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from workers.protocol.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024
+MAX_CLIENTS = 32
+IDLE_TIMEOUT_S = 10.0
+COMMANDS = ("status", "drain", "resume", "restart", "stop")
+
+
+class ControlError(Exception):
+    """A client-side failure; str() is one line for the operator."""
+
+
+def default_socket_path() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "bcorch" / "control.sock"
+    return Path(f"/tmp/bcorch-{os.getuid()}") / "control.sock"
+
+
+def socket_path(configured: str) -> Path:
+    return Path(configured).expanduser() if configured else default_socket_path()
+
+
+def prepare_directory(path: Path) -> None:
+    """Create the socket's directory 0700, or refuse one we do not own alone."""
+    directory = path.parent
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.lstat()
+    except OSError as exc:
+        raise ConfigError(f"orchestrator.control_socket: cannot create {str(directory)!r} "
+                          f"({exc.strerror})") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"orchestrator.control_socket: {str(directory)!r} is not a directory")
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"orchestrator.control_socket: directory {str(directory)!r} is owned "
+                          f"by uid {info.st_uid}, not by you (uid {os.getuid()}); refusing to use it")
+    if info.st_mode & 0o077:
+        raise ConfigError(f"orchestrator.control_socket: directory {str(directory)!r} has mode "
+                          f"{stat.S_IMODE(info.st_mode):04o}; it must not be accessible by group "
+                          f"or others (chmod 700)")
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """A validated request, or raise ValueError with a one-line reason."""
+    try:
+        request = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("request is not valid JSON") from None
+    if not isinstance(request, dict):
+        raise ValueError("request must be a JSON object")
+    cmd = request.get("cmd")
+    if cmd not in COMMANDS:
+        raise ValueError(f"unknown command {str(cmd)[:40]!r} (expected one of {', '.join(COMMANDS)})")
+    gpu = request.get("gpu")
+    if gpu is not None and (not isinstance(gpu, int) or isinstance(gpu, bool) or gpu < 0):
+        raise ValueError(f"gpu must be a non-negative integer, got {str(gpu)[:40]!r}")
+    if cmd == "restart" and gpu is None:
+        raise ValueError("restart needs a gpu")
+    return request
+
+
+@dataclass
+class _Client:
+    sock: socket.socket
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytearray = field(default_factory=bytearray)
+    waiting: bool = False       # a request is with the loop; later lines wait their turn
+    eof: bool = False           # the peer sent everything it will send
+    closing: bool = False       # close once outbuf is written
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+class ControlServer:
+    def __init__(self, path: Path, on_request: Callable[[dict, Callable[[dict], None]], None],
+                 idle_timeout_s: float = IDLE_TIMEOUT_S):
+        self.path = path
+        self.on_request = on_request
+        self.idle_timeout_s = idle_timeout_s
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._clients: dict[int, _Client] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listener: socket.socket | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+
+    # --- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        prepare_directory(self.path)
+        self._refuse_if_in_use()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            listener.listen(16)
+        except OSError as exc:
+            listener.close()
+            raise ConfigError(f"orchestrator.control_socket: cannot listen on "
+                              f"{str(self.path)!r} ({exc.strerror})") from None
+        listener.setblocking(False)
+        self._listener = listener
+        self._selector.register(listener, selectors.EVENT_READ, "listen")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread = threading.Thread(target=self._serve, name="bcorch-control", daemon=True)
+        self._thread.start()
+        log.info("control pipe listening on %s", self.path)
+
+    def _refuse_if_in_use(self) -> None:
+        if not self.path.exists() and not self.path.is_symlink():
+            return
+        if not stat.S_ISSOCK(self.path.lstat().st_mode):
+            raise ConfigError(f"orchestrator.control_socket: {str(self.path)!r} exists and is "
+                              f"not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            self.path.unlink()          # stale socket of a bcorch that died
+            return
+        finally:
+            probe.close()
+        raise ConfigError(f"orchestrator.control_socket: another bcorch is serving "
+                          f"{str(self.path)!r}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for client in list(self._clients.values()):
+            self._drop(client)
+        if self._listener is not None:
+            self._selector.unregister(self._listener)
+            self._listener.close()
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    # --- the server thread ---------------------------------------------------------
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            for key, mask in self._selector.select(timeout=1.0):
+                if key.data == "listen":
+                    self._accept()
+                elif key.data == "wake":
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    client = self._clients.get(key.data)
+                    if client is None:
+                        continue
+                    if mask & selectors.EVENT_READ:
+                        self._read(client)
+                    if mask & selectors.EVENT_WRITE and client.sock.fileno() != -1:
+                        self._write(client)
+            self._deliver_replies()
+            self._drop_idle()
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            sock.close()
+            log.warning("control pipe: too many clients, connection refused")
+            return
+        sock.setblocking(False)
+        client = _Client(sock)
+        self._clients[sock.fileno()] = client
+        self._selector.register(sock, selectors.EVENT_READ, sock.fileno())
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(client)
+            return
+        if not data:
+            client.eof = True
+            self._next_request(client)
+            self._write(client)
+            return
+        client.last_activity = time.monotonic()
+        client.inbuf += data
+        self._next_request(client)
+
+    def _next_request(self, client: _Client) -> None:
+        """Hand the next complete line to the loop, unless one is already there."""
+        while not client.waiting and not client.closing:
+            newline = client.inbuf.find(b"\n")
+            if newline < 0 and client.eof:
+                if not client.inbuf.strip():
+                    client.closing = True
+                    return
+                newline = len(client.inbuf)    # a last line without its newline
+                client.inbuf += b"\n"
+            if newline < 0:
+                if len(client.inbuf) > MAX_LINE:
+                    self._queue_out(client, {"ok": False, "error":
+                                             f"request line longer than {MAX_LINE} bytes"})
+                    client.inbuf.clear()
+                    client.closing = True
+                return
+            line = bytes(client.inbuf[:newline])
+            del client.inbuf[:newline + 1]
+            if len(line) > MAX_LINE:
+                self._queue_out(client, {"ok": False, "error":
+                                         f"request line longer than {MAX_LINE} bytes"})
+                client.closing = True
+                return
+            if not line.strip():
+                continue
+            try:
+                request = parse_request(line)
+            except ValueError as exc:
+                self._queue_out(client, {"ok": False, "error": str(exc)})
+                continue
+            client.waiting = True
+            key = client.sock.fileno()
+            self.on_request(request, lambda reply, key=key, c=client: self._post_reply(key, c, reply))
+
+    def _post_reply(self, key: int, client: _Client, reply: dict) -> None:
+        self._replies.put((key, client, reply))
+        self._wake()
+
+    def _deliver_replies(self) -> None:
+        while True:
+            try:
+                key, client, reply = self._replies.get_nowait()
+            except queue.Empty:
+                return
+            if self._clients.get(key) is not client:
+                continue    # that client went away meanwhile
+            client.waiting = False
+            self._queue_out(client, reply)
+            self._next_request(client)
+
+    def _queue_out(self, client: _Client, reply: dict) -> None:
+        client.outbuf += json.dumps(reply, default=str).encode() + b"\n"
+        self._write(client)
+
+    def _write(self, client: _Client) -> None:
+        if client.outbuf:
+            try:
+                sent = client.sock.send(client.outbuf)
+                del client.outbuf[:sent]
+                client.last_activity = time.monotonic()
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._drop(client)
+                return
+        if client.closing and not client.outbuf and not client.waiting:
+            self._drop(client)
+            return
+        self._watch(client)
+
+    def _watch(self, client: _Client) -> None:
+        """Select for reading until EOF, for writing while output is pending."""
+        events = ((0 if client.eof else selectors.EVENT_READ)
+                  | (selectors.EVENT_WRITE if client.outbuf else 0))
+        key = client.sock.fileno()
+        try:
+            if events:
+                try:
+                    self._selector.modify(client.sock, events, key)
+                except KeyError:
+                    self._selector.register(client.sock, events, key)
+            else:
+                self._selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _drop_idle(self) -> None:
+        now = time.monotonic()
+        for client in list(self._clients.values()):
+            if not client.waiting and now - client.last_activity > self.idle_timeout_s:
+                log.info("control pipe: dropping a client idle for %.0f s", self.idle_timeout_s)
+                self._drop(client)
+
+    def _drop(self, client: _Client) -> None:
+        fileno = client.sock.fileno()
+        if fileno != -1:
+            self._clients.pop(fileno, None)
+            try:
+                self._selector.unregister(client.sock)
+            except (KeyError, ValueError):
+                pass
+        client.sock.close()
+
+
+def request(path: Path, message: dict, timeout: float = 10.0) -> dict:
+    """Send one request and return the reply; ControlError (one line) on any failure."""
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise ControlError(f"bcorch is not running here (no control socket at {path}); "
+                               f"use --socket PATH if it listens elsewhere") from None
+        except ConnectionRefusedError:
+            raise ControlError(f"bcorch is not running (stale control socket at {path})") from None
+        except PermissionError:
+            raise ControlError(f"permission denied on control socket {path}") from None
+        except OSError as exc:
+            raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        data = bytearray()
+        while not data.endswith(b"\n"):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                raise ControlError(f"no answer from bcorch within {timeout:g} s") from None
+            except OSError as exc:
+                if exc.errno == errno.ECONNRESET:
+                    raise ControlError("bcorch closed the connection") from None
+                raise ControlError(f"control socket error: {exc}") from None
+            if not chunk:
+                raise ControlError("bcorch closed the connection without answering")
+            data += chunk
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            raise ControlError("bcorch sent an answer that is not JSON") from None
+        if not isinstance(reply, dict):
+            raise ControlError("bcorch sent an answer that is not a JSON object")
+        return reply
+    finally:
+        sock.close()

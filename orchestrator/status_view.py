@@ -1,0 +1,84 @@
+"""Human-readable tables for `bcorch status` and `bcorch gpus`."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+GIB = 1024 ** 3
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def memory(used: int | None, total: int | None) -> str:
+    if total is None:
+        return "-"
+    if used is None:
+        return f"{total / GIB:.0f} GiB"
+    return f"{used / GIB:.1f}/{total / GIB:.0f} GiB"
+
+
+def table(headers: list[str], rows: Iterable[list[Any]]) -> str:
+    rows = [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def render_status(status: dict) -> str:
+    manager = status.get("manager", {})
+    if manager.get("reachable", True):
+        mgr = f"manager {manager.get('url')}: reachable"
+    else:
+        mgr = (f"manager {manager.get('url')}: DOWN for {duration(manager.get('down_for_s'))}"
+               f" (next probe in {duration(manager.get('next_probe_in_s'))}; "
+               f"{manager.get('last_error') or 'no answer'})")
+    head = (f"bcorch on {status.get('host')} (pid {status.get('pid')}): {status.get('state')}"
+            f"{' - ' + status['reason'] if status.get('reason') else ''}, "
+            f"up {duration(status.get('uptime_s'))}; {mgr}")
+    rows = []
+    notes = []
+    for s in status.get("slots", []):
+        health = s.get("health") or {}
+        util = health.get("utilization_pct")
+        state = s["state"] + (f"({s['engine_state']})" if s.get("engine_state")
+                              and s["state"] in ("RUNNING", "DRAINING") else "")
+        rows.append([
+            s["gpu"], state, s.get("job_id") or "-",
+            s.get("batch_size") if s.get("job_id") else "-",
+            duration(s.get("batch_elapsed_s")) if s.get("job_id") else "-",
+            s.get("files_done"), s.get("restarts"), s.get("last_exit"),
+            "virtual" if s.get("virtual") else memory(health.get("memory_used"),
+                                                       health.get("memory_total")),
+            "-" if util is None else f"{util}%",
+            "-" if health.get("temperature_c") is None else f"{health['temperature_c']}C",
+        ])
+        if s["state"] not in ("RUNNING",) or s.get("gpu_failure"):
+            notes.append(f"gpu{s['gpu']} {s['state']}: {s.get('reason')}")
+    out = [head, table(["GPU", "STATE", "JOB", "FILES", "IN BATCH", "DONE", "RESTARTS",
+                        "LAST EXIT", "MEMORY", "UTIL", "TEMP"], rows)]
+    if notes:
+        out.append("\n".join(notes))
+    return "\n".join(out)
+
+
+def render_gpus(gpus: list[dict], health: dict[str, dict]) -> str:
+    rows = []
+    for g in gpus:
+        h = health.get(g["uuid"], {})
+        ecc = h.get("ecc_uncorrected")
+        rows.append([g["index"], g["uuid"], g["name"],
+                     memory(h.get("memory_used"), h.get("memory_total") or g.get("memory_total")),
+                     "-" if h.get("utilization_pct") is None else f"{h['utilization_pct']}%",
+                     "-" if h.get("temperature_c") is None else f"{h['temperature_c']}C",
+                     "-" if ecc is None else ecc,
+                     "LOST" if h.get("lost") else "ok"])
+    return table(["INDEX", "UUID", "NAME", "MEMORY", "UTIL", "TEMP", "ECC-UNCORR", "HEALTH"], rows)
