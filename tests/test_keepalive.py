@@ -1,0 +1,218 @@
+"""The manager client and BCKeepAlive against a scripted loopback HTTP server."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from support import free_port, wait_until
+from test_engine_stubs import ScriptedServer
+from workers.client import ManagerClient, ManagerRefused, ManagerUnreachable, full_jitter
+from workers.keepalive import BCKeepAlive, LeaseLost, ReportOutcome
+from workers.protocol import Batch, JobState, ProtocolError
+from workers.protocol.config import from_mapping
+
+BATCH = {"jobid": "j1", "job_input_dir": "ASSIGNED_j1_e", "job_output_dir": "TMPOUTPUT_j1_e",
+         "bc_engine_id": "e", "batch_size": 1, "batch": ["a.pod5"], "report_back_interval": 1.0,
+         "input_closed": False}
+
+
+class Manager:
+    """Answers keep-alives and completions; a test flips `down`, `late`, `late_completion`."""
+
+    def __init__(self):
+        self.down = False
+        self.late = False
+        self.late_completion = False
+
+    def __call__(self, route, fields):
+        if self.down:
+            return 503, {"error": "down for maintenance"}
+        if route == "/keepalive":
+            return 200, {"late": self.late}
+        if route == "/completed":
+            return 200, ({"ok": False, "late": True} if self.late_completion else {"ok": True})
+        return 404, {"error": f"no route {route}"}
+
+
+def client(url, **kw) -> ManagerClient:
+    kw.setdefault("connect_timeout", 1.0)
+    kw.setdefault("read_timeout", 2.0)
+    kw.setdefault("backoff_base_s", 0.01)
+    return ManagerClient(url, **kw)
+
+
+# -- client ---------------------------------------------------------------------------------
+
+def test_client_sends_token_and_parses_batch():
+    with ScriptedServer(lambda r, f: (200, BATCH)) as srv:
+        batch = client(srv.url, token="t0k").assign_work("e", 5)
+    assert batch == Batch.from_answer(BATCH)
+    _, route, fields, headers = srv.requests[0]
+    assert route == "/assignwork" and fields == {"engineid": "e", "batchsize": "5"}
+    assert headers["Authorization"] == "Bearer t0k"
+
+
+def test_4xx_is_not_retried_and_carries_the_reason():
+    with ScriptedServer(lambda r, f: (400, {"error": "parameter batchsize must be an integer"})) as srv:
+        with pytest.raises(ManagerRefused, match="400.*parameter batchsize must be an integer"):
+            client(srv.url, retries=5).assign_work("e", 1)
+    assert len(srv.requests) == 1
+
+
+def test_5xx_is_retried_a_bounded_number_of_times():
+    with ScriptedServer(lambda r, f: (500, b"Internal Server Error")) as srv:
+        with pytest.raises(ManagerUnreachable, match="500"):
+            client(srv.url, retries=3).assign_work("e", 1)
+    assert len(srv.requests) == 4
+
+
+def test_connection_refused_is_unreachable_after_retries():
+    c = client(f"http://127.0.0.1:{free_port()}", retries=2)
+    started = time.monotonic()
+    with pytest.raises(ManagerUnreachable, match="cannot connect"):
+        c.heartbeat(retries=2)
+    assert time.monotonic() - started < 5
+
+
+def test_no_answer_times_out():
+    hang = threading.Event()
+
+    def slow(route, fields):
+        hang.wait(10)
+        return 200, {}
+
+    with ScriptedServer(slow) as srv:
+        started = time.monotonic()
+        with pytest.raises(ManagerUnreachable, match="no answer"):
+            client(srv.url, read_timeout=0.3, retries=0).heartbeat()
+        assert time.monotonic() - started < 3
+        hang.set()
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"<html>oops</html>", "not JSON"),
+    ({"batch_size": 1}, "no report_back_interval"),
+    ({**BATCH, "job_input_dir": "../etc"}, "job_input_dir must be a plain directory name"),
+    ({**BATCH, "batch": ["../../x.pod5"]}, "batch entry must be a plain"),
+    ([1, 2], "must be a JSON object"),
+])
+def test_malformed_answers_are_protocol_errors(body, message):
+    with ScriptedServer(lambda r, f: (200, body)) as srv:
+        with pytest.raises(ProtocolError, match=message):
+            client(srv.url).assign_work("e", 1)
+
+
+def test_completed_posts_failed_files_and_reason():
+    with ScriptedServer(lambda r, f: (200, {"ok": True})) as srv:
+        answer = client(srv.url).completed("j1", JobState.DONE, {"a.pod5": "bad"}, "partly")
+    assert answer.ok and not answer.late
+    assert srv.requests[0][2] == {"job_id": "j1", "job_state": "DONE",
+                                  "failed_files": {"a.pod5": "bad"}, "reason": "partly"}
+
+
+def test_full_jitter_stays_within_bounds():
+    values = [full_jitter(a, 0.5, 4.0) for a in range(10) for _ in range(50)]
+    assert all(0 <= v <= 4.0 for v in values)
+    assert max(values) > 2.0 and min(values) < 0.5  # spread out, not in step
+
+
+# -- keep-alive -----------------------------------------------------------------------------
+
+def start_keepalive(url, interval=1.0, on_lost=None) -> BCKeepAlive:
+    conf = from_mapping({"manager": {"url": url}})
+    return BCKeepAlive.started_instance({**BATCH, "report_back_interval": interval},
+                                        JobState.PROCESSING, conf, client=client(url),
+                                        on_lease_lost=on_lost)
+
+
+def test_keepalives_go_out_at_half_the_interval_and_terminate_at_once():
+    mgr = Manager()
+    with ScriptedServer(mgr) as srv:
+        ka = start_keepalive(srv.url, interval=0.6)
+        wait_until(lambda: len(srv.routes("/keepalive")) >= 4, 10, what="4 keep-alives")
+        started = time.monotonic()
+        outcome = ka.terminate_keepalive(JobState.DONE, {"a.pod5": "unreadable"})
+        assert time.monotonic() - started < 0.5
+    times = [t for t, route, _, _ in srv.requests if route == "/keepalive"]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert all(0.2 <= g <= 0.6 for g in gaps), gaps
+    assert srv.routes("/keepalive")[0] == {"job_id": "j1", "job_state": "PROCESSING"}
+    assert outcome is ReportOutcome.OK and not ka.BCManager_PB
+    assert srv.routes("/completed") == [{"job_id": "j1", "job_state": "DONE",
+                                          "failed_files": {"a.pod5": "unreadable"}}]
+
+
+def test_late_answer_loses_the_lease_and_calls_back():
+    mgr = Manager()
+    mgr.late = True
+    lost = threading.Event()
+    with ScriptedServer(mgr) as srv:
+        ka = start_keepalive(srv.url, interval=0.4, on_lost=lambda reason: lost.set())
+        assert lost.wait(5)
+        ka.join(5)
+        assert ka.BCManager_PB and "late" in ka.lost_reason
+        with pytest.raises(LeaseLost):
+            ka.shutdown_if_broken_keepalive()
+        assert ka.terminate_keepalive(JobState.DONE) is ReportOutcome.SKIPPED
+    assert srv.routes("/completed") == []
+
+
+def test_short_outage_is_ridden_out():
+    mgr = Manager()
+    with ScriptedServer(mgr) as srv:
+        ka = start_keepalive(srv.url, interval=2.0)
+        wait_until(lambda: srv.routes("/keepalive"), 5, what="first keep-alive")
+        mgr.down = True
+        n = len(srv.requests)
+        wait_until(lambda: len(srv.requests) >= n + 2, 5, what="two failed keep-alives")
+        mgr.down = False
+        outcome = ka.terminate_keepalive(JobState.DONE)
+    assert outcome is ReportOutcome.OK and not ka.BCManager_PB
+
+
+def test_no_successful_keepalive_for_an_interval_loses_the_lease():
+    mgr = Manager()
+    lost = threading.Event()
+    with ScriptedServer(mgr) as srv:
+        mgr.down = True
+        started = time.monotonic()
+        ka = start_keepalive(srv.url, interval=1.0, on_lost=lambda r: lost.set())
+        assert lost.wait(5)
+        elapsed = time.monotonic() - started
+        ka.join(5)
+    assert 0.9 <= elapsed < 2.5
+    assert ka.BCManager_PB and "no keep-alive succeeded" in ka.lost_reason
+    assert len(srv.routes("/keepalive")) >= 2  # it retried while the lease could be alive
+
+
+def test_late_completion_is_not_success():
+    mgr = Manager()
+    mgr.late_completion = True
+    with ScriptedServer(mgr) as srv:
+        ka = start_keepalive(srv.url, interval=10.0)
+        assert ka.terminate_keepalive(JobState.DONE) is ReportOutcome.LATE
+    assert ka.BCManager_PB and "given to someone else" in ka.lost_reason
+
+
+def test_final_report_is_retried_while_the_lease_can_live():
+    mgr = Manager()
+    with ScriptedServer(mgr) as srv:
+        ka = start_keepalive(srv.url, interval=3.0)
+        mgr.down = True
+        ka.finish(JobState.FAILED, reason="bc_script exited with 1")
+        wait_until(lambda: len(srv.routes("/completed")) >= 2, 5, what="a retried report")
+        mgr.down = False
+        ka.join(5)
+    assert ka.outcome is ReportOutcome.OK
+    assert srv.routes("/completed")[-1]["job_state"] == "FAILED"
+
+
+def test_unreachable_final_report_gives_up_when_the_lease_is_over():
+    with ScriptedServer(lambda r, f: (503, {"error": "down"})) as srv:
+        ka = start_keepalive(srv.url, interval=1.0)
+        started = time.monotonic()
+        assert ka.terminate_keepalive(JobState.DONE) is ReportOutcome.UNREACHABLE
+        assert time.monotonic() - started < 2.5
+    assert ka.BCManager_PB
