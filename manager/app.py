@@ -18,6 +18,7 @@ from workers.protocol import (MAX_BATCH_SIZE, JobState as WireState, ProtocolErr
 
 from .service import Answer, Manager
 from .states import FileState
+from .store import UnknownFailedFile
 
 log = logging.getLogger("bcmanager.http")
 
@@ -211,7 +212,10 @@ class App:
         reason = params.one("reason", required=False) or ""
         if not isinstance(reason, str):
             raise HTTPError(400, "parameter reason must be a string")
-        return self.manager.complete(job_id, state, _failed_files(params), reason[:MAX_REASON])
+        try:
+            return self.manager.complete(job_id, state, _failed_files(params), reason[:MAX_REASON])
+        except UnknownFailedFile as exc:
+            raise HTTPError(400, f"parameter {exc}") from None
 
     @staticmethod
     def _state(params: Params, allowed: frozenset[WireState]) -> WireState:
