@@ -9,6 +9,7 @@ monotonic clock. Nothing in the loop blocks for longer than a pipe read.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import logging
 import multiprocessing
@@ -358,10 +359,12 @@ class Supervisor:
         slot.restart_at = None
         slot.waiting_for_manager = False
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=child_main, args=(self.target, child, self._spec(slot)),
+        spec = self._spec(slot)
+        proc = self._ctx.Process(target=child_main, args=(self.target, child, spec),
                                  name=f"bcorch-engine-gpu{slot.gpu.index}")
         try:
-            proc.start()
+            with _environment(spec["env"]):
+                proc.start()
         except OSError as exc:
             parent.close()
             child.close()
@@ -719,6 +722,22 @@ class Supervisor:
         self._restore_signals()
         self._wake_r.close()
         self._wake_w.close()
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """os.environ with `values` while a child is spawned, so its exec'd environment has them
+    (CUDA reads CUDA_VISIBLE_DEVICES from there; only the loop thread spawns)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _signal(proc: psutil.Process, sig: int) -> None:

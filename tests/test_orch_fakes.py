@@ -7,7 +7,7 @@ at every start, so a test can change a GPU's behaviour and then `bcorch resume` 
     python tests/test_orch_fakes.py [bcorch flags]   runs bcorch with fake engines
 
 Modes: good (READY, heartbeats, obeys drain/stop/resume), child (good, plus a fake
-basecaller child in its own session), crash (READY, then exit 3), exit78, exit75,
+basecaller child in its own session), crash (READY, then exit 3), done (READY, exit 0), exit78, exit75,
 silent (never says anything).
 """
 from __future__ import annotations
@@ -55,6 +55,9 @@ def fake_engine(conn, spec: dict) -> None:
     if mode == "crash":
         time.sleep(0.1)
         os._exit(3)
+    if mode == "done":
+        channel.send(conn, message(Msg.EXITING, code=0, reason="nothing left"))
+        return
     basecaller = None
     if mode == "child":
         basecaller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
