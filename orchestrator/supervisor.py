@@ -340,26 +340,30 @@ class Supervisor:
             if not self._manager_known_up():
                 slot.waiting_for_manager = True
                 return
-        self._start(slot, now, "restart after backoff" if not slot.waiting_for_manager
-                    else "the manager answers again")
+        if slot.waiting_for_manager:
+            self._start(slot, now, "the manager answers again", after_outage=True)
+        else:
+            self._start(slot, now, "restart after backoff")
 
     def _manager_known_up(self) -> bool:
         m = self.manager
         return not m.down and not m.probing and m.next_probe_at is None
 
     # --- starting and stopping engines ---------------------------------------------
-    def _spec(self, slot: Slot) -> dict:
+    def _spec(self, slot: Slot, after_outage: bool) -> dict:
         return {"config_path": self.config_path, "gpu_index": slot.gpu.index, "device_index": 0,
                 "env": {"CUDA_VISIBLE_DEVICES": slot.gpu.uuid}, "manager_url": self.manager.url,
-                "engine_id": slot.engine_id, "log_level": self.log_level}
+                "engine_id": slot.engine_id, "log_level": self.log_level,
+                "after_outage": after_outage}
 
-    def _start(self, slot: Slot, now: float, reason: str) -> None:
+    def _start(self, slot: Slot, now: float, reason: str, after_outage: bool = False) -> None:
+        """Spawn the slot's engine; after_outage asks it to spread its first request."""
         first = slot.started_at is None and slot.restarts == 0 and slot.last_exit_code is None
         slot.clear_process()
         slot.restart_at = None
         slot.waiting_for_manager = False
         parent, child = self._ctx.Pipe(duplex=True)
-        spec = self._spec(slot)
+        spec = self._spec(slot, after_outage)
         proc = self._ctx.Process(target=child_main, args=(self.target, child, spec),
                                  name=f"bcorch-engine-gpu{slot.gpu.index}")
         try:
