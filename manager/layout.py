@@ -52,15 +52,16 @@ class Layout:
 
     def prepare(self, job: Job) -> None:
         """Create the job's input dir of symlinks and its output dirs (idempotent)."""
-        assigned = self.assigned_dir(job)
-        assigned.mkdir(exist_ok=True)
+        assigned = str(self.assigned_dir(job))
+        _mkdir(assigned)
         for f in job.files:
-            link = assigned / f.link
-            if not os.path.lexists(link):
-                os.symlink(os.path.join("..", f.path), link)
-        tmp = self.tmp_output_dir(job)
-        for sub in ("pass", "fail"):
-            (tmp / sub).mkdir(parents=True, exist_ok=True)
+            try:
+                os.symlink(os.path.join("..", f.path), os.path.join(assigned, f.link))
+            except FileExistsError:
+                pass  # made before a crash; the store fixes name -> path, so it is this one
+        tmp = str(self.tmp_output_dir(job))
+        for path in (tmp, os.path.join(tmp, "pass"), os.path.join(tmp, "fail")):
+            _mkdir(path)
 
     def settle(self, job: Job) -> None:
         """Carry out the filesystem side of a finished job (idempotent)."""
@@ -93,7 +94,8 @@ class Layout:
             if not source.is_dir():
                 continue
             target = self.output_dir / sub
-            target.mkdir(parents=True, exist_ok=True)
+            if not target.is_dir():  # made at start; an operator may have removed it since
+                target.mkdir(parents=True, exist_ok=True)
             with os.scandir(source) as entries:
                 names = [e.name for e in entries]
             for name in names:
@@ -103,6 +105,14 @@ class Layout:
                                 tag, dest, name)
                     continue
                 os.rename(source / name, dest)
+
+
+def _mkdir(path: str) -> None:
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
 
 
 def _rename_once(source: Path, dest: Path, tag: str) -> None:

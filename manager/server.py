@@ -104,6 +104,7 @@ class Service:
         deadline = time.monotonic() + 30
         for t in self._threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.manager.flush_moved()
         self.store.close()
         log.info("stopped")
 

@@ -49,6 +49,7 @@ class Manager:
         self._started = clock()
         self._done_log: collections.deque[tuple[float, int, int]] = collections.deque()
         self._engines_seen: dict[str, float] = {}
+        self._moved: list[str] = []   # settled jobs not yet acknowledged in the store
         if input_closed and not store.input_closed():
             store.close_input()
         self._input_closed = store.input_closed()
@@ -69,7 +70,17 @@ class Manager:
                 log.info("restart: %d live jobs get a fresh lease of %.0f s: %s", len(live),
                          self.interval, ", ".join(f"{j.job_id}@{j.engine_id}" for j in live[:20]))
 
+    def flush_moved(self) -> None:
+        """Acknowledge finished moves in one transaction (the reaper does it every tick).
+
+        Until then a restart would redo them, which is harmless: settle() is idempotent.
+        """
+        with self._lock:
+            moved, self._moved = self._moved, []
+            self.store.mark_moved(*moved)
+
     def _finish_moves(self) -> None:
+        self.flush_moved()
         for job in self.store.unfinished_moves():
             try:
                 self.layout.settle(job)
@@ -181,7 +192,7 @@ class Manager:
             log.error("job %s engine %s: moving its %s outputs failed (retried by the reaper): %s",
                       job.job_id, job.engine_id, job.state.value, exc)
             return
-        self.store.mark_moved(job.job_id)
+        self._moved.append(job.job_id)
 
     def reap(self) -> int:
         """Expire leases past their deadline; retry failed moves. Returns jobs expired."""

@@ -351,10 +351,13 @@ class Store:
                 "SELECT job_id, engine_id, state FROM jobs WHERE fs_pending = 1 ORDER BY seq").fetchall()
         return [Job(j, e, JobState(s)) for j, e, s in rows]
 
-    def mark_moved(self, job_id: str) -> None:
+    def mark_moved(self, *job_ids: str) -> None:
         # Not fsynced: if this is lost, a restart redoes the (idempotent) moves.
+        if not job_ids:
+            return
         with self._tx(durable=False) as db:
-            db.execute("UPDATE jobs SET fs_pending = 0 WHERE job_id = ?", (job_id,))
+            db.executemany("UPDATE jobs SET fs_pending = 0 WHERE job_id = ?",
+                           [(j,) for j in job_ids])
 
     # -- reading -----------------------------------------------------------------------
 
