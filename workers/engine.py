@@ -141,6 +141,7 @@ class BCEngine:
         self._stop_reason = ""
         self._parent_gone = False
         self._signals = 0
+        self._signals_seen = 0
         self._next_heartbeat = 0.0
         self._batch: Batch | None = None
         self._batch_started = 0.0
@@ -423,6 +424,15 @@ class BCEngine:
         self._service()
 
     def _service(self) -> None:
+        if self._signals != self._signals_seen:
+            self._signals_seen = self._signals
+            if self._stop:
+                self.log.info("%s: stopping now", self._stop_reason)
+            else:
+                self.log.info("signal received: finishing the current batch, then exiting "
+                              "(send it again to stop now)")
+                if self.PROCESSING_STATE is EngineState.WORKING:
+                    self._set_state(EngineState.DRAINING)
         self._read_commands()
         if self.conn is not None and not self._parent_gone and os.getppid() != self._parent_pid:
             self._on_parent_gone("the parent process is gone")

@@ -1,0 +1,434 @@
+"""BCEngine against the real manager on loopback, with real POD5 files and real processes."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import ManagedProcess, ManagerProcess, free_port, kill_tree, wait_until
+from test_engine_stubs import ScriptedServer, forwarder
+from workers.engine import BCEngine, run_engine_process
+from workers.outputs import read_ids_under
+from workers.pod5_dataset import write_dataset
+from workers.protocol.config import ConfigError, from_mapping
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+class Site:
+    """INPUT_DIR with real POD5 files, OUTPUT_DIR, and the manager serving them."""
+
+    def __init__(self, tmp: Path, procs, n_files: int, reads: int = 10, samples: int = 4000,
+                 **manager_kw):
+        self.tmp = tmp
+        self.input_dir, self.output_dir = tmp / "input", tmp / "output"
+        self.output_dir.mkdir()
+        self.written = write_dataset(self.input_dir, n_files, reads_per_file=reads,
+                                     samples_per_read=samples)
+        self.procs = procs
+        self.manager_kw = manager_kw
+        self.manager = self.start_manager()
+        wait_until(lambda: sum(self.manager.status()["files"].values()) == n_files, 20,
+                   what="manager to find the input files")
+
+    def start_manager(self, port: int | None = None) -> ManagerProcess:
+        m = ManagerProcess(self.tmp, self.input_dir, self.output_dir, port=port, **self.manager_kw)
+        self.procs.append(m)
+        return m.start()
+
+    def read_ids(self) -> list[str]:
+        return sorted(r for ids in self.written.values() for r in ids)
+
+    def config(self, url: str | None = None, *, engine: dict | None = None,
+               runner: dict | None = None, name: str = "engine.toml") -> Path:
+        sections = {
+            "manager": {"url": url or self.manager.url},
+            "engine": {"input_dir": str(self.input_dir), "output_dir": str(self.output_dir),
+                       "engine_id": "test-gpu0", "polling_interval": 0.005,
+                       "request_retries": 1, "connect_timeout_s": 1.0, "read_timeout_s": 5.0,
+                       **(engine or {})},
+            "runner": {"kind": "simulate", "samples_per_s": 5e6, "stop_grace_s": 2.0,
+                       **(runner or {})},
+        }
+        path = self.tmp / name
+        path.write_text("".join(
+            f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+            for s, values in sections.items()))
+        return path
+
+    def engine(self, config: Path, log: str = "engine.log") -> ManagedProcess:
+        p = ManagedProcess([sys.executable, "-m", "workers.engine_cli", "--gpu", "0",
+                            "--config", str(config)], self.tmp / log)
+        self.procs.append(p)
+        return p.start()
+
+    def files(self) -> dict[str, int]:
+        return self.manager.status()["files"]
+
+
+def basecaller_of(pid: int) -> psutil.Process | None:
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            if "workers.runners.simulate_main" in " ".join(child.cmdline()):
+                return child
+    except psutil.Error:
+        return None
+    return None
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class Child:
+    """An engine started as the orchestrator does: spawn context, duplex pipe, spec dict."""
+
+    def __init__(self, spec: dict):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_end = ctx.Pipe()
+        self.proc = ctx.Process(target=run_engine_process, args=(child_end, spec))
+        self.proc.start()
+        child_end.close()
+        self.messages: list[dict] = []
+
+    def wait_for(self, kind: str, timeout: float = 30.0, **match) -> dict:
+        def seen():
+            for m in self.messages:
+                if m.get("type") == kind and all(m.get(k) == v for k, v in match.items()):
+                    return m
+            while self.conn.poll(0.05):
+                try:
+                    self.messages.append(self.conn.recv())
+                except EOFError:
+                    return None
+            return None
+        return wait_until(seen, timeout, what=f"{kind} message {match}")
+
+    def close(self) -> None:
+        if self.proc.pid is not None and self.proc.is_alive():
+            kill_tree(self.proc.pid)
+        self.proc.join(10)
+        self.conn.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _resource_tracker():
+    """multiprocessing's spawn starts one helper for the whole pytest run: start it up front,
+    so the per-test leftover-process check does not count it."""
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
+
+
+@pytest.fixture
+def children():
+    started: list[Child] = []
+    yield started
+    for c in started:
+        c.close()
+
+
+@pytest.fixture
+def restore_signals():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+# -- a full cycle -----------------------------------------------------------------------------
+
+def test_full_cycle_every_read_id_once(tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=6, reads=15, batch_size=2, input_closed=True)
+    engine = site.engine(site.config(engine={"work_until_none_left": True},
+                                     runner={"fail_fraction": 0.25}))
+    assert engine.wait(60) == 0, engine.log()
+    counts = read_ids_under([site.output_dir / "pass", site.output_dir / "fail"])
+    assert sorted(counts) == site.read_ids() and set(counts.values()) == {1}
+    assert list(read_ids_under([site.output_dir / "fail"]))  # the simulated q-score split
+    assert site.files()["DONE"] == 6
+    assert "nothing left to basecall" in engine.log() and "Traceback" not in engine.log()
+
+
+def test_back_to_back_batches_without_pause(tmp_path, procs, restore_signals):
+    site = Site(tmp_path, procs, n_files=4, reads=5, batch_size=1, input_closed=True)
+    conf = from_mapping({
+        "manager": {"url": site.manager.url},
+        "engine": {"input_dir": str(site.input_dir), "output_dir": str(site.output_dir),
+                   "engine_id": "b2b-gpu0", "polling_interval": 10.0, "busy_pause_s": 0.0,
+                   "work_until_none_left": True},
+        "runner": {"kind": "simulate", "samples_per_s": 5e6}})
+    engine = BCEngine(None, 0, conf=conf)
+    started = time.monotonic()
+    assert engine.begin_working() == 0
+    assert time.monotonic() - started < 60  # never waited the 10-minute polling interval
+    timings = engine.batch_timings
+    assert len(timings) == 4 and engine.batches_done == 4 and engine.files_done == 4
+    gaps = [nxt["requested"] - prev["reported"] for prev, nxt in zip(timings, timings[1:])]
+    assert all(0 <= g < 0.25 for g in gaps), gaps
+    assert all(t["overhead_s"] < 1.0 for t in timings)
+
+
+def test_script_runner_failure_is_reported_and_retried(tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=2, reads=3, batch_size=2, input_closed=True)
+    marker = tmp_path / "failed-once"
+    script = tmp_path / "bc.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"if [ ! -e {marker} ]; then touch {marker}; echo 'no GPU today' >&2; exit 1; fi\n"
+        'mkdir -p "$2/pass"\n'
+        'for f in "$1"/*.pod5; do n=$(basename "$f" .pod5); '
+        'printf "@%s\\nACGT\\n+\\n!!!!\\n" "$n" > "$2/pass/$n.fastq"; done\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    engine = site.engine(site.config(engine={"work_until_none_left": True},
+                                     runner={"kind": "script", "bc_script": str(script)}))
+    assert engine.wait(60) == 0, engine.log()
+    assert "FAILED: bc_script exited with 1" in engine.log()
+    assert "FAILED" in site.manager.log()
+    assert site.files()["DONE"] == 2
+    written = sorted((site.output_dir / "pass").glob("*.fastq"))
+    assert len(written) == 2
+
+
+# -- losing the lease, losing the manager ------------------------------------------------------
+
+def test_lease_lost_mid_batch_stops_basecaller_and_exits_75(tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=2, reads=20, batch_size=2, report_back_interval=1)
+    late_at: list[float] = []
+
+    def rewrite(route, fields, body):
+        # The manager's lease is 1 s; the engine is told 6 s, so its first keep-alive
+        # (after 3 s) reaches a manager that has already expired the job.
+        if route == "/assignwork" and body.get("batch_size"):
+            body["report_back_interval"] = 6
+        if route == "/keepalive" and body.get("late"):
+            late_at.append(time.monotonic())
+        return body
+
+    with ScriptedServer(forwarder(site.manager.url, rewrite)) as proxy:
+        engine = site.engine(site.config(proxy.url, runner={"samples_per_s": 20_000}))
+        caller = wait_until(lambda: basecaller_of(engine.pid), 30, what="basecaller")
+        assert engine.wait(30) == 75, engine.log()
+        assert late_at
+        wait_until(lambda: gone(caller.pid), 5, what="basecaller gone")
+    assert "lease lost" in engine.log() and "late" in engine.log()
+    # the basecaller's own log ends early: it was stopped, not finished
+    assert "done in" not in next(site.output_dir.rglob("basecaller.log")).read_text()
+    assert not list(site.output_dir.glob("pass/*"))
+    assert site.files()["DONE"] == 0
+
+
+def test_lease_loss_kills_basecaller_within_two_seconds(tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=1, reads=20, report_back_interval=1)
+    late_at: list[float] = []
+
+    def rewrite(route, fields, body):
+        if route == "/assignwork" and body.get("batch_size"):
+            body["report_back_interval"] = 6
+        if route == "/keepalive" and body.get("late"):
+            late_at.append(time.monotonic())
+        return body
+
+    with ScriptedServer(forwarder(site.manager.url, rewrite)) as proxy:
+        engine = site.engine(site.config(proxy.url, runner={"samples_per_s": 10_000}))
+        caller = wait_until(lambda: basecaller_of(engine.pid), 30, what="basecaller")
+        wait_until(lambda: late_at, 20, what="a late keep-alive answer")
+        wait_until(lambda: gone(caller.pid), 5, what="basecaller gone")
+        assert time.monotonic() - late_at[0] < 2.0
+        assert engine.wait(10) == 75
+
+
+def test_manager_down_when_asking_exits_75(tmp_path, procs):
+    (tmp_path / "input").mkdir()
+    (tmp_path / "output").mkdir()
+    cfg = tmp_path / "engine.toml"
+    cfg.write_text(f'[manager]\nurl = "http://127.0.0.1:{free_port()}"\n'
+                   f'[engine]\ninput_dir = "{tmp_path / "input"}"\n'
+                   f'output_dir = "{tmp_path / "output"}"\nrequest_retries = 2\n')
+    engine = ManagedProcess([sys.executable, "-m", "workers.engine_cli", "--gpu", "1",
+                             "--config", str(cfg)], tmp_path / "engine.log")
+    procs.append(engine.start())
+    assert engine.wait(30) == 75
+    log = engine.log()
+    assert "manager unreachable" in log and "cannot connect" in log and "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_manager_down_shorter_than_an_interval_batch_still_done(tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=2, reads=20, batch_size=2, report_back_interval=10)
+    engine = site.engine(site.config(runner={"samples_per_s": 14_000}))  # ~11 s of basecalling
+    wait_until(lambda: basecaller_of(engine.pid), 30, what="basecaller")
+    port = site.manager.port
+    site.manager.close()
+    wait_until(lambda: "keep-alive of job" in engine.log(), 15, what="a failed keep-alive")
+    site.manager = site.start_manager(port=port)
+    wait_until(lambda: site.files()["DONE"] == 2, 40, what="batch DONE after the outage")
+    counts = read_ids_under([site.output_dir / "pass", site.output_dir / "fail"])
+    assert sorted(counts) == site.read_ids()
+    assert "lease lost" not in engine.log()
+    engine.signal(signal.SIGTERM)
+    assert engine.wait(30) == 0
+
+
+@pytest.mark.parametrize("answer, message", [
+    (b"<html>gateway error</html>", "answer is not JSON"),
+    ({"batch_size": 2, "batch": ["a.pod5", "b.pod5"]}, "has no report_back_interval"),
+    ({"jobid": "j1", "job_input_dir": "../../etc", "job_output_dir": "o", "bc_engine_id": "e",
+      "batch_size": 1, "batch": ["a.pod5"], "report_back_interval": 5},
+     "job_input_dir must be a plain directory name"),
+])
+def test_malformed_answer_is_one_clear_error(tmp_path, procs, answer, message):
+    with ScriptedServer(lambda route, fields: (200, answer)) as srv:
+        cfg = tmp_path / "engine.toml"
+        cfg.write_text(f'[manager]\nurl = "{srv.url}"\n[engine]\ninput_dir = "{tmp_path}"\n'
+                       f'output_dir = "{tmp_path}"\n')
+        engine = ManagedProcess([sys.executable, "-m", "workers.engine_cli", "--gpu", "0",
+                                 "--config", str(cfg)], tmp_path / "engine.log")
+        procs.append(engine.start())
+        assert engine.wait(30) == 75
+    log = engine.log()
+    assert message in log and "bad answer from the manager" in log
+    assert "Traceback" not in log
+    assert len(srv.routes("/assignwork")) == 1  # a protocol error is not retried in a loop
+
+
+# -- drain, stop, signals, parent ----------------------------------------------------------------
+
+def spec(site: Site, cfg: Path, **extra) -> dict:
+    return {"config_path": str(cfg), "gpu_index": 3, "device_index": 0,
+            "env": {"CUDA_VISIBLE_DEVICES": "3"}, "manager_url": None, "engine_id": None,
+            "log_level": "INFO", **extra}
+
+
+def test_drain_from_parent_finishes_the_batch_then_exits_0(tmp_path, procs, children):
+    site = Site(tmp_path, procs, n_files=3, reads=20, batch_size=1)
+    child = Child(spec(site, site.config(runner={"samples_per_s": 20_000})))
+    children.append(child)
+    ready = child.wait_for("ready")
+    assert ready["gpu"] == 3 and ready["engine_id"] == "test-gpu0"
+    start = child.wait_for("job_start")
+    beat = child.wait_for("heartbeat", state="WORKING")
+    assert beat["job_id"] == start["job_id"] and beat["basecaller_pid"]
+    child.conn.send({"cmd": "drain"})
+    child.wait_for("heartbeat", state="DRAINING")
+    end = child.wait_for("job_end")
+    assert end == {"type": "job_end", "job_id": start["job_id"], "state": "DONE",
+                   "files_failed": 0}
+    assert child.wait_for("exiting")["code"] == 0
+    child.proc.join(10)
+    assert child.proc.exitcode == 0
+    files = site.files()
+    assert files["DONE"] == 1 and files["PENDING"] == 2
+
+
+def test_stop_from_parent_reports_stopped_quickly(tmp_path, procs, children):
+    site = Site(tmp_path, procs, n_files=1, reads=20)
+    child = Child(spec(site, site.config(runner={"samples_per_s": 5_000, "stop_grace_s": 1.0})))
+    children.append(child)
+    child.wait_for("job_start")
+    beat = child.wait_for("heartbeat", state="WORKING")
+    stopped_at = time.monotonic()
+    child.conn.send({"cmd": "stop"})
+    assert child.wait_for("job_end")["state"] == "STOPPED"
+    child.proc.join(10)
+    assert child.proc.exitcode == 0 and time.monotonic() - stopped_at < 1.0 + 2.0
+    assert gone(beat["basecaller_pid"])
+    assert site.files()["PENDING"] == 1  # given back at once, no attempt counted
+    assert "STOPPED" in site.manager.log()
+
+
+def test_parent_gone_stops_reports_and_exits_within_5s(tmp_path, procs, children):
+    site = Site(tmp_path, procs, n_files=1, reads=20)
+    child = Child(spec(site, site.config(runner={"samples_per_s": 5_000})))
+    children.append(child)
+    child.wait_for("job_start")
+    beat = child.wait_for("heartbeat", state="WORKING")
+    closed_at = time.monotonic()
+    child.conn.close()
+    child.proc.join(10)
+    assert time.monotonic() - closed_at < 5.0 and child.proc.exitcode == 0
+    assert gone(beat["basecaller_pid"])
+    wait_until(lambda: site.files()["PENDING"] == 1, 10, what="files given back")
+
+
+def test_sigterm_on_lone_engine_drains_and_second_one_stops(tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=4, reads=20, batch_size=1)
+    engine = site.engine(site.config(runner={"samples_per_s": 40_000}))
+    wait_until(lambda: basecaller_of(engine.pid), 30, what="basecaller")
+    engine.signal(signal.SIGTERM)
+    assert engine.wait(30) == 0
+    assert site.files()["DONE"] == 1  # the batch in hand was finished
+
+    engine2 = site.engine(site.config(runner={"samples_per_s": 2_000}), log="engine2.log")
+    caller = wait_until(lambda: basecaller_of(engine2.pid), 30, what="basecaller")
+    engine2.signal(signal.SIGINT)
+    wait_until(lambda: "send it again to stop now" in engine2.log(), 10, what="first signal seen")
+    engine2.signal(signal.SIGINT)
+    assert engine2.wait(10) == 0
+    assert gone(caller.pid)
+    assert "STOPPED" in site.manager.log() and site.files()["DONE"] == 1
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+def legacy(tmp_path: Path, **changes) -> Path:
+    script = tmp_path / "supervisor.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    data = {"Basecalling": {"input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "out"),
+                            "model": "dna_r10.4.1_e8.2_400bps_hac@v4.2.0", "port": 8000,
+                            "supervisor_script_path": str(script)},
+            "ComputingResources": {"index_host": "10.1.2.3", "nodes_ip": ["10.1.2.4"],
+                                   "nodes_list": ["gpu01"], "batch_size_list": [20, 40]}}
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    path = tmp_path / "bc_config.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_original_json_configuration_loads(tmp_path):
+    engine = BCEngine(legacy(tmp_path), 1)
+    assert engine.api_url == "http://10.1.2.3:8000"
+    assert engine.optimal_request_size == 40
+    assert engine.INPUTDIR == tmp_path / "in" and engine.OUTPUTDIR == tmp_path / "out"
+    assert engine.bc_script == str(tmp_path / "supervisor.sh")
+    assert engine.conf.runner.kind == "script"
+    assert engine.bc_model == "dna_r10.4.1_e8.2_400bps_hac@v4.2.0"
+    assert engine.engine_id.endswith("-gpu1") and engine.work_until_none_left is False
+    engine._cleanup()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ComputingResources__batch_size_list": [20]}, "ComputingResources.batch_size_list: no entry"),
+    ({"Basecalling__port": "eighty"}, "Basecalling.port: expected int"),
+    ({"ComputingResources__index_host": 7}, "ComputingResources.index_host: expected str"),
+])
+def test_original_json_errors_name_the_key(tmp_path, change, message):
+    with pytest.raises(ConfigError) as err:
+        BCEngine(legacy(tmp_path, **change), 1)
+    assert str(err.value).startswith(message)
+
+
+def test_configuration_error_exits_78_with_one_line(tmp_path, children):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[engine]\npolling_interval = 'often'\n")
+    child = Child({"config_path": str(cfg), "gpu_index": 0, "device_index": 0, "env": {},
+                   "manager_url": None, "engine_id": None, "log_level": "INFO"})
+    children.append(child)
+    msg = child.wait_for("exiting")
+    child.proc.join(10)
+    assert child.proc.exitcode == 78 and msg["code"] == 78
+    assert msg["reason"].startswith("engine.polling_interval: expected a number")
+    from workers.engine_cli import main
+    assert main(["--gpu", "0", "--config", str(cfg)]) == 78
