@@ -6,6 +6,7 @@ import multiprocessing
 import signal
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -432,3 +433,39 @@ def test_configuration_error_exits_78_with_one_line(tmp_path, children):
     assert msg["reason"].startswith("engine.polling_interval: expected a number")
     from workers.engine_cli import main
     assert main(["--gpu", "0", "--config", str(cfg)]) == 78
+
+
+def test_token_is_sent_and_a_refused_token_is_a_configuration_error(tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=2, reads=5, batch_size=2, input_closed=True,
+                token="s3cret")
+    wrong = site.engine(site.config(engine={"work_until_none_left": True}, name="wrong.toml"),
+                        log="wrong.log")
+    assert wrong.wait(30) == 78
+    assert "manager.token: the manager refused our token" in wrong.log()
+    cfg = site.config(engine={"work_until_none_left": True}, name="right.toml")
+    cfg.write_text(cfg.read_text().replace("[manager]\n", '[manager]\ntoken = "s3cret"\n'))
+    right = site.engine(cfg, log="right.log")
+    assert right.wait(30) == 0, right.log()
+    assert site.files()["DONE"] == 2
+
+
+def test_parent_gone_while_the_manager_hangs_still_exits_within_5s(tmp_path, children):
+    release = threading.Event()
+
+    def hang(route, fields):
+        release.wait(30)
+        return 200, {"batch_size": 0, "input_closed": False}
+
+    with ScriptedServer(hang) as srv:
+        cfg = tmp_path / "engine.toml"
+        cfg.write_text(f'[engine]\ninput_dir = "{tmp_path}"\noutput_dir = "{tmp_path}"\n')
+        child = Child({"config_path": str(cfg), "gpu_index": 0, "device_index": 0, "env": {},
+                       "manager_url": srv.url, "engine_id": "hang-gpu0", "log_level": "INFO"})
+        children.append(child)
+        child.wait_for("heartbeat", state="REQUESTING")
+        closed_at = time.monotonic()
+        child.conn.close()
+        child.proc.join(10)
+        elapsed = time.monotonic() - closed_at
+        release.set()
+    assert child.proc.exitcode == 0 and elapsed < 5.0

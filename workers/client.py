@@ -28,6 +28,10 @@ class ManagerUnreachable(ConnectionError):
 class ManagerRefused(ProtocolError):
     """The manager answered 4xx: our request broke the protocol (or the token is wrong)."""
 
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
 
 def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Seconds to wait before retry number `attempt` (0-based): uniform(0, min(cap, base*2^attempt))."""
@@ -157,7 +161,7 @@ class ManagerClient:
                                      f"{_reason(resp)}")
         if resp.status_code >= 400:
             raise ManagerRefused(f"{route}: manager refused the request ({resp.status_code}): "
-                                 f"{_reason(resp)}")
+                                 f"{_reason(resp)}", resp.status_code)
         try:
             return resp.json()
         except ValueError:

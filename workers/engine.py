@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from . import channel
 from .channel import Cmd, EngineState, Msg
-from .client import ManagerClient, ManagerUnreachable
+from .client import ManagerClient, ManagerRefused, ManagerUnreachable
 from .keepalive import BCKeepAlive, LeaseLost, ReportOutcome
 from .legacy_config import load_any
 from .protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobState, ProtocolError
@@ -37,6 +37,7 @@ from .runners import RunHandle, RunResult, make_runner
 AFTER_OUTAGE_ENV = "BCORCH_AFTER_OUTAGE"
 PARENT_GONE_EXIT_S = 4.0     # the orchestrator died: be gone well within 5 s
 AFTER_OUTAGE_CAP_S = 30.0
+ABANDON_REQUEST_S = 2.0      # a stop waits this long at most for an /assignwork in flight
 
 TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     EngineState.STARTING: frozenset({EngineState.REQUESTING, EngineState.WAITING,
@@ -208,7 +209,13 @@ class BCEngine:
                 batch = self._request_a_batch(self.api_url, self.engine_id,
                                               self.optimal_request_size)
             except ManagerUnreachable as exc:
+                if self._stop:  # the retries were cut short by the stop itself
+                    return EXIT_OK, self._stop_reason
                 return self._manager_problem(f"manager unreachable: {exc}")
+            except ManagerRefused as exc:
+                if exc.status == 401:
+                    raise ConfigError(f"manager.token: the manager refused our token ({exc})")
+                return self._manager_problem(f"the manager refused our request: {exc}")
             except ProtocolError as exc:
                 return self._manager_problem(f"bad answer from the manager: {exc}")
             end = time.monotonic()
@@ -234,10 +241,16 @@ class BCEngine:
             self.conf, api_url, cancel=self._cancel, logger=self.log)
         future = self._executor.submit(client.assign_work, engine_id, optimal_request_size)
         future.add_done_callback(lambda _f: self._waker.wake())
+        stop_seen: float | None = None
         while not future.done():
             if self._stop:
                 self._cancel.set()
-            self._wait(1.0)
+                stop_seen = stop_seen or time.monotonic()
+                if time.monotonic() - stop_seen > ABANDON_REQUEST_S:
+                    # Do not outwait a hung manager: a batch it may still assign expires there.
+                    self.log.warning("stopping: no answer to /assignwork, not waiting for it")
+                    return None
+            self._wait(0.2 if stop_seen else 1.0)
         batch = future.result()
         if self._stop and not batch.empty:
             self.log.info("stop requested while asking: returning job %s as STOPPED", batch.jobid)
