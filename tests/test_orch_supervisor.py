@@ -215,7 +215,6 @@ def test_sighup_restarts_engines_one_by_one_with_the_new_config(bcorch):
     log = b.log()
     assert "SIGHUP: configuration" in log and "restarting 2 engine(s) one by one" in log
     # one by one: gpu1 is drained only after gpu0's new engine is RUNNING
-    assert log.index("[gpu1 ") < len(log)
     gpu0_ready = log.index("STARTING -> RUNNING", log.index("graceful restart (previous engine"))
     gpu1_drain = log.index("[gpu1", log.index("SIGHUP: restarting"))
     assert gpu0_ready < log.index("RUNNING -> DRAINING (graceful restart (SIGHUP))", gpu1_drain)
