@@ -4,6 +4,7 @@
     bcorch engine --gpu N [--config F] [--manager-url U]      (one engine, no supervisor)
     bcorch status [--json] | drain [--gpu N] | resume [--gpu N] | restart --gpu N | stop
     bcorch gpus [--json] [--gpus SPEC]
+    bcorch demo [--files N] [--gpus N] [--keep]              (orchestrator/demo.py)
 
 Bad flags or configuration: one line on stderr and exit 78. Control commands that
 cannot reach bcorch, or that bcorch refuses, print one line and exit 1.
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None, *, target: Callable[[Any, dict], Any] | 
     try:
         if argv and argv[0] == "gpus":
             return cmd_gpus(argv[1:])
+        if argv and argv[0] == "demo":
+            return cmd_demo(argv[1:])
         if argv and argv[0] in CONTROL_COMMANDS:
             return cmd_control(argv[0], argv[1:])
         return cmd_run(argv, target)
@@ -125,6 +128,14 @@ def cmd_control(cmd: str, argv: list[str]) -> int:
         if "slots" not in reply:
             print(f"bcorch: {reply.get('state', 'ok')}")
     return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    from . import demo
+
+    p = _Parser(prog="bcorch demo", description="The whole job on this machine, no GPU needed.")
+    demo.add_arguments(p)
+    return demo.run(p.parse_args(argv))
 
 
 def cmd_gpus(argv: list[str]) -> int:
