@@ -20,7 +20,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from workers.outputs import read_ids_under
+from workers.outputs import fastq_read_ids, read_ids_under
 from workers.pod5_dataset import write_dataset
 
 READS_PER_FILE = 100
@@ -50,12 +50,13 @@ def _get_json(url: str, timeout: float = 2.0) -> dict | None:
         return None
 
 
-def _write_config(path: Path, files: int, gpus: int) -> None:
-    # Sized so the default demo takes about 20 s of simulated basecalling.
+def _write_config(path: Path, input_dir: Path, output_dir: Path, files: int, gpus: int) -> None:
+    # Sized so the default demo takes about 15 s of simulated basecalling.
     total_samples = files * READS_PER_FILE * sum(SAMPLES_PER_READ) / 2
     rate = max(10_000.0, total_samples / gpus / 15.0)
     path.write_text(
-        "[manager]\nsettle_s = 0.0\nscan_interval_s = 0.2\nreport_back_interval = 15.0\n"
+        f"[manager]\ninput_dir = {json.dumps(str(input_dir))}\n"
+        f"output_dir = {json.dumps(str(output_dir))}\nsettle_s = 0.0\nscan_interval_s = 0.2\nreport_back_interval = 15.0\n"
         "batch_size = 2\n\n"
         "[engine]\npolling_interval = 0.01\nwork_until_none_left = true\n\n"
         f"[runner]\nkind = \"simulate\"\nsamples_per_s = {rate:.1f}\nstop_grace_s = 2.0\n\n"
@@ -90,10 +91,10 @@ def _progress_lines(status: dict, total_reads: int, started: float) -> list[str]
     total = sum(files.values()) or 1
     elapsed = time.monotonic() - started
     rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else float("nan")
+    eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "?"
     lines = [f"files {done}/{total} ({100 * done / total:.0f}%)  reads ~{total_reads * done // total}"
-             f"/{total_reads}  {rate:.1f} files/s  elapsed {elapsed:.0f}s  left ~{eta:.0f}s"]
-    for engine, jobs in sorted(status.get("in_flight", {}).items()):
+             f"/{total_reads}  {rate:.1f} files/s  elapsed {elapsed:.0f}s  left ~{eta}"]
+    for engine, jobs in sorted(status.get("jobs_in_flight", {}).items()):
         lines.append(f"  {engine:<28} {jobs} job(s) in flight")
     return lines
 
@@ -127,9 +128,9 @@ def _reads_per_engine(output_dir: Path) -> Counter:
         engine_of_job[job] = engine
     per_engine: Counter = Counter()
     for sub in ("pass", "fail"):
-        for path in (output_dir / sub).glob("*"):
+        for path in (output_dir / sub).glob("*.fastq"):
             job = path.name.partition("_")[0]
-            per_engine[engine_of_job.get(job, "?")] += sum(read_ids_under([path]).values())
+            per_engine[engine_of_job.get(job, "?")] += sum(1 for _ in fastq_read_ids(path))
     return per_engine
 
 
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     for d in (input_dir, output_dir):
         d.mkdir(parents=True, exist_ok=True)
     config = workdir / "config.toml"
-    _write_config(config, args.files, args.gpus)
+    _write_config(config, input_dir, output_dir, args.files, args.gpus)
 
     print(f"bcorch demo: writing {args.files} POD5 files into {input_dir}")
     expected = write_dataset(input_dir, args.files, READS_PER_FILE, SAMPLES_PER_READ,
@@ -157,7 +158,6 @@ def run(args: argparse.Namespace) -> int:
     code = 1
     try:
         manager = _start([sys.executable, "-m", "manager", "--config", str(config),
-                          "--input-dir", str(input_dir), "--output-dir", str(output_dir),
                           "--port", str(port), "--input-closed"], workdir / "manager.log")
         deadline = time.monotonic() + 30
         while _get_json(url + "/heartbeat") is None:
