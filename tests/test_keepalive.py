@@ -1,6 +1,7 @@
 """The manager client and BCKeepAlive against a scripted loopback HTTP server."""
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 
@@ -137,7 +138,7 @@ def test_keepalives_go_out_at_half_the_interval_and_terminate_at_once():
         assert time.monotonic() - started < 0.5
     times = [t for t, route, _, _ in srv.requests if route == "/keepalive"]
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert all(0.2 <= g <= 0.6 for g in gaps), gaps
+    assert all(0.2 <= g < 1.0 for g in gaps) and 0.25 <= statistics.median(gaps) <= 0.45, gaps
     assert srv.routes("/keepalive")[0] == {"job_id": "j1", "job_state": "PROCESSING"}
     assert outcome is ReportOutcome.OK and not ka.BCManager_PB
     assert srv.routes("/completed") == [{"job_id": "j1", "job_state": "DONE",

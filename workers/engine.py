@@ -71,6 +71,8 @@ class _Waker:
         os.set_blocking(self.w, False)
 
     def wake(self) -> None:
+        if self.w < 0:  # closed: never write into a descriptor number reused since
+            return
         try:
             os.write(self.w, b"x")
         except (BlockingIOError, OSError):
@@ -84,7 +86,8 @@ class _Waker:
             pass
 
     def close(self) -> None:
-        for fd in (self.r, self.w):
+        fds, self.r, self.w = (self.r, self.w), -1, -1
+        for fd in fds:
             try:
                 os.close(fd)
             except OSError:
