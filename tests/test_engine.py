@@ -15,6 +15,7 @@ import pytest
 
 from support import ManagedProcess, ManagerProcess, free_port, kill_tree, wait_until
 from test_engine_stubs import ScriptedServer, forwarder
+from workers.channel import EngineState
 from workers.engine import BCEngine, run_engine_process
 from workers.outputs import read_ids_under
 from workers.pod5_dataset import write_dataset
@@ -469,3 +470,56 @@ def test_parent_gone_while_the_manager_hangs_still_exits_within_5s(tmp_path, chi
         elapsed = time.monotonic() - closed_at
         release.set()
     assert child.proc.exitcode == 0 and elapsed < 5.0
+
+
+def test_original_json_configuration_runs_against_the_manager(tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=2, reads=3, batch_size=2)
+    script = tmp_path / "supervisor.sh"
+    script.write_text('#!/bin/bash\nmkdir -p "$2/pass"\necho "model=$3 port=$4"\n'
+                      'for f in "$1"/*.pod5; do n=$(basename "$f" .pod5); '
+                      'printf "@%s\\nACGT\\n+\\n!!!!\\n" "$n" > "$2/pass/$n.fastq"; done\n')
+    script.chmod(0o755)
+    cfg = tmp_path / "bc_config.json"
+    cfg.write_text(json.dumps({
+        "Basecalling": {"input_dir": str(site.input_dir), "output_dir": str(site.output_dir),
+                        "model": "sup", "port": site.manager.port,
+                        "supervisor_script_path": str(script)},
+        "ComputingResources": {"index_host": "127.0.0.1", "nodes_ip": ["127.0.0.1"],
+                               "nodes_list": ["localhost"], "batch_size_list": [2]}}))
+    engine = site.engine(cfg)
+    wait_until(lambda: site.files()["DONE"] == 2, 30, what="both files DONE")
+    engine.signal(signal.SIGTERM)
+    assert engine.wait(30) == 0
+    log = next(site.output_dir.rglob("basecaller.log")).read_text()
+    assert "model=sup port=5555" in log
+    assert len(list((site.output_dir / "pass").glob("*.fastq"))) == 2
+
+
+@pytest.mark.parametrize("after_outage", [False, True])
+def test_first_request_after_an_outage_is_spread(tmp_path, restore_signals, after_outage):
+    with ScriptedServer(lambda r, f: (200, {"batch_size": 0, "input_closed": True})) as srv:
+        conf = from_mapping({
+            "manager": {"url": srv.url},
+            "engine": {"input_dir": str(tmp_path), "output_dir": str(tmp_path),
+                       "polling_interval": 0.05, "work_until_none_left": True}})
+        engine = BCEngine(None, 0, conf=conf, after_outage=after_outage)
+        started = time.monotonic()
+        assert engine.begin_working() == 0
+    delay = srv.requests[0][0] - started
+    if after_outage:
+        assert 0 <= delay <= 3.0 + 0.5  # uniform in [0, polling_interval = 3 s)
+    else:
+        assert delay < 0.5
+
+
+def test_engine_state_machine_refuses_illegal_moves(tmp_path):
+    conf = from_mapping({"engine": {"input_dir": str(tmp_path), "output_dir": str(tmp_path)}})
+    engine = BCEngine(None, 0, conf=conf)
+    try:
+        with pytest.raises(RuntimeError, match="STARTING -> REPORTING is not allowed"):
+            engine._set_state(EngineState.REPORTING)
+        engine._set_state(EngineState.REQUESTING)
+        engine._set_state(EngineState.WORKING)
+        assert engine.PROCESSING_STATE is EngineState.WORKING
+    finally:
+        engine._cleanup()
