@@ -17,6 +17,14 @@ def procs():
         p.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _resource_tracker():
+    """multiprocessing's spawn context starts one tracker process for the whole pytest run;
+    start it up front so the per-test leftover check does not count it."""
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
     """Fail a test that leaves a child process of pytest running (and kill it)."""

@@ -123,12 +123,6 @@ class Child:
         self.conn.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _resource_tracker():
-    """multiprocessing's spawn starts one helper for the whole pytest run: start it up front,
-    so the per-test leftover-process check does not count it."""
-    from multiprocessing import resource_tracker
-    resource_tracker.ensure_running()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ The supervisor runs in a thread of the test (fake engine processes, a real contr
 the GPU monitor is replaced by one whose figures the test sets."""
 from __future__ import annotations
 
-import multiprocessing.resource_tracker
 import signal
 import threading
 
@@ -19,10 +18,6 @@ from test_orch_fakes import fake_engine
 from workers.protocol.config import from_mapping
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _resource_tracker():
-    """spawn starts multiprocessing's tracker once per process: before the leftover check."""
-    multiprocessing.resource_tracker.ensure_running()
 
 
 class SetMonitor:
