@@ -10,12 +10,14 @@ import hmac
 import json
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
 from workers.protocol import (MAX_BATCH_SIZE, JobState as WireState, ProtocolError,
                               parse_job_state, validate_file_name, validate_id)
 
+from .metrics import Metrics
 from .service import Answer, Manager
 from .states import FileState
 from .store import UnknownFailedFile
@@ -38,6 +40,14 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.headers = list(headers)
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    """A non-JSON answer (the Prometheus text format of /metrics)."""
+
+    payload: bytes
+    content_type: str
 
 
 class Params:
@@ -109,6 +119,7 @@ class App:
     def __init__(self, manager: Manager, token: str = ""):
         self.manager = manager
         self._expected = f"Bearer {token}".encode() if token else None
+        self.metrics = Metrics(manager)
         self.routes: dict[str, tuple[frozenset[str], bool, Callable[[Params], Answer]]] = {
             "/assignwork": (frozenset({"GET", "POST"}), True, self.assignwork),
             "/keepalive": (frozenset({"GET", "POST"}), True, self.keepalive),
@@ -117,6 +128,7 @@ class App:
             "/status": (frozenset({"GET", "HEAD"}), True, self.status),
             "/files": (frozenset({"GET", "HEAD"}), True, self.files),
             "/close-input": (frozenset({"POST"}), True, self.close_input),
+            "/metrics": (frozenset({"GET", "HEAD"}), True, self.metrics_text),
         }
 
     # -- WSGI --------------------------------------------------------------------------
@@ -126,6 +138,11 @@ class App:
         path = environ.get("PATH_INFO", "") or "/"
         try:
             answer = self._dispatch(environ, method, path)
+            if isinstance(answer, RawAnswer):
+                payload = b"" if method == "HEAD" else answer.payload
+                start_response("200 OK", [("Content-Type", answer.content_type),
+                                          ("Content-Length", str(len(payload)))])
+                return [payload]
             status, body, headers = answer.status, answer.body, []
         except HTTPError as exc:
             status, body, headers = exc.status, {"error": str(exc)}, exc.headers
@@ -140,7 +157,7 @@ class App:
                         ("Content-Length", str(len(payload))), *headers])
         return [payload]
 
-    def _dispatch(self, environ: dict, method: str, path: str) -> Answer:
+    def _dispatch(self, environ: dict, method: str, path: str) -> Answer | RawAnswer:
         if len(path) > 1 and path.endswith("/"):
             path = path.rstrip("/")
         route = self.routes.get(path)
@@ -238,6 +255,9 @@ class App:
         limit = 1000 if limit_raw is None else _int_param(limit_raw, "limit", 1, MAX_LIST_LIMIT)
         files = self.manager.store.files_in_state(state, limit)
         return Answer(200, {"state": state.value, "count": len(files), "files": files})
+
+    def metrics_text(self, params: Params) -> RawAnswer:
+        return RawAnswer(*self.metrics.exposition())
 
     def close_input(self, params: Params) -> Answer:
         self.manager.close_input()

@@ -23,6 +23,7 @@ from workers.protocol.config import ManagerConfig
 
 from .app import MAX_BODY, App
 from .layout import Layout
+from .metrics import MetricsMiddleware
 from .scanner import Scanner
 from .service import Manager
 from .store import Store
@@ -52,7 +53,8 @@ class Service:
         self.app = App(self.manager, token)
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.server = create_server(self.app, host=cfg.host, port=cfg.port, threads=cfg.threads,
+        wsgi = MetricsMiddleware(self.app, self.app.metrics, self.app.routes)
+        self.server = create_server(wsgi, host=cfg.host, port=cfg.port, threads=cfg.threads,
                                     max_request_body_size=MAX_BODY, ident="bcmanager",
                                     connection_limit=1000, channel_timeout=300)
         self.port = int(self.server.effective_port)

@@ -369,6 +369,14 @@ class Store:
         return [{"path": p, "size": s, "attempts": a, "job_id": j, "reason": r}
                 for p, s, a, j, r in rows]
 
+    def job_counts(self) -> dict[str, int]:
+        """Jobs ever created, by state (every state present, 0 when none): /metrics reads it."""
+        counts = {s.value: 0 for s in JobState}
+        with self._lock:
+            for state, n in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+                counts[state] = n
+        return counts
+
     def recent_engines(self, limit: int = 1000) -> dict[str, float]:
         """Engine id -> wall time of its latest job (survives restarts)."""
         with self._lock:

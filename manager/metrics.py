@@ -1,0 +1,111 @@
+"""Prometheus metrics of the manager, served at /metrics.
+
+A dedicated CollectorRegistry per App (never the process-global one), so two managers in
+one process (tests) do not mix. Counts of files, jobs and leases are read at scrape time
+from what the manager already keeps (the store's counters and jobs table, the lease table):
+no second bookkeeping that could drift. Only request latency is recorded as it happens,
+by MetricsMiddleware, which wraps the WSGI application.
+
+Token: /metrics needs the bearer token like every route but /heartbeat (Prometheus
+scrape configs take `authorization: {credentials: <token>}`); see docs/operations.md.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .service import Manager
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+
+
+class ManagerCollector:
+    """Reads the manager's current state on each scrape."""
+
+    def __init__(self, manager: Manager):
+        self.manager = manager
+
+    def collect(self) -> Iterable[Any]:
+        counters = self.manager.store.snapshot()
+        files = GaugeMetricFamily("bcmanager_files", "Input files by state", labels=["state"])
+        size = GaugeMetricFamily("bcmanager_file_bytes", "Bytes of input files by state",
+                                 labels=["state"])
+        for state, n in sorted(counters.files.items()):
+            files.add_metric([state], n)
+            size.add_metric([state], counters.bytes[state])
+        yield files
+        yield size
+        yield GaugeMetricFamily("bcmanager_files_quarantined",
+                                "Files given up on after max_attempts failures",
+                                value=counters.files.get("QUARANTINED", 0))
+
+        jobs = self.manager.store.job_counts()
+        yield CounterMetricFamily("bcmanager_assignments",
+                                  "Batches handed out (jobs created), since the database began",
+                                  value=sum(jobs.values()))
+        yield CounterMetricFamily("bcmanager_lease_expiries",
+                                  "Jobs whose lease expired (no keep-alive for an interval)",
+                                  value=jobs.get("EXPIRED", 0))
+        finished = CounterMetricFamily("bcmanager_jobs_finished",
+                                       "Jobs by final state", labels=["state"])
+        for state, n in sorted(jobs.items()):
+            if state != "LIVE":
+                finished.add_metric([state], n)
+        yield finished
+
+        per_engine = self.manager.leases.by_engine()
+        in_flight = GaugeMetricFamily("bcmanager_engine_jobs_in_flight",
+                                      "Live leases per engine", labels=["engine"])
+        for engine, job_ids in sorted(per_engine.items()):
+            in_flight.add_metric([engine], len(job_ids))
+        yield in_flight
+        yield GaugeMetricFamily("bcmanager_jobs_in_flight", "Live leases (batches being worked on)",
+                                value=sum(len(j) for j in per_engine.values()))
+        yield GaugeMetricFamily("bcmanager_input_closed",
+                                "1 when no more input files will come", value=int(self.manager.input_closed))
+
+
+class Metrics:
+    """One manager's registry: its state collector and the request latency histogram."""
+
+    def __init__(self, manager: Manager):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(ManagerCollector(manager))
+        self.latency = Histogram("bcmanager_request_duration_seconds",
+                                 "HTTP request latency by route and status code",
+                                 ["route", "code"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Wraps a WSGI app: times each request by route (known routes only) and status code."""
+
+    def __init__(self, app: Callable, metrics: Metrics, routes: Iterable[str]):
+        self.app = app
+        self.metrics = metrics
+        self.routes = frozenset(routes)
+
+    def __call__(self, environ: dict, start_response: Callable) -> Any:
+        start = time.perf_counter()
+        seen: list[str] = []
+
+        def recording_start_response(status: str, headers: list, exc_info: Any = None) -> Any:
+            seen.append(status.split(" ", 1)[0])
+            return start_response(status, headers, exc_info) if exc_info else \
+                start_response(status, headers)
+
+        try:
+            return self.app(environ, recording_start_response)
+        finally:
+            path = (environ.get("PATH_INFO") or "/").rstrip("/") or "/"
+            route = path if path in self.routes else "other"  # bounded label values
+            self.metrics.latency.labels(route, seen[0] if seen else "500").observe(
+                time.perf_counter() - start)

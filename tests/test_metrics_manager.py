@@ -1,0 +1,91 @@
+"""The manager's /metrics: Prometheus text format read from the real state, behind the token."""
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from manager_helpers import assign, complete, start_manager, wait_counts, write_files
+from support import wait_until
+
+TOKEN = "s3cret-token"
+
+
+def scrape(manager, token: str = TOKEN) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of one real scrape."""
+    req = urllib.request.Request(manager.url + "/metrics")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=")
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_needs_the_token(procs, tmp_path):
+    manager = start_manager(procs, tmp_path, token=TOKEN)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        scrape(manager, token="")
+    assert err.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as err:
+        scrape(manager, token="wrong")
+    assert err.value.code == 401
+    m = scrape(manager)
+    assert m[("bcmanager_jobs_in_flight", ())] == 0
+    assert m[("bcmanager_request_duration_seconds_count", (("code", "401"), ("route", "/metrics")))] == 2
+
+
+def test_metrics_follow_assignments_completions_and_quarantine(procs, tmp_path):
+    manager = start_manager(procs, tmp_path, token=TOKEN, batch_size=2, max_attempts=1)
+    write_files(tmp_path / "in", [f"run/f{i}.pod5" for i in range(5)])
+    wait_counts(manager, PENDING=5)
+    m = scrape(manager)
+    assert m[("bcmanager_files", (("state", "PENDING"),))] == 5
+    assert m[("bcmanager_assignments_total", ())] == 0
+
+    first = assign(manager, "gpu0")
+    second = assign(manager, "gpu1")
+    m = scrape(manager)
+    assert m[("bcmanager_files", (("state", "ASSIGNED"),))] == 4
+    assert m[("bcmanager_jobs_in_flight", ())] == 2
+    assert m[("bcmanager_engine_jobs_in_flight", (("engine", "gpu0"),))] == 1
+    assert m[("bcmanager_assignments_total", ())] == 2
+
+    assert complete(manager, first["jobid"], "DONE")[0] == 200
+    assert complete(manager, second["jobid"], "FAILED", reason="bad files")[0] == 200
+    m = scrape(manager)
+    assert m[("bcmanager_files", (("state", "DONE"),))] == 2
+    assert m[("bcmanager_files_quarantined", ())] == 2
+    assert m[("bcmanager_jobs_finished_total", (("state", "FAILED"),))] == 1
+    assert m[("bcmanager_jobs_in_flight", ())] == 0
+    assert ("bcmanager_engine_jobs_in_flight", (("engine", "gpu0"),)) not in m
+    assigned = m[("bcmanager_request_duration_seconds_count",
+                  (("code", "200"), ("route", "/assignwork")))]
+    assert assigned == 2
+
+
+def test_latency_histogram_counts_errors_and_bounds_route_labels(procs, tmp_path):
+    manager = start_manager(procs, tmp_path, token=TOKEN)
+    assert manager.get("/assignwork", engineid="bad/id")[0] == 400
+    assert manager.get("/no-such-route-" + "x" * 50)[0] == 404
+    m = scrape(manager)
+    assert m[("bcmanager_request_duration_seconds_count",
+              (("code", "400"), ("route", "/assignwork")))] == 1
+    assert m[("bcmanager_request_duration_seconds_count", (("code", "404"), ("route", "other")))] == 1
+    assert not any("no-such-route" in str(labels) for _, labels in m)
+
+
+def test_lease_expiry_is_counted(procs, tmp_path):
+    manager = start_manager(procs, tmp_path, token=TOKEN, report_back_interval=1.0)
+    write_files(tmp_path / "in", ["a.pod5"])
+    wait_counts(manager, PENDING=1)
+    assign(manager, "gpu0")
+    wait_until(lambda: scrape(manager)[("bcmanager_lease_expiries_total", ())] == 1, 30,
+               what="the expiry in /metrics")
+    m = scrape(manager)
+    assert m[("bcmanager_files", (("state", "PENDING"),))] == 1
+    assert m[("bcmanager_jobs_in_flight", ())] == 0
