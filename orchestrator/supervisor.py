@@ -33,6 +33,7 @@ from workers.protocol.config import Config, ConfigError, load
 from .control import ControlServer
 from .gpus import Gpu, GpuMonitor
 from .manager_watch import ManagerWatch, probe_async
+from .metrics import MetricsServer
 from .slot import AfterExit, RestartPolicy, Slot, SlotState, transition
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,11 @@ class Supervisor:
                       for g in gpus]
         self.manager = ManagerWatch(manager_url or config.manager.url)
         self.control = ControlServer(socket_path, self.post_control) if socket_path else None
+        # The loop replaces (never mutates) this snapshot; the metrics thread only reads it.
+        self.published: dict | None = None
+        self.metrics = (MetricsServer(config.orchestrator.metrics_host,
+                                      config.orchestrator.metrics_port, lambda: self.published)
+                        if config.orchestrator.metrics_port else None)
         self.host_state = HostState.RUNNING
         self.exit_code = EXIT_OK
         self.host_reason = ""
@@ -158,6 +164,8 @@ class Supervisor:
         try:
             if self.control is not None:
                 self.control.start()
+            if self.metrics is not None:
+                self._start_metrics()
             if self.monitor is not None:
                 self.monitor.open()
             log.info("bcorch on %s supervising %d GPU(s): %s; manager %s", self.hostname,
@@ -175,6 +183,8 @@ class Supervisor:
                 self._check_health(now)
                 self._check_rolling(now)
                 self._reap(now)
+                if self.metrics is not None:
+                    self.published = self.snapshot(now)
                 code = self._finished()
                 if code is not None:
                     log.info("bcorch exits with %d (%s)", code, self.host_reason or "all engines done")
@@ -182,6 +192,14 @@ class Supervisor:
                 self._wait(now)
         finally:
             self._shutdown()
+
+    def _start_metrics(self) -> None:
+        assert self.metrics is not None
+        try:
+            self.metrics.start()
+        except OSError as exc:
+            raise ConfigError(f"orchestrator.metrics_port: cannot serve metrics on "
+                              f"{self.metrics.host}:{self.metrics.port}: {exc}") from None
 
     def _wait(self, now: float) -> None:
         objects: list[Any] = [self._wake_r]
@@ -721,6 +739,8 @@ class Supervisor:
         self._reaper = []
         if self.control is not None:
             self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.monitor is not None:
             self.monitor.close()
         self._restore_signals()

@@ -96,6 +96,7 @@ class OrchestratorConfig:
     manager_down_timeout_s: float = 3600.0
     drain_timeout_s: float = 300.0
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
