@@ -1,0 +1,1 @@
+"""Fault injection for the chaos tests: a loopback TCP proxy and a seeded chaos driver."""

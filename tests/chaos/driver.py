@@ -1,0 +1,165 @@
+"""The seeded chaos driver: a shuffled plan of faults, injected one after the other.
+
+The seed fixes the order of the faults, the gaps between them, their durations and
+their victims (as far as the victims exist at that moment), so a failing seed can be
+run again. Pacing uses the monotonic clock; correctness never depends on it: the
+test's end checks wait on conditions.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psutil
+
+from .cluster import Cluster, Host
+from .proxy import Mode
+
+log = logging.getLogger("chaos.driver")
+
+PLAN = {
+    "kill_engine": 3,          # kill -9 a random engine process
+    "kill_basecaller": 3,      # kill -9 a random basecaller process
+    "stop_engine": 1,          # SIGSTOP an engine past the hang timeout, then SIGCONT
+    "kill_manager": 2,         # kill -9 the manager, start it again on the same database
+    "cut_network": 1,          # proxy refuses connections, then hangs them
+    "drain_resume": 1,         # bcorch drain --gpu N, later bcorch resume --gpu N
+}
+
+
+@dataclass
+class Event:
+    at: float
+    name: str
+    detail: str
+
+
+@dataclass
+class ChaosDriver:
+    cluster: Cluster
+    seed: int
+    hang_timeout_s: float
+    gap_s: tuple[float, float] = (1.0, 2.5)
+    events: list[Event] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.plan = [name for name, n in PLAN.items() for _ in range(n)]
+        self.rng.shuffle(self.plan)
+        self._t0 = time.monotonic()
+
+    def run(self, keep_going: Callable[[], bool]) -> list[Event]:
+        """Inject the whole plan, one fault after the other, while keep_going() holds."""
+        self._t0 = time.monotonic()
+        for name in self.plan:
+            self._pause(self.rng.uniform(*self.gap_s))
+            if not keep_going():
+                self._record("stopped", "the work finished before the plan did")
+                break
+            detail = getattr(self, name)()
+            self._record(name, detail)
+        return self.events
+
+    def summary(self) -> str:
+        return "; ".join(f"{e.at:.1f}s {e.name} {e.detail}" for e in self.events)
+
+    def _record(self, name: str, detail: str) -> None:
+        event = Event(round(time.monotonic() - self._t0, 1), name, detail)
+        self.events.append(event)
+        log.info("chaos seed %d: %.1fs %s %s", self.seed, event.at, name, detail)
+
+    @staticmethod
+    def _pause(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+
+    # -- victims -----------------------------------------------------------------------
+
+    def _engines(self) -> list[tuple[Host, int, int]]:
+        found = []
+        for host in self.cluster.hosts:
+            try:
+                slots = host.status()["slots"]
+            except Exception as exc:  # noqa: BLE001 - a busy host is no victim this time
+                log.info("chaos: %s status failed: %s", host.name, exc)
+                continue
+            found += [(host, s["gpu"], s["pid"]) for s in slots if s.get("pid")]
+        return found
+
+    # -- faults ------------------------------------------------------------------------
+
+    def kill_engine(self) -> str:
+        engines = self._engines()
+        if not engines:
+            return "no engine running"
+        host, gpu, pid = self.rng.choice(engines)
+        _signal(pid, signal.SIGKILL)
+        return f"{host.name} gpu{gpu} pid {pid}"
+
+    def kill_basecaller(self) -> str:
+        victims = [(h, p) for h in self.cluster.hosts for p in h.basecallers()]
+        if not victims:
+            return "no basecaller running"
+        host, proc = self.rng.choice(victims)
+        _signal(proc.pid, signal.SIGKILL)
+        return f"{host.name} basecaller pid {proc.pid}"
+
+    def stop_engine(self) -> str:
+        engines = self._engines()
+        if not engines:
+            return "no engine running"
+        host, gpu, pid = self.rng.choice(engines)
+        _signal(pid, signal.SIGSTOP)
+        self._pause(self.hang_timeout_s + self.rng.uniform(1.0, 2.0))
+        _signal(pid, signal.SIGCONT)  # the orchestrator has replaced it by now, or does so
+        return f"{host.name} gpu{gpu} pid {pid}"
+
+    def kill_manager(self) -> str:
+        old = self.cluster.manager
+        old.proc.kill()
+        old.proc.wait(timeout=30)
+        down = self.rng.uniform(0.5, 3.0)
+        self._pause(down)
+        self.cluster.restart_manager()
+        return f"pid {old.pid} down {down:.1f}s"
+
+    def cut_network(self) -> str:
+        refuse, hang = self.rng.uniform(1.5, 3.0), self.rng.uniform(2.0, 5.0)
+        self.cluster.proxy.set_mode(Mode.REFUSE)
+        self._pause(refuse)
+        self.cluster.proxy.set_mode(Mode.HANG)
+        self._pause(hang)
+        self.cluster.proxy.set_mode(Mode.FORWARD)
+        return f"refused {refuse:.1f}s, hung {hang:.1f}s"
+
+    def drain_resume(self) -> str:
+        host = self.rng.choice(self.cluster.hosts)
+        gpu = self.rng.randrange(host.gpus)
+        drained = _bcorch("drain", "--gpu", str(gpu), "--socket", str(host.socket))
+        self._pause(self.rng.uniform(2.0, 4.0))
+        resumed = _bcorch("resume", "--gpu", str(gpu), "--socket", str(host.socket))
+        return f"{host.name} gpu{gpu} drain rc={drained} resume rc={resumed}"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        psutil.Process(pid).send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _bcorch(*argv: str) -> int:
+    """The real control command line, as an operator would type it."""
+    out = subprocess.run([sys.executable, "-m", "orchestrator", *argv], capture_output=True,
+                         text=True, timeout=60)
+    if out.returncode != 0:
+        log.warning("chaos: bcorch %s -> %d: %s", " ".join(argv), out.returncode,
+                    out.stderr.strip())
+    return out.returncode

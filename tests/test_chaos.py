@@ -1,0 +1,142 @@
+"""Chaos: nothing is lost, nothing is doubled, whatever crashes on the way.
+
+A real manager (SQLite, HTTP on loopback) behind a cuttable TCP proxy, two bcorch
+"hosts" of three virtual GPUs each running the simulate runner over real POD5 files
+(300 good, 2 corrupt), and a seeded driver that kills engines, basecallers and the
+manager, stops an engine past the hang timeout, cuts the network and drains a GPU.
+Seeds: BCORCH_CHAOS_SEEDS="1,2,3" (default: three seeds on CI, one elsewhere).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import psutil
+import pytest
+
+from chaos.cluster import Cluster
+from chaos.driver import ChaosDriver
+from orchestrator.control import request
+from support import wait_until
+from workers.outputs import read_ids_under
+
+N_FILES, N_CORRUPT = 300, 2
+INTERVAL_S = 5.0
+HANG_TIMEOUT_S = 3.0
+MAX_ATTEMPTS = 5  # above the 3 basecaller kills of the plan: only a bad file can reach it
+
+
+def _seeds() -> list[int]:
+    raw = os.environ.get("BCORCH_CHAOS_SEEDS")
+    if raw:
+        return [int(s) for s in raw.split(",") if s.strip()]
+    return [11, 22, 33] if os.environ.get("CI") == "true" else [11]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("seed", _seeds(), ids=lambda s: f"seed={s}")
+def test_chaos_every_read_exactly_once(tmp_path, procs, seed):
+    cluster = Cluster(tmp_path, procs, n_files=N_FILES, corrupt=N_CORRUPT, seed=seed,
+                      manager={"report_back_interval": INTERVAL_S, "batch_size": 4,
+                               "max_attempts": MAX_ATTEMPTS})
+    try:
+        _run(cluster, seed)
+    finally:
+        cluster.close()
+
+
+def _run(cluster: Cluster, seed: int) -> None:
+    for name in ("hostA", "hostB"):
+        cluster.add_host(
+            name, 3,
+            engine={"polling_interval": 0.005, "request_retries": 1, "connect_timeout_s": 1.0,
+                    "read_timeout_s": 3.0},
+            runner={"samples_per_s": 15000.0, "stop_grace_s": 2.0, "fail_fraction": 0.1},
+            orchestrator={"hang_timeout_s": HANG_TIMEOUT_S, "max_restarts": 100,
+                          "restart_backoff_max_s": 2.0, "drain_timeout_s": 30.0,
+                          "on_manager_failure": "wait", "manager_down_timeout_s": 600.0})
+    driver = ChaosDriver(cluster, seed, HANG_TIMEOUT_S)
+    why = lambda: f"chaos seed {seed} (rerun: BCORCH_CHAOS_SEEDS={seed}); events: {driver.summary()}"
+
+    def work_left() -> bool:
+        try:
+            files = cluster.manager.status()["files"]
+        except (OSError, AssertionError):
+            return True
+        return files["PENDING"] + files["ASSIGNED"] > 0
+
+    driver.run(work_left)
+    injected = [e for e in driver.events if e.name != "stopped"]
+    assert len(injected) >= 6, f"the work ended before the chaos did: {why()}"
+
+    wait_until(lambda: _settled(cluster), 240, interval=0.5,
+               what=f"every file DONE or QUARANTINED ({why()})")
+    descendants = [p for h in cluster.hosts for p in h.descendants()]
+    for host in cluster.hosts:
+        assert request(host.socket, {"cmd": "stop"})["ok"], why()
+    for host in cluster.hosts:
+        code = host.process.wait(90)
+        assert code == 0, f"{host.name} exited {code}: {why()}\n{host.process.log()[-3000:]}"
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    alive = [p for p in alive if _running(p)]
+    assert not alive, f"processes left after bcorch stopped: {alive} ({why()})"
+
+    _check_outputs(cluster, why)
+
+
+def _settled(cluster: Cluster) -> bool:
+    files = cluster.manager.status()["files"]
+    return files["DONE"] + files["QUARANTINED"] == N_FILES + N_CORRUPT
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _check_outputs(cluster: Cluster, why) -> None:
+    # every read of every good file exactly once in pass/ + fail/
+    counts = read_ids_under([cluster.output_dir / "pass", cluster.output_dir / "fail"])
+    expected = {r for ids in cluster.written.values() for r in ids}
+    missing = expected - set(counts)
+    doubled = sorted(r for r, n in counts.items() if n > 1)
+    unknown = set(counts) - expected
+    assert not missing, f"{len(missing)} reads lost, e.g. {sorted(missing)[:3]}: {why()}"
+    assert not doubled, f"{len(doubled)} reads written twice, e.g. {doubled[:3]}: {why()}"
+    assert not unknown, f"reads from nowhere: {sorted(unknown)[:3]}: {why()}"
+
+    # the corrupt files, and only they, are QUARANTINED with a reason
+    code, body = cluster.manager.get("/files", state="QUARANTINED")
+    assert code == 200, body
+    assert sorted(f["path"] for f in body["files"]) == sorted(cluster.corrupt), why()
+    assert all(f["reason"] for f in body["files"]), f"{body['files']}: {why()}"
+
+    # the manager's counts agree with its database and with the disk
+    status = cluster.manager.status()["files"]
+    assert status["DONE"] == N_FILES and status["QUARANTINED"] == N_CORRUPT, why()
+    in_db = dict(cluster.db_rows("SELECT state, COUNT(*) FROM files GROUP BY state"))
+    assert {k: v for k, v in status.items() if v} == in_db, why()
+    done_paths = {p for (p,) in cluster.db_rows("SELECT path FROM files WHERE state = 'DONE'")}
+    assert done_paths == set(cluster.written), why()
+    jobs = dict(cluster.db_rows("SELECT job_id, state FROM jobs"))
+    assert "LIVE" not in jobs.values(), why()
+    merged_from = {_job_of(p.name) for sub in ("pass", "fail")
+                   for p in (cluster.output_dir / sub).iterdir()}
+    assert merged_from <= {j for j, s in jobs.items() if s == "DONE"}, \
+        f"outputs of jobs that are not DONE: {sorted(merged_from - set(jobs))[:5]}: {why()}"
+
+    # no leftovers of finished jobs: every job is finished, so none at all
+    leftovers = sorted(p.name for p in cluster.output_dir.iterdir()
+                       if p.name.startswith("TMPOUTPUT_"))
+    leftovers += sorted(p.name for p in cluster.input_dir.iterdir()
+                        if p.name.startswith("ASSIGNED_"))
+    assert not leftovers, f"leftovers {leftovers[:5]}: {why()}"
+
+
+def _job_of(output_name: str) -> str:
+    match = re.match(r"(j\d+-[0-9a-f]+)_", output_name)
+    assert match, f"an output without its job id: {output_name}"
+    return match.group(1)
