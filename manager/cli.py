@@ -1,4 +1,4 @@
-"""`bcmanager`: serve, `bcmanager status`, `bcmanager close-input`."""
+"""`bcmanager`: serve, `bcmanager status [--watch]`, `bcmanager close-input`, `--version`."""
 from __future__ import annotations
 
 import argparse
@@ -21,8 +21,14 @@ COMMANDS = ("status", "close-input")
 def _serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bcmanager",
-        description="Serve batches of POD5 files to basecalling engines. "
-                    "Also: `bcmanager status` and `bcmanager close-input`.")
+        description="Serve batches of POD5 files to basecalling engines (HTTP, SQLite).",
+        epilog="commands (each has its own --help):\n"
+               "  bcmanager status [--json] [--watch [S]]   progress, throughput, engines\n"
+               "  bcmanager close-input                     the run has written every file\n\n"
+               "exit codes: 0 stopped cleanly, 1 cannot serve (port, files), "
+               "75 manager unreachable (status), 78 configuration error",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"bcmanager {_version()}")
     p.add_argument("--config", help="config.toml (defaults when not given)")
     p.add_argument("--input-dir", help="INPUT_DIR scanned for *.pod5 (manager.input_dir)")
     p.add_argument("--output-dir", help="OUTPUT_DIR for pass/, fail/ and job logs (manager.output_dir)")
@@ -36,20 +42,44 @@ def _serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("bcorch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+CLIENT_HELP = {"status": "Show progress, throughput, time left and engines of a manager.",
+               "close-input": "Tell the manager the run has written every file: when all are "
+                              "done, engines are told nothing is left."}
+
+
 def _client_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"bcmanager {command}")
+    p = argparse.ArgumentParser(prog=f"bcmanager {command}", description=CLIENT_HELP[command])
     p.add_argument("--config", help="config.toml (for manager.url and the token)")
     p.add_argument("--url", help="the manager's URL (default manager.url)")
     p.add_argument("--token", help="bearer token (or env BCORCH_TOKEN)")
     if command == "status":
         p.add_argument("--json", action="store_true", help="print the raw /status answer")
         p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="S",
-                       help="reprint every S seconds (default 2) until interrupted")
+                       help="redraw every S seconds (default 2) until Ctrl-C; plain "
+                            "repeated blocks when the output is not a terminal")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `bcmanager status --json | head`: the reader went away
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+
+
+def _main(argv: list[str]) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             args = _client_parser(argv[0]).parse_args(argv[1:])
@@ -111,15 +141,41 @@ def _fail(message: str, code: int) -> int:
 
 
 def _status(cfg: Config, args: argparse.Namespace) -> int:
-    while True:
+    if args.watch is None:
         answer = _request(cfg, "/status")
         print(json.dumps(answer, indent=2) if args.json else format_status(answer), flush=True)
-        if args.watch is None:
-            return 0
-        try:
-            time.sleep(max(0.2, args.watch))
-        except KeyboardInterrupt:
-            return 0
+        return 0
+    if args.watch < 0.1:
+        raise ConfigError(f"--watch: must be at least 0.1 seconds, got {args.watch}")
+    view = _Redraw(sys.stdout)
+    try:
+        while True:
+            answer = _request(cfg, "/status")
+            text = json.dumps(answer) if args.json else format_status(answer)
+            lines = text.splitlines()
+            if not view.tty and not args.json:
+                lines = [f"--- {time.strftime('%H:%M:%S')}"] + lines
+            view.show(lines)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+class _Redraw:
+    """On a terminal, each block replaces the previous one in place; otherwise blocks are
+    appended (a log gets a readable history, no escape codes). Same as orchestrator.live."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._drawn = 0
+
+    def show(self, lines: list[str]) -> None:
+        if self.tty and self._drawn:
+            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
+        self.stream.write("\n".join(lines) + "\n")
+        self._drawn = len(lines)
+        self.stream.flush()
 
 
 def _close_input(cfg: Config) -> int:

@@ -5,6 +5,8 @@
     bcorch status [--json] | drain [--gpu N] | resume [--gpu N] | restart --gpu N | stop
     bcorch gpus [--json] [--gpus SPEC]
     bcorch demo [--files N] [--gpus N] [--keep]              (orchestrator/demo.py)
+    bcorch status --watch [S]                                 (redraw every S seconds)
+    bcorch --version
 
 Bad flags or configuration: one line on stderr and exit 78. Control commands that
 cannot reach bcorch, or that bcorch refuses, print one line and exit 1.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +26,20 @@ from workers.protocol.config import Config, ConfigError, load
 
 CONTROL_COMMANDS = ("status", "drain", "resume", "restart", "stop")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+COMMANDS_HELP = """commands (each has its own --help):
+  bcorch [flags]                  supervise one engine per GPU (this page)
+  bcorch engine --gpu N           run one engine in the foreground, no supervisor
+  bcorch status [--json] [--watch [S]]
+                                  the host and each GPU slot, through the control pipe
+  bcorch drain|resume [--gpu N]   finish current batches and take no more / back to work
+  bcorch restart --gpu N          graceful restart of one engine
+  bcorch stop                     the whole host drains and exits
+  bcorch gpus [--json]            the GPUs NVML sees, with their health
+  bcorch demo [--files N] [--gpus N] [--keep]
+                                  the whole job on this machine, no GPU needed
+
+exit codes: 0 done or drained, 75 manager unreachable (policy drain),
+78 configuration error, 1 a control command failed."""
 
 
 class UsageError(ConfigError):
@@ -37,6 +54,21 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None, *, target: Callable[[Any, dict], Any] | None = None) -> int:
     """Entry point; `target` replaces the engine process function (tests, benchmarks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv, target)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """The reader of our output went away (`bcorch status --json | head`): not an error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _dispatch(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
     if argv and argv[0] == "engine":
         from workers.engine_cli import main as engine_main
         return engine_main(argv[1:])
@@ -67,7 +99,13 @@ def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
     from .gpus import GpuMonitor, select_gpus
     from .supervisor import Supervisor
 
-    p = _Parser(prog="bcorch", description="Supervise one basecalling engine per GPU.")
+    from .live import version
+
+    p = _Parser(prog="bcorch", description="Supervise one basecalling engine per GPU: one engine process\n"
+                "per selected GPU, restarted when it crashes or hangs; SIGTERM drains.",
+                epilog=COMMANDS_HELP,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"bcorch {version()}")
     p.add_argument("--config", help="config.toml (default: built-in defaults)")
     p.add_argument("--gpus", help="all | 0,2 | GPU-<uuid>,... | virtual:N")
     p.add_argument("--manager-url", help="the manager's URL (overrides manager.url)")
@@ -92,10 +130,10 @@ def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
 
 
 def cmd_control(cmd: str, argv: list[str]) -> int:
-    from .control import ControlError, request, socket_path
+    from .control import socket_path
     from .status_view import render_status
 
-    p = _Parser(prog=f"bcorch {cmd}")
+    p = _Parser(prog=f"bcorch {cmd}", description=CONTROL_HELP[cmd])
     p.add_argument("--socket", help="control socket path")
     p.add_argument("--config", help="config.toml (for orchestrator.control_socket)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
@@ -104,7 +142,12 @@ def cmd_control(cmd: str, argv: list[str]) -> int:
                        help="host GPU index (default: every GPU)")
     if cmd == "status":
         p.add_argument("--json", action="store_true", help="print the raw reply")
+        p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="S",
+                       help="redraw every S seconds (default 2) until Ctrl-C; plain "
+                            "repeated tables when the output is not a terminal")
     args = p.parse_args(argv)
+    if getattr(args, "watch", None) is not None and args.watch < 0.1:
+        raise UsageError(f"bcorch status: --watch must be at least 0.1 seconds, got {args.watch}")
     if getattr(args, "gpu", None) is not None and args.gpu < 0:
         raise UsageError(f"bcorch {cmd}: --gpu must be a GPU index (0 or more), got {args.gpu}")
     path = Path(args.socket) if args.socket else socket_path(
@@ -112,13 +155,10 @@ def cmd_control(cmd: str, argv: list[str]) -> int:
     message: dict[str, Any] = {"cmd": cmd}
     if getattr(args, "gpu", None) is not None:
         message["gpu"] = args.gpu
-    try:
-        reply = request(path, message, timeout=args.timeout)
-    except ControlError as exc:
-        print(f"bcorch {cmd}: {exc}", file=sys.stderr)
-        return 1
-    if not reply.get("ok"):
-        print(f"bcorch {cmd}: {reply.get('error', 'refused')}", file=sys.stderr)
+    if getattr(args, "watch", None) is not None:
+        return _watch_status(path, args)
+    reply = _ask(cmd, path, message, args.timeout)
+    if reply is None:
         return 1
     if cmd == "status":
         print(json.dumps(reply, indent=2) if args.json else render_status(reply))
@@ -128,6 +168,52 @@ def cmd_control(cmd: str, argv: list[str]) -> int:
         if "slots" not in reply:
             print(f"bcorch: {reply.get('state', 'ok')}")
     return 0
+
+
+CONTROL_HELP = {
+    "status": "Show the host and each GPU slot (state, job, restarts, GPU health).",
+    "drain": "Finish the current batch and take no more (one GPU, or all).",
+    "resume": "Back to work after a drain; also clears FAILED.",
+    "restart": "Gracefully restart one engine (drain, then start again).",
+    "stop": "The whole host drains and bcorch exits.",
+}
+
+
+def _ask(cmd: str, path: Path, message: dict, timeout: float) -> dict | None:
+    """The reply, or None after printing one line on stderr."""
+    from .control import ControlError, request
+
+    try:
+        reply = request(path, message, timeout=timeout)
+    except ControlError as exc:
+        print(f"bcorch {cmd}: {exc}", file=sys.stderr)
+        return None
+    if not reply.get("ok"):
+        print(f"bcorch {cmd}: {reply.get('error', 'refused')}", file=sys.stderr)
+        return None
+    return reply
+
+
+def _watch_status(path: Path, args: argparse.Namespace) -> int:
+    import time
+
+    from .live import Redraw
+    from .status_view import render_status
+
+    view = Redraw()
+    try:
+        while True:
+            reply = _ask("status", path, {"cmd": "status"}, args.timeout)
+            if reply is None:
+                return 1
+            text = json.dumps(reply) if args.json else render_status(reply)
+            lines = text.splitlines()
+            if not view.tty and not args.json:
+                lines = [f"--- {time.strftime('%H:%M:%S')}"] + lines
+            view.show(lines)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_demo(argv: list[str]) -> int:
