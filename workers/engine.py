@@ -32,7 +32,8 @@ from .keepalive import BCKeepAlive, LeaseLost, ReportOutcome
 from .legacy_config import load_any
 from .protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobState, ProtocolError
 from .protocol.config import Config, ConfigError
-from .runners import RunHandle, RunResult, make_runner
+from .output_check import OutputChecker
+from .runners import Placement, RunHandle, RunResult, make_runner
 
 AFTER_OUTAGE_ENV = "BCORCH_AFTER_OUTAGE"
 PARENT_GONE_EXIT_S = 4.0     # the orchestrator died: be gone well within 5 s
@@ -130,7 +131,9 @@ class BCEngine:
         self.work_until_none_left = e.work_until_none_left
         if not self.api_url.startswith(("http://", "https://")):
             raise ConfigError(f"manager.url: expected http://HOST:PORT, got {self.api_url!r}")
-        self.runner = make_runner(self.conf, self.log)
+        self.runner = make_runner(self.conf, self.log,
+                                  Placement(self.engine_id, node_index, self.device_index))
+        self.output_check = OutputChecker(self.conf.runner.min_read_fraction, self.log)
         self._cancel = threading.Event()
         self.client = ManagerClient.from_config(self.conf, self.api_url, cancel=self._cancel,
                                                 logger=self.log)
@@ -286,6 +289,7 @@ class BCEngine:
                                   f"not exist here (is engine.input_dir this host's mount of the "
                                   f"manager's INPUT_DIR?)")
             result = self._basecalling_work(input_dir, output_dir, self.bc_model, timing)
+            result = self.output_check.apply(result, input_dir, output_dir, batch.batch)
         except LeaseLost as exc:
             return self._end_batch_lost(str(exc))
         except (ConfigError, OSError) as exc:
@@ -553,6 +557,7 @@ class BCEngine:
             self._handle.stop(self._grace())
         self._cancel.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.runner.close()
         self.client.close()
         self._waker.close()
 

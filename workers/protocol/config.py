@@ -81,6 +81,12 @@ class RunnerConfig:
     emit: Literal["fastq", "bam"] = "fastq"
     extra_args: list[str] = field(default_factory=list)
     fail_fraction: float = 0.1
+    min_read_fraction: float = 0.9
+    server_path: str = "dorado_basecall_server"
+    supervisor_path: str = "ont_basecaller_supervisor"
+    server_use_tcp: bool = False
+    server_start_timeout_s: float = 600.0
+    num_clients: int = 4
 
 
 @dataclass
@@ -173,6 +179,7 @@ _MINIMUMS: dict[str, float] = {
     "engine.connect_timeout_s": 0.1, "engine.read_timeout_s": 0.1, "engine.request_retries": 0,
     "runner.port": 0, "runner.samples_per_s": 1, "runner.startup_s": 0,
     "runner.stop_grace_s": 0, "runner.stall_timeout_s": 1, "runner.fail_fraction": 0,
+    "runner.min_read_fraction": 0, "runner.server_start_timeout_s": 1, "runner.num_clients": 1,
     "orchestrator.hang_timeout_s": 1, "orchestrator.restart_backoff_max_s": 0,
     "orchestrator.healthy_reset_s": 0, "orchestrator.max_restarts": 0,
     "orchestrator.restart_window_s": 0, "orchestrator.manager_down_timeout_s": 0,
@@ -181,7 +188,7 @@ _MINIMUMS: dict[str, float] = {
 _MAXIMUMS: dict[str, float] = {
     "manager.port": 65535, "runner.port": 65535, "orchestrator.metrics_port": 65535,
     "manager.batch_size": MAX_BATCH_SIZE, "engine.optimal_request_size": MAX_BATCH_SIZE,
-    "runner.fail_fraction": 1,
+    "runner.fail_fraction": 1, "runner.min_read_fraction": 1,
 }
 
 

@@ -155,3 +155,6 @@ class Runner(abc.ABC):
     def start(self, input_dir: Path, output_dir: Path, model: str,
               batch: Sequence[str]) -> RunHandle:
         """Start the basecaller on the batch's files in input_dir, writing into output_dir."""
+
+    def close(self) -> None:
+        """Stop what the runner keeps between batches (a basecall server); called on exit."""

@@ -1,0 +1,236 @@
+"""After every batch: did each input file's reads reach the output?
+
+An exit code of 0 does not mean every read was basecalled: dorado skips a POD5
+file it cannot open, prints one error line and still exits 0. So after a run that
+ended DONE the engine compares
+
+- the read ids of each input file (pod5 `Reader.read_ids`: the read table only,
+  no signal is decoded), with
+- the read ids written under the job's output dir (FASTQ headers; BAM query names
+  when pysam is installed; a split read counts for its parent through `pi:Z:`),
+
+and parses the basecaller's log for the per-file errors dorado prints when it
+skips a file. The outcome, per input file:
+
+- all (or at least `min_read_fraction`) of its reads are in the output: done;
+- none of them: a failed file `{name: reason}`; the manager retries or quarantines
+  exactly that file, the rest of the batch is DONE (nothing of it was written, so
+  merging the rest cannot duplicate reads);
+- some but fewer than `min_read_fraction`: the whole batch is FAILED, because its
+  written part cannot be separated from the calls file it shares with the other
+  files; FAILED output is set aside by the manager, never merged, so a retry
+  cannot write those reads twice.
+
+When a side cannot be read (no pod5 library; BAM output without pysam) the log
+decides alone, and the engine says so once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from .outputs import fastq_read_ids
+from .protocol import JobState
+from .runners.base import LOG_NAME, RunResult
+
+FASTQ_SUFFIXES = (".fastq", ".fq")
+BAM_SUFFIXES = (".bam",)
+LOG_TAIL_BYTES = 4 * 1024 * 1024
+
+# dorado's per-file messages when it skips an input (spdlog format: "[date] [level] text").
+_SKIP_LINE = re.compile(
+    r"\[(?:error|warning|warn)\]\s+(?:Failed to open file|Skipping file|Could not open file|"
+    r"Failed to read file|Error opening file|Failed to load)\s*:?\s*(?P<rest>.+)",
+    re.IGNORECASE)
+_PI_TAG = re.compile(r"(?:^|\s)pi:Z:(\S+)")
+
+_said_once: set[str] = set()
+
+
+def _once(log: logging.Logger | logging.LoggerAdapter, key: str, message: str) -> None:
+    if key not in _said_once:
+        _said_once.add(key)
+        log.warning("%s", message)
+
+
+@dataclass
+class CheckReport:
+    """What the check found; `apply` turns it into the batch's result."""
+
+    failed_files: dict[str, str] = field(default_factory=dict)
+    partial: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    method: str = ""
+
+
+class OutputChecker:
+    """Checks one finished batch; cheap: read ids only."""
+
+    def __init__(self, min_read_fraction: float = 0.9,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None):
+        self.min_read_fraction = min_read_fraction
+        self.log = logger or logging.getLogger(__name__)
+
+    def apply(self, result: RunResult, input_dir: Path, output_dir: Path,
+              batch: Sequence[str]) -> RunResult:
+        """The batch's result after the check (only a DONE result is checked)."""
+        if result.state is not JobState.DONE:
+            return result
+        report = self.check(input_dir, output_dir, batch)
+        for note in report.notes:
+            self.log.warning("output check: %s", note)
+        if report.partial:
+            name, reason = next(iter(report.partial.items()))
+            return RunResult(JobState.FAILED, result.returncode,
+                             {**result.failed_files, **report.failed_files},
+                             reason=f"output check ({report.method}): {name}: {reason}"
+                                    + (f" (and {len(report.partial) - 1} more file(s))"
+                                       if len(report.partial) > 1 else ""))
+        failed = {**report.failed_files, **result.failed_files}
+        if failed and len(failed) >= len(batch):
+            return RunResult(JobState.FAILED, result.returncode, failed,
+                             reason=f"output check ({report.method}): no file of the batch "
+                                    f"reached the output ({next(iter(failed.values()))})")
+        return RunResult(JobState.DONE, result.returncode, failed, result.reason)
+
+    def check(self, input_dir: Path, output_dir: Path, batch: Sequence[str]) -> CheckReport:
+        report = CheckReport()
+        from_log = skipped_in_log(output_dir / LOG_NAME, input_dir, batch)
+        inputs = input_read_ids(input_dir, batch, self.log)
+        outputs = output_read_ids(output_dir, self.log) if inputs is not None else None
+        if inputs is None or outputs is None:
+            report.method = "basecaller log only"
+            report.failed_files.update(from_log)
+            return report
+        report.method = "read ids"
+        for name in batch:
+            ids = inputs.get(name)
+            if isinstance(ids, str):  # the pod5 library cannot read it: neither could dorado
+                report.failed_files[name] = from_log.get(name) or f"unreadable POD5: {ids}"
+                continue
+            if not ids:
+                continue
+            found = sum(1 for read_id in ids if read_id in outputs)
+            if found == len(ids):
+                if name in from_log:
+                    report.notes.append(f"{name}: every read is in the output although the "
+                                        f"log says: {from_log[name]}")
+                continue
+            if found == 0:
+                reason = from_log.get(name) or "none of its reads is in the output"
+                report.failed_files[name] = f"{reason} (0 of {len(ids)} reads written)"
+            elif found / len(ids) < self.min_read_fraction:
+                report.partial[name] = (f"only {found} of {len(ids)} reads in the output "
+                                        f"(runner.min_read_fraction = {self.min_read_fraction:g})")
+            else:
+                report.notes.append(f"{name}: {len(ids) - found} of {len(ids)} reads not in the "
+                                    f"output (within runner.min_read_fraction)")
+        return report
+
+
+def input_read_ids(input_dir: Path, batch: Sequence[str],
+                   log: logging.Logger | logging.LoggerAdapter) -> dict[str, list[str] | str] | None:
+    """{file name: its read ids, or the error text}; None when pod5 is not installed."""
+    try:
+        import pod5
+    except ImportError:
+        _once(log, "pod5", "output check: the pod5 library is not installed; checking the "
+                           "basecaller log only (install bcorch[pod5] to compare read ids)")
+        return None
+    found: dict[str, list[str] | str] = {}
+    for name in batch:
+        try:
+            with pod5.Reader(input_dir / name) as reader:
+                found[name] = [str(r) for r in reader.read_ids]
+        except Exception as exc:  # whatever pod5/pyarrow raise for a bad file
+            found[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    return found
+
+
+def output_read_ids(output_dir: Path,
+                    log: logging.Logger | logging.LoggerAdapter) -> set[str] | None:
+    """Every read id written under output_dir (a split read also counts for its parent).
+
+    None when some output cannot be read here (BAM without pysam): the log decides then.
+    """
+    ids: set[str] = set()
+    bams: list[Path] = []
+    for path in _files_under(output_dir):
+        if path.name.endswith(FASTQ_SUFFIXES):
+            ids.update(_fastq_ids_with_parents(path))
+        elif path.name.endswith(BAM_SUFFIXES):
+            bams.append(path)
+    if bams:
+        try:
+            import pysam
+        except ImportError:
+            _once(log, "pysam", "output check: BAM output and pysam is not installed; checking "
+                                "the basecaller log only (pip install pysam to compare read ids)")
+            return None
+        for path in bams:
+            with pysam.AlignmentFile(str(path), "rb", check_sq=False) as bam:
+                for record in bam.fetch(until_eof=True):
+                    ids.add(record.query_name)
+                    if record.has_tag("pi"):
+                        ids.add(str(record.get_tag("pi")))
+    return ids
+
+
+def _fastq_ids_with_parents(path: Path) -> Iterator[str]:
+    with open(path, "r", encoding="ascii", errors="replace") as fh:
+        for number, line in enumerate(fh):
+            if number % 4 == 0 and line.startswith("@"):
+                parent = _PI_TAG.search(line)
+                if parent:
+                    yield parent.group(1)
+    yield from fastq_read_ids(path)
+
+
+def _files_under(root: Path) -> Iterable[Path]:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            yield Path(dirpath) / name
+
+
+def skipped_in_log(log_path: Path, input_dir: Path, batch: Sequence[str]) -> dict[str, str]:
+    """{file name: the log line} for each batch file the basecaller says it skipped.
+
+    A line names the file by its path in the job's input dir, by the symlink's target,
+    or by bare name; all three are matched to the batch's names.
+    """
+    by_path: dict[str, str] = {}
+    for name in batch:
+        by_path[name] = name
+        by_path[str(input_dir / name)] = name
+        try:
+            by_path[os.path.realpath(input_dir / name)] = name
+        except OSError:
+            pass
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - LOG_TAIL_BYTES))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return {}
+    skipped: dict[str, str] = {}
+    for line in text.splitlines():
+        match = _SKIP_LINE.search(line)
+        if not match:
+            continue
+        name = _match_file(match.group("rest"), by_path)
+        if name is not None and name not in skipped:
+            skipped[name] = line.strip()[:300]
+    return skipped
+
+
+def _match_file(rest: str, by_path: dict[str, str]) -> str | None:
+    rest = rest.strip()
+    for candidate in sorted(by_path, key=len, reverse=True):  # longest (full path) first
+        if rest.startswith(candidate) or rest.startswith(f"'{candidate}") \
+                or rest.startswith(f'"{candidate}'):
+            return by_path[candidate]
+    return None
