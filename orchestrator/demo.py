@@ -3,6 +3,9 @@
 Writes real POD5 files, starts a real manager (SQLite file, loopback port) and a real
 orchestrator with virtual GPUs and the simulate runner, shows progress, and at the end
 checks on disk that every input read appears exactly once in the output.
+
+Ctrl-C (or SIGTERM) stops bcorch at once (its batches are reported STOPPED), then the
+manager, and keeps the workspace for a look; nothing it started is left running.
 """
 from __future__ import annotations
 
@@ -23,9 +26,13 @@ from pathlib import Path
 from workers.outputs import fastq_read_ids, read_ids_under
 from workers.pod5_dataset import write_dataset
 
+from .control import ControlError, request
+from .live import Redraw
+
 READS_PER_FILE = 100
 SAMPLES_PER_READ = (2000, 6000)
 RUN_TIMEOUT_S = 600.0
+EXIT_INTERRUPTED = 130
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +58,9 @@ def _get_json(url: str, timeout: float = 2.0) -> dict | None:
 
 
 def _write_config(path: Path, input_dir: Path, output_dir: Path, files: int, gpus: int) -> None:
-    # Sized so the default demo takes about 15 s of simulated basecalling.
+    # Sized so the default 40 files take about 15 s of simulated basecalling, fewer less.
     total_samples = files * READS_PER_FILE * sum(SAMPLES_PER_READ) / 2
-    rate = max(10_000.0, total_samples / gpus / 15.0)
+    rate = max(10_000.0, total_samples / gpus / max(3.0, 15.0 * files / 40))
     path.write_text(
         f"[manager]\ninput_dir = {json.dumps(str(input_dir))}\n"
         f"output_dir = {json.dumps(str(output_dir))}\nsettle_s = 0.0\nscan_interval_s = 0.2\nreport_back_interval = 15.0\n"
@@ -64,28 +71,8 @@ def _write_config(path: Path, input_dir: Path, output_dir: Path, files: int, gpu
     )
 
 
-class _Progress:
-    """Redraw in place on a terminal; plain lines every few seconds otherwise."""
-
-    def __init__(self, stream=sys.stdout):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.last_plain = 0.0
-        self.lines_drawn = 0
-
-    def show(self, lines: list[str]) -> None:
-        if self.tty:
-            if self.lines_drawn:
-                self.stream.write(f"\x1b[{self.lines_drawn}F\x1b[J")
-            self.stream.write("\n".join(lines) + "\n")
-            self.lines_drawn = len(lines)
-        elif time.monotonic() - self.last_plain >= 5.0:
-            self.stream.write(lines[0] + "\n")
-            self.last_plain = time.monotonic()
-        self.stream.flush()
-
-
-def _progress_lines(status: dict, total_reads: int, started: float) -> list[str]:
+def _progress_lines(status: dict, slots: list[dict], total_reads: int, started: float) -> list[str]:
+    """The totals, then one line per GPU slot (from bcorch's control pipe)."""
     files = status.get("files", {})
     done = files.get("DONE", 0) + files.get("QUARANTINED", 0)
     total = sum(files.values()) or 1
@@ -94,9 +81,25 @@ def _progress_lines(status: dict, total_reads: int, started: float) -> list[str]
     eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "?"
     lines = [f"files {done}/{total} ({100 * done / total:.0f}%)  reads ~{total_reads * done // total}"
              f"/{total_reads}  {rate:.1f} files/s  elapsed {elapsed:.0f}s  left ~{eta}"]
-    for engine, jobs in sorted(status.get("jobs_in_flight", {}).items()):
-        lines.append(f"  {engine:<28} {jobs} job(s) in flight")
+    for s in slots:
+        state = s["state"] + (f"/{s['engine_state']}" if s.get("engine_state") else "")
+        job = (f"job {s['job_id']} ({s.get('batch_size')} files)" if s.get("job_id")
+               else "no batch")
+        lines.append(f"  gpu{s['gpu']}  {state:<20} {job:<28} {s.get('files_done') or 0:>4} files done"
+                     f"  restarts {s.get('restarts', 0)}")
     return lines
+
+
+def _slots(socket: Path) -> list[dict]:
+    try:
+        reply = request(socket, {"cmd": "status"}, timeout=2.0)
+    except ControlError:
+        return []
+    return reply.get("slots", []) if reply.get("ok") else []
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _start(argv: list[str], log_path: Path) -> subprocess.Popen:
@@ -105,11 +108,16 @@ def _start(argv: list[str], log_path: Path) -> subprocess.Popen:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
-    """TERM (a drain), then KILL of the whole session if it does not end in time."""
+def _stop(proc: subprocess.Popen | None, timeout: float = 20.0, now: bool = False) -> None:
+    """TERM (a drain; twice with now=True: stop at once, batches reported STOPPED), then KILL
+    of the whole session if it does not end in time."""
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
+    if now:
+        time.sleep(0.2)  # two distinct signals, so bcorch sees a second one
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -153,9 +161,12 @@ def run(args: argparse.Namespace) -> int:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    socket = workdir / "control" / "control.sock"
     manager = orchestrator = None
     started = time.monotonic()
     code = 1
+    interrupted = False
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         manager = _start([sys.executable, "-m", "manager", "--config", str(config),
                           "--port", str(port), "--input-closed"], workdir / "manager.log")
@@ -170,15 +181,17 @@ def run(args: argparse.Namespace) -> int:
               "(a simulation: no GPU, no dorado)")
         orchestrator = _start([sys.executable, "-m", "orchestrator", "--config", str(config),
                                "--gpus", f"virtual:{args.gpus}", "--manager-url", url,
-                               "--socket", str(workdir / "control" / "control.sock")],
+                               "--socket", str(socket)],
                               workdir / "bcorch.log")
-        progress = _Progress()
+        progress = Redraw(plain_every_s=5.0)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while orchestrator.poll() is None and time.monotonic() < deadline:
             status = _get_json(url + "/status")
             if status:
-                progress.show(_progress_lines(status, total_reads, started))
+                progress.show(_progress_lines(status, _slots(socket), total_reads, started))
             time.sleep(0.5)
+        if status := _get_json(url + "/status"):
+            progress.show(_progress_lines(status, [], total_reads, started), force=True)
         if orchestrator.poll() is None:
             print(f"bcorch demo: not finished after {RUN_TIMEOUT_S:.0f}s", file=sys.stderr)
             return 1
@@ -186,9 +199,18 @@ def run(args: argparse.Namespace) -> int:
         code = _summary(output_dir, expected_reads, total_reads, len(expected), elapsed,
                         orchestrator.returncode, _get_json(url + "/status") or {})
         return code
+    except KeyboardInterrupt:
+        interrupted = True
+        code = EXIT_INTERRUPTED
+        print("\nbcorch demo: interrupted; stopping bcorch and the manager", file=sys.stderr)
+        return code
     finally:
-        _stop(orchestrator)
+        # A second Ctrl-C must not cut the clean-up short: every wait in it is bounded.
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _stop(orchestrator, now=interrupted)
         _stop(manager)
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
         if args.keep or code != 0:
             print(f"bcorch demo: workspace kept in {workdir}")
         else:

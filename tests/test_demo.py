@@ -1,0 +1,87 @@
+"""`bcorch demo` as the README says to run it, with --keep, and interrupted with Ctrl-C."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import REPO, ManagedProcess, wait_until
+
+BCORCH = str(Path(sys.executable).parent / "bcorch")
+SUMMARY = re.compile(r"basecalled (\d+) of (\d+) files, (\d+) of (\d+) reads in [0-9.]+s")
+
+
+def readme_demo_args() -> list[str]:
+    """The arguments of `bcorch demo` in the README's demo command (its first ```sh block
+    that runs the demo), so the README and this test cannot drift apart."""
+    blocks = re.findall(r"```sh\n(.*?)\n```", (REPO / "README.md").read_text(), re.S)
+    command = next(b for b in blocks if "bcorch demo" in b)
+    for step in command.split("&&"):
+        words = shlex.split(step)
+        if len(words) >= 2 and Path(words[0]).name == "bcorch" and words[1] == "demo":
+            return words[1:]
+    raise AssertionError(f"no `bcorch demo` step in the README command {command!r}")
+
+
+def test_readme_demo_command_runs_and_verifies(tmp_path):
+    args = readme_demo_args()
+    result = subprocess.run([BCORCH, *args, "--files", "8"], capture_output=True, text=True,
+                            timeout=240, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = SUMMARY.search(result.stdout)
+    assert found, result.stdout
+    assert found.group(1) == found.group(2) == "8"
+    assert found.group(3) == found.group(4) == "800"
+    assert "every input read exactly once in the output: yes" in result.stdout
+    for gpu in range(4):  # the default is four virtual GPUs, each with its line
+        assert re.search(rf"-gpu{gpu}\s+\d+ reads", result.stdout), result.stdout
+    assert "\x1b[" not in result.stdout, "no terminal: plain lines, no redraw codes"
+    assert list(tmp_path.glob("bcorch-demo-*")) == [], "the workspace is removed without --keep"
+
+
+def test_keep_leaves_the_workspace_with_its_outputs(tmp_path):
+    work = tmp_path / "ws"
+    result = subprocess.run([BCORCH, "demo", "--files", "3", "--gpus", "2", "--keep",
+                             "--workdir", str(work)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"workspace kept in {work}" in result.stdout
+    assert len(list((work / "input").rglob("*.pod5"))) == 3
+    assert list((work / "output" / "pass").glob("*.fastq"))
+    assert (work / "output" / "bcmanager.sqlite").exists()
+
+
+def test_bad_arguments_are_one_line_errors():
+    result = subprocess.run([BCORCH, "demo", "--files", "0"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert "--files" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_stops_everything_and_keeps_the_workspace(tmp_path, procs):
+    work = tmp_path / "ws"
+    demo = ManagedProcess([BCORCH, "demo", "--files", "40", "--gpus", "2", "--workdir", str(work)],
+                          tmp_path / "demo.log")
+    procs.append(demo)
+    demo.start()
+    wait_until(lambda: list((work / "output").glob("TMPOUTPUT_*")), 60,
+               what=f"batches handed out\n{demo.log()}")
+    tree = psutil.Process(demo.pid).children(recursive=True)
+    assert len(tree) >= 4, "manager, bcorch and its engines are running"
+    demo.signal(signal.SIGINT)
+    assert demo.wait(60) == 130, demo.log()
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    assert "interrupted" in demo.log() and f"workspace kept in {work}" in demo.log()
+    import sqlite3
+    with sqlite3.connect(work / "output" / "bcmanager.sqlite") as db:
+        states = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+    assert states.get("LIVE", 0) == 0, f"every batch was reported back: {states}"
+    assert states.get("STOPPED", 0) >= 1, states
