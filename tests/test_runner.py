@@ -133,8 +133,8 @@ def test_terminate_then_poll_reports_stopped(tmp_path):
 @pytest.mark.parametrize("runner, message", [
     ({"kind": "script"}, "runner.bc_script: required"),
     ({"kind": "script", "bc_script": "/nonexistent/bc.sh"}, "runner.bc_script: no such file"),
-    ({"kind": "dorado"}, "runner.kind: the 'dorado' runner is not available yet"),
-    ({"kind": "dorado-server"}, "runner.kind: the 'dorado-server' runner is not available yet"),
+    ({"kind": "dorado"}, "runner.dorado_path: 'dorado' is not on PATH"),
+    ({"kind": "dorado-server"}, "runner.server_path: 'dorado_basecall_server' is not on PATH"),
 ])
 def test_runner_configuration_errors_name_the_key(runner, message):
     with pytest.raises(ConfigError) as err:

@@ -1,0 +1,296 @@
+"""The dorado runner and the output check: a fake `dorado` executable (tests/fakes) that
+checks its arguments and acts out dorado's documented behaviours, real POD5 files, the
+real manager, real engine processes, and real bcorch for the exit-78 case."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from dorado_helpers import (FAKES, HAC, DoradoSite, argv_records, fake_env, models_dir,
+                            write_toml)
+from support import ManagedProcess, wait_until
+from workers.output_check import OutputChecker, skipped_in_log
+from workers.outputs import read_ids_under
+from workers.pod5_dataset import write_corrupt, write_dataset
+from workers.protocol import JobState
+from workers.protocol.config import ConfigError, from_mapping
+from workers.runners import Placement, make_runner
+from workers.runners.base import LOG_NAME, RunResult
+from workers.runners.dorado import DoradoRunner, check_model
+
+DORADO = str(FAKES / "dorado")
+
+
+def _job(tmp: Path, n_files: int = 2, reads: int = 5, corrupt: int = 0) -> tuple[Path, dict, list]:
+    """A job input dir of symlinks to real POD5 files, as the manager makes it."""
+    data = tmp / "data"
+    written = write_dataset(data, n_files, reads_per_file=reads, samples_per_read=2000)
+    for i in range(corrupt):
+        write_corrupt(data / f"corrupt_{i}.pod5", seed=i)
+    job_in = tmp / "ASSIGNED_j1_e"
+    job_in.mkdir()
+    names = [Path(rel).name for rel in written] + [f"corrupt_{i}.pod5" for i in range(corrupt)]
+    for name in names:
+        (job_in / name).symlink_to(data / name)
+    return job_in, written, names
+
+
+def _run(tmp: Path, monkeypatch, runner: DoradoRunner, job_in: Path, names: list,
+         model: str = "hac", **env: str):
+    for key, value in fake_env(tmp, **env).items():
+        monkeypatch.setenv(key, value)
+    out = tmp / "TMPOUTPUT_j1_e"
+    handle = runner.start(job_in, out, model, names)
+    return wait_until(handle.poll, 60, what="fake dorado to exit"), out
+
+
+# -- models: no downloads in a cluster ------------------------------------------------------
+
+@pytest.mark.parametrize("model, present, ok", [
+    ("hac", [HAC], True),
+    ("hac@v5.2.0", [HAC], True),
+    ("hac@v4.3.0", [HAC], False),
+    ("sup", [HAC], False),
+    ("hac,5mCG_5hmCG", [HAC], False),
+    ("hac,5mCG_5hmCG", [HAC, HAC + "_5mCG_5hmCG@v2"], True),
+    ("sup", [HAC + "_5mCG_5hmCG@v2".replace("hac", "sup")], False),  # a mods model is not simplex
+    (HAC, [HAC], True),
+    ("dna_r9.4.1_e8_hac@v3.3", [HAC], False),
+])
+def test_model_must_already_be_in_the_models_directory(tmp_path, model, present, ok):
+    root = models_dir(tmp_path, *present)
+    if ok:
+        check_model(model, str(root))
+        return
+    with pytest.raises(ConfigError) as err:
+        check_model(model, str(root))
+    text = str(err.value)
+    assert text.startswith("engine.model:") and repr(model) in text and str(root) in text
+    assert "\n" not in text
+
+
+def test_model_path_and_missing_models_directory_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"engine.model: model directory .*nowhere.* does not"):
+        check_model(str(tmp_path / "nowhere"), "")
+    with pytest.raises(ConfigError, match=r"runner.models_directory: required for model 'hac'"):
+        check_model("hac", "")
+    with pytest.raises(ConfigError, match=r"runner.models_directory: no such directory"):
+        check_model("hac", str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("runner, message", [
+    ({"kind": "dorado", "dorado_path": "/nonexistent/dorado"}, "runner.dorado_path: no such file"),
+    ({"kind": "dorado", "dorado_path": "no-such-dorado-on-path"},
+     "runner.dorado_path: 'no-such-dorado-on-path' is not on PATH"),
+    ({"kind": "dorado", "dorado_path": DORADO}, "runner.models_directory: required for model 'hac'"),
+])
+def test_dorado_runner_configuration_errors_name_the_key(runner, message):
+    with pytest.raises(ConfigError) as err:
+        make_runner(from_mapping({"runner": runner}))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+# -- the command line ---------------------------------------------------------------------
+
+def test_command_line_output_dir_device_and_extra_args(tmp_path, monkeypatch):
+    root = models_dir(tmp_path)
+    job_in, written, names = _job(tmp_path)
+    conf = from_mapping({"engine": {"model": "hac"}, "runner": {
+        "kind": "dorado", "dorado_path": DORADO, "models_directory": str(root),
+        "extra_args": ["--no-trim", "--min-qscore", "7"]}})
+    runner = make_runner(conf, placement=Placement("e", gpu_index=3, device_index=0))
+    result, out = _run(tmp_path, monkeypatch, runner, job_in, names, CUDA_VISIBLE_DEVICES="GPU-x")
+    assert result.state is JobState.DONE, (out / LOG_NAME).read_text()
+    [record] = argv_records(tmp_path, "dorado")
+    assert record["argv"] == ["basecaller", "hac", str(job_in), "--device", "cuda:0",
+                              "--output-dir", str(out / "pass"), "--emit-fastq",
+                              "--models-directory", str(root), "--no-trim", "--min-qscore", "7"]
+    assert record["cuda_visible_devices"] == "GPU-x"
+    expected = sorted(r for ids in written.values() for r in ids)
+    assert sorted(read_ids_under([out / "pass"])) == expected
+    assert "Simplex reads basecalled: 10" in (out / LOG_NAME).read_text()
+
+
+@pytest.mark.parametrize("weird", ["m; rm -rf x", "two words", "$(touch pwned)", "`id` && |<>"])
+def test_model_string_reaches_dorado_as_one_literal_argument(tmp_path, monkeypatch, weird):
+    model_dir = tmp_path / "models" / weird
+    model_dir.mkdir(parents=True)
+    job_in, _, names = _job(tmp_path, n_files=1)
+    runner = DoradoRunner(DORADO, str(model_dir))
+    monkeypatch.chdir(tmp_path)
+    result, out = _run(tmp_path, monkeypatch, runner, job_in, names, model=str(model_dir))
+    assert result.state is JobState.DONE, (out / LOG_NAME).read_text()
+    [record] = argv_records(tmp_path, "dorado")
+    assert record["argv"][1] == str(model_dir) and record["argv"][2] == str(job_in)
+    assert not (tmp_path / "pwned").exists() and not list(tmp_path.glob("x"))
+
+
+def test_bam_output_without_pysam_falls_back_to_the_log(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("pod5")
+    if "pysam" in sys.modules or _has("pysam"):
+        pytest.skip("pysam is installed: the BAM path compares read ids instead")
+    root = models_dir(tmp_path)
+    job_in, _, names = _job(tmp_path, n_files=2, corrupt=1)
+    runner = DoradoRunner(DORADO, "hac", str(root), emit="bam")
+    result, out = _run(tmp_path, monkeypatch, runner, job_in, names)
+    bams = list((out / "pass").rglob("*.bam"))
+    assert len(bams) == 1 and "--emit-fastq" not in argv_records(tmp_path)[0]["argv"]
+    checked = OutputChecker().apply(result, job_in, out, names)
+    assert checked.state is JobState.DONE
+    assert list(checked.failed_files) == ["corrupt_0.pod5"]
+    assert "Failed to open file" in checked.failed_files["corrupt_0.pod5"]
+    assert "BAM output and pysam is not installed" in caplog.text
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+# -- the output check ---------------------------------------------------------------------
+
+def test_corrupt_file_skipped_with_exit_0_is_one_failed_file(tmp_path, monkeypatch):
+    root = models_dir(tmp_path)
+    job_in, _, names = _job(tmp_path, n_files=2, corrupt=1)
+    result, out = _run(tmp_path, monkeypatch, DoradoRunner(DORADO, "hac", str(root)), job_in, names)
+    assert result.state is JobState.DONE and result.returncode == 0
+    checked = OutputChecker().apply(result, job_in, out, names)
+    assert checked.state is JobState.DONE
+    assert set(checked.failed_files) == {"corrupt_0.pod5"}
+    assert "Failed to open file" in checked.failed_files["corrupt_0.pod5"]
+
+
+def test_partial_output_fails_the_whole_batch(tmp_path, monkeypatch):
+    root = models_dir(tmp_path)
+    job_in, _, names = _job(tmp_path, n_files=2, reads=8)
+    result, out = _run(tmp_path, monkeypatch, DoradoRunner(DORADO, "hac", str(root)), job_in,
+                       names, FAKE_DORADO_MODE="partial")
+    assert result.state is JobState.DONE
+    checked = OutputChecker(min_read_fraction=0.9).apply(result, job_in, out, names)
+    assert checked.state is JobState.FAILED
+    assert f"{names[0]}: only 4 of 8 reads in the output" in checked.reason
+    tolerant = OutputChecker(min_read_fraction=0.5).apply(result, job_in, out, names)
+    assert tolerant.state is JobState.DONE and tolerant.failed_files == {}
+
+
+def test_missing_file_without_a_log_line_is_still_caught_by_read_ids(tmp_path):
+    job_in, written, names = _job(tmp_path, n_files=3, reads=4)
+    out = tmp_path / "out"
+    (out / "pass").mkdir(parents=True)
+    first, second = (written[n] for n in names[:2])
+    (out / "pass" / "calls.fastq").write_text("".join(
+        f"@{r}\tpi:Z:ignored\nA\n+\n!\n" for r in first)
+        + "".join(f"@child-{i}\tpi:Z:{r}\nA\n+\n!\n" for i, r in enumerate(second)))
+    checked = OutputChecker().apply(RunResult(JobState.DONE, 0), job_in, out, names)
+    assert checked.state is JobState.DONE
+    assert list(checked.failed_files) == [names[2]]
+    assert "none of its reads is in the output (0 of 4 reads written)" in \
+        checked.failed_files[names[2]]
+
+
+def test_without_pod5_the_log_decides_and_it_says_so_once(tmp_path, monkeypatch, caplog):
+    job_in, _, names = _job(tmp_path, n_files=2, reads=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOG_NAME).write_text(
+        f"[2026-01-01 10:00:00.000] [error] Failed to open file {job_in / names[1]}: bad\n")
+    import workers.output_check as oc
+    monkeypatch.setattr(oc, "_said_once", set())
+    monkeypatch.setitem(sys.modules, "pod5", None)
+    for _ in range(2):
+        checked = OutputChecker().apply(RunResult(JobState.DONE, 0), job_in, out, names)
+        assert checked.state is JobState.DONE and list(checked.failed_files) == [names[1]]
+    assert caplog.text.count("the pod5 library is not installed") == 1
+
+
+def test_log_lines_name_files_by_link_target_or_bare_name(tmp_path):
+    job_in, _, names = _job(tmp_path, n_files=3, reads=2)
+    log = tmp_path / "b.log"
+    log.write_text(f"[x] [warning] Skipping file {(job_in / names[0]).resolve()} (no reads)\n"
+                   f"[x] [error] Failed to open file '{names[2]}': truncated\n"
+                   f"[x] [info] Failed to open file {names[1]} (an info line is not a skip)\n")
+    assert set(skipped_in_log(log, job_in, names)) == {names[0], names[2]}
+
+
+# -- against the real manager -----------------------------------------------------------
+
+def test_clean_run_every_read_once(tmp_path, procs):
+    site = DoradoSite(tmp_path, procs, n_files=6)
+    root = models_dir(tmp_path)
+    engine = site.engine(site.config({"kind": "dorado", "dorado_path": DORADO,
+                                      "models_directory": str(root)}))
+    assert engine.wait(90) == 0, engine.log()[-3000:]
+    assert site.files() == {"DONE": 6}
+    counts = read_ids_under([site.output_dir / "pass"])
+    assert sorted(counts) == site.good_read_ids() and max(counts.values()) == 1
+    assert len(argv_records(tmp_path, "dorado")) == 2  # batches of 4 + 2
+
+
+def test_corrupt_file_retried_then_quarantined_others_done(tmp_path, procs):
+    site = DoradoSite(tmp_path, procs, n_files=5, corrupt=1, max_attempts=2)
+    root = models_dir(tmp_path)
+    engine = site.engine(site.config({"kind": "dorado", "dorado_path": DORADO,
+                                      "models_directory": str(root)}))
+    assert engine.wait(90) == 0, engine.log()[-3000:]
+    assert site.files() == {"DONE": 5, "QUARANTINED": 1}
+    quarantined = site.quarantined()
+    assert list(quarantined) == ["corrupt_0.pod5"]
+    assert "Failed to open file" in quarantined["corrupt_0.pod5"]
+    runs_with_corrupt = [r for r in argv_records(tmp_path, "dorado")]
+    assert len(runs_with_corrupt) >= 2  # the first try and the retry alone
+    counts = read_ids_under([site.output_dir / "pass"])
+    assert sorted(counts) == site.good_read_ids() and max(counts.values()) == 1
+
+
+def test_abort_134_is_failed_with_dorados_message(tmp_path, procs):
+    site = DoradoSite(tmp_path, procs, n_files=2, max_attempts=1,
+                      env={"FAKE_DORADO_MODE": "abort"})
+    root = models_dir(tmp_path)
+    engine = site.engine(site.config({"kind": "dorado", "dorado_path": DORADO,
+                                      "models_directory": str(root)}))
+    assert engine.wait(90) == 0, engine.log()[-3000:]
+    quarantined = site.quarantined()
+    assert len(quarantined) == 2 and site.files() == {"QUARANTINED": 2}
+    for reason in quarantined.values():
+        assert "dorado aborted (SIGABRT, exit 134)" in reason and "CUDA error" in reason
+    assert "FAILED: dorado aborted" in engine.log()
+    failed_out = list(site.output_dir.glob("FAILEDOUTPUT_*"))
+    assert failed_out and "c10::Error" in (failed_out[0] / LOG_NAME).read_text()
+
+
+def test_hang_is_stopped_after_the_stall_timeout(tmp_path, procs):
+    site = DoradoSite(tmp_path, procs, n_files=1, max_attempts=1,
+                      env={"FAKE_DORADO_MODE": "hang"})
+    root = models_dir(tmp_path)
+    engine = site.engine(site.config({"kind": "dorado", "dorado_path": DORADO,
+                                      "models_directory": str(root), "stall_timeout_s": 2.0}))
+    assert engine.wait(60) == 0, engine.log()[-3000:]
+    [reason] = site.quarantined().values()
+    assert "basecaller stalled (no output for 2s)" in reason
+    assert "wrote nothing for" in engine.log()
+    pids = [r["pid"] for r in argv_records(tmp_path, "dorado")]
+    import psutil
+    assert pids and not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                            for p in pids)
+
+
+def test_missing_model_exits_78_and_the_slot_is_failed(tmp_path, procs):
+    site = DoradoSite(tmp_path, procs, n_files=2)
+    root = models_dir(tmp_path)  # holds hac only
+    config = site.config({"kind": "dorado", "dorado_path": DORADO,
+                          "models_directory": str(root)}, engine={"model": "sup@v5.2.0"})
+    sock = tmp_path / "ctl" / "c.sock"
+    b = ManagedProcess([sys.executable, "-m", "orchestrator", "--config", str(config),
+                        "--gpus", "virtual:1", "--socket", str(sock)], tmp_path / "bcorch.log",
+                       env=site.env)
+    procs.append(b)
+    b.start()
+    assert b.wait(60) == 78, b.log()[-3000:]
+    log = b.log()
+    assert "-> FAILED (configuration error (exit 78" in log
+    assert "restart after backoff" not in log
+    assert "no 'sup' model v5.2.0 for model complex 'sup@v5.2.0'" in log and str(root) in log
+    assert site.files() == {"PENDING": 2}, "no file was taken"
+    assert argv_records(tmp_path, "dorado") == []
