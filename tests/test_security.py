@@ -1,0 +1,170 @@
+"""Security: the token guards the queue and never leaks; the manager binds loopback;
+the control pipe is private; basecaller arguments never pass through a shell."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from manager.app import App
+from support import REPO, ManagedProcess, ManagerProcess, http_json, wait_until
+from workers.pod5_dataset import write_dataset
+
+TOKEN = "s3cret-T0ken-9d2e77a1"
+
+
+def _write_toml(path, sections: dict) -> None:
+    path.write_text("".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n"
+                                                for k, v in values.items())
+                            for s, values in sections.items()))
+
+
+def _manager(tmp_path, procs, **kw) -> ManagerProcess:
+    for d in ("in", "out"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    m = ManagerProcess(tmp_path, tmp_path / "in", tmp_path / "out", **kw)
+    procs.append(m)
+    return m
+
+
+def test_token_compared_in_constant_time():
+    # Behaviour (401 for every wrong token, on every route) is in test_manager_input;
+    # timing cannot be measured reliably on a shared CI machine, so check the mechanism.
+    source = inspect.getsource(App._authorize)
+    assert "hmac.compare_digest(" in source and "==" not in source
+
+
+def test_token_never_appears_in_logs_status_or_bcorch_status(tmp_path, procs):
+    write_dataset(tmp_path / "in", 4, reads_per_file=3, samples_per_read=2000)
+    m = _manager(tmp_path, procs, batch_size=2, input_closed=True, extra=["--log-level", "DEBUG"])
+    m.env["BCORCH_TOKEN"] = TOKEN  # from the environment, as an operator would, not argv
+    m.token = TOKEN
+    m.start()
+    wait_until(lambda: m.status()["files"]["PENDING"] == 4, 30, what="files found")
+    sock = tmp_path / "ctl" / "c.sock"
+    config = tmp_path / "bcorch.toml"
+    _write_toml(config, {
+        "manager": {"url": m.url, "token": TOKEN},
+        "engine": {"input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "out"),
+                   "polling_interval": 0.005, "work_until_none_left": False},
+        "runner": {"kind": "simulate", "samples_per_s": 5e6, "stop_grace_s": 2.0},
+    })
+    b = ManagedProcess([sys.executable, "-m", "orchestrator", "--config", str(config),
+                        "--gpus", "virtual:2", "--socket", str(sock), "--log-level", "DEBUG"],
+                       tmp_path / "bcorch.log")
+    procs.append(b)
+    b.start()
+    wait_until(lambda: m.status()["files"]["DONE"] == 4, 60, what="the batches done")
+    http_json(m.url + "/status", token="a-wrong-guess")  # a refused request is logged too
+    status_json = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--json",
+                                  "--socket", str(sock)], cwd=REPO, capture_output=True,
+                                 text=True, timeout=60)
+    assert status_json.returncode == 0, status_json.stderr
+    assert json.loads(status_json.stdout)["ok"] is True
+    code, manager_status = http_json(m.url + "/status", token=TOKEN)
+    assert code == 200
+    b.signal(15)
+    assert b.wait(60) == 0, b.log()[-2000:]
+    texts = {"manager /status": json.dumps(manager_status),
+             "bcorch status --json": status_json.stdout + status_json.stderr}
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".json", ".fastq"):
+            texts[str(path.relative_to(tmp_path))] = path.read_text(errors="replace")
+    assert any("basecaller.log" in name for name in texts) and "bcorch.log" in texts
+    assert "401" in texts[m.log_path.name]
+    leaks = [name for name, text in texts.items() if TOKEN in text or "a-wrong-guess" in text]
+    assert not leaks, leaks
+
+
+def test_manager_binds_loopback_unless_told_otherwise(tmp_path, procs):
+    m = _manager(tmp_path, procs).start()
+    listening = [c.laddr for c in psutil.Process(m.pid).net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+    m.close()
+    (tmp_path / "wide").mkdir()
+    other = _manager(tmp_path / "wide", procs, extra=["--host", "0.0.0.0"]).start()
+    listening = [c.laddr for c in psutil.Process(other.pid).net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert [a.ip for a in listening] == ["0.0.0.0"], listening
+
+
+@pytest.fixture
+def bcorch_config(tmp_path):
+    config = tmp_path / "bcorch.toml"
+    _write_toml(config, {"manager": {"url": "http://127.0.0.1:9"},
+                         "engine": {"polling_interval": 0.01}})
+    return config
+
+
+def _bcorch(config, sock, procs, tmp_path) -> ManagedProcess:
+    b = ManagedProcess([sys.executable, "-m", "orchestrator", "--config", str(config),
+                        "--gpus", "virtual:1", "--socket", str(sock)], tmp_path / "bcorch.log")
+    procs.append(b)
+    return b.start()
+
+
+def test_control_socket_is_0600_in_a_0700_directory(tmp_path, procs, bcorch_config):
+    sock = tmp_path / "run" / "bcorch" / "control.sock"
+    b = _bcorch(bcorch_config, sock, procs, tmp_path)
+    wait_until(lambda: sock.exists() or b.proc.poll() is not None, 30, what="control socket")
+    assert b.proc.poll() is None, b.log()
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    b.signal(15)
+    assert b.wait(60) == 0
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: os.chown(d, 65534, 65534), "owned by uid 65534"),
+    (lambda d: os.chmod(d, 0o770), "must not be accessible"),
+    (lambda d: os.chmod(d, 0o707), "must not be accessible"),
+])
+def test_bcorch_refuses_a_socket_directory_others_control(tmp_path, procs, bcorch_config,
+                                                          change, message):
+    if os.getuid() != 0 and "owned" in message:
+        pytest.skip("chown to another uid needs root")
+    directory = tmp_path / "shared"
+    directory.mkdir(mode=0o700)
+    change(directory)
+    b = _bcorch(bcorch_config, directory / "control.sock", procs, tmp_path)
+    assert b.wait(60) == 78
+    err = b.log().strip()
+    assert len(err.splitlines()) == 1 and message in err and "control_socket" in err, err
+    assert not (directory / "control.sock").exists()
+
+
+def test_runner_arguments_never_go_through_a_shell(tmp_path, procs):
+    write_dataset(tmp_path / "in", 1, reads_per_file=2, samples_per_read=1000)
+    m = _manager(tmp_path, procs, batch_size=1, input_closed=True).start()
+    wait_until(lambda: m.status()["files"]["PENDING"] == 1, 30, what="files found")
+    marker, marker2 = tmp_path / "pwned", tmp_path / "pwned2"
+    argv_file = tmp_path / "argv.json"
+    script = tmp_path / "bc.sh"
+    script.write_text("#!/usr/bin/env python3\nimport json, sys\n"
+                      f"json.dump(sys.argv[1:], open({str(argv_file)!r}, 'w'))\n")
+    script.chmod(0o755)
+    model = f"$(touch {marker}); `touch {marker2}` ; touch {marker} | x && y"
+    config = tmp_path / "engine.toml"
+    _write_toml(config, {
+        "manager": {"url": m.url},
+        "engine": {"input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "out"),
+                   "engine_id": "shell-test", "model": model, "polling_interval": 0.005,
+                   "work_until_none_left": True},
+        "runner": {"kind": "script", "bc_script": str(script)},
+    })
+    engine = ManagedProcess([sys.executable, "-m", "workers.engine_cli", "--gpu", "0",
+                             "--config", str(config)], tmp_path / "engine.log")
+    procs.append(engine)
+    engine.start()
+    assert engine.wait(60) == 0, engine.log()[-2000:]
+    argv = json.loads(argv_file.read_text())
+    assert argv[2] == model, argv
+    assert not marker.exists() and not marker2.exists()
