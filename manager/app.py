@@ -201,6 +201,8 @@ class App:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise HTTPError(400, f"body is not valid JSON: {str(exc)[:100]}") from None
+            except RecursionError:
+                raise HTTPError(400, "body is not valid JSON: nested too deeply") from None
             if not isinstance(body, dict):
                 raise HTTPError(400, "body must be a JSON object")
             for key, value in body.items():
