@@ -48,7 +48,8 @@ class DoradoSite:
     """INPUT_DIR of real POD5 files (some corrupt), the real manager, engines with fakes."""
 
     def __init__(self, tmp: Path, procs, n_files: int, *, corrupt: int = 0, reads: int = 6,
-                 max_attempts: int = 3, batch_size: int = 4, env: dict | None = None):
+                 max_attempts: int = 3, batch_size: int = 4, env: dict | None = None,
+                 input_closed: bool = True):
         self.tmp, self.procs = tmp, procs
         self.input_dir, self.output_dir = tmp / "input", tmp / "output"
         self.input_dir.mkdir()
@@ -61,7 +62,7 @@ class DoradoSite:
         self.env = fake_env(tmp, **(env or {}))
         self.manager = ManagerProcess(tmp, self.input_dir, self.output_dir, batch_size=batch_size,
                                       max_attempts=max_attempts, report_back_interval=5.0,
-                                      input_closed=True)
+                                      input_closed=input_closed)
         procs.append(self.manager)
         self.manager.start()
         total = n_files + corrupt

@@ -84,8 +84,7 @@ class BasecallServer:
         self.starts = 0
         self.last_exit: int | None = None
         self._started_at = 0.0
-        self._started_wall = 0.0
-        self._out_offset = 0
+        self._offsets: dict[Path, int] = {}
 
     @property
     def pid(self) -> int | None:
@@ -108,14 +107,14 @@ class BasecallServer:
             except FileNotFoundError:
                 pass
         out_path = self.log_dir / SERVER_OUT
-        self._out_offset = out_path.stat().st_size if out_path.exists() else 0
+        # What earlier starts wrote does not count: read only what is added from now on.
+        self._offsets = {p: p.stat().st_size for p in self._log_files()}
         with open(out_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          close_fds=True, preexec_fn=_die_with_parent)
         self.starts += 1
         self._started_at = time.monotonic()
-        self._started_wall = time.time()
         self._set(ServerState.STARTING)
         self.log.info("dorado_basecall_server pid %d starting (start %d, port %s, log %s)",
                       self.proc.pid, self.starts, self.port, self.log_dir)
@@ -146,18 +145,18 @@ class BasecallServer:
                                    f"{self.start_timeout_s:g}s (runner.server_start_timeout_s)")
         return self.state
 
+    def _log_files(self) -> list[Path]:
+        return [p for p in [self.log_dir / SERVER_OUT, *sorted(self.log_dir.glob("*.log"))]
+                if p.exists()]
+
     def _said_ready(self) -> bool:
-        paths = [self.log_dir / SERVER_OUT, *sorted(self.log_dir.glob("*.log"))]
-        for path in paths:
+        for path in self._log_files():
             try:
                 with open(path, "rb") as fh:
-                    if path.name == SERVER_OUT:
-                        fh.seek(self._out_offset)
+                    fh.seek(self._offsets.get(path, 0))
                     text = fh.read().decode("utf-8", errors="replace")
             except OSError:
                 continue
-            if path.name != SERVER_OUT and os.stat(path).st_mtime < self._started_wall - 1:
-                continue  # a log file of an earlier start
             if any(marker in text for marker in READY_MARKERS):
                 return True
         return False
