@@ -75,6 +75,8 @@ def parse_request(line: bytes) -> dict[str, Any]:
         request = json.loads(line)
     except (ValueError, UnicodeDecodeError):
         raise ValueError("request is not valid JSON") from None
+    except RecursionError:  # would end the control thread: the pipe would stop serving
+        raise ValueError("request is not valid JSON (nested too deeply)") from None
     if not isinstance(request, dict):
         raise ValueError("request must be a JSON object")
     cmd = request.get("cmd")
