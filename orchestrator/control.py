@@ -29,7 +29,7 @@ from workers.protocol.config import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
-MAX_CLIENTS = 32
+MAX_CLIENTS = 256  # 100 clients at once must not crowd out an operator's status
 IDLE_TIMEOUT_S = 10.0
 COMMANDS = ("status", "drain", "resume", "restart", "stop")
 
