@@ -294,3 +294,59 @@ def test_missing_model_exits_78_and_the_slot_is_failed(tmp_path, procs):
     assert "no 'sup' model v5.2.0 for model complex 'sup@v5.2.0'" in log and str(root) in log
     assert site.files() == {"PENDING": 2}, "no file was taken"
     assert argv_records(tmp_path, "dorado") == []
+
+
+# -- the ready-made bc_scripts for the script runner ------------------------------------
+
+def test_dorado_basecall_script_passes_the_four_arguments_through(tmp_path, monkeypatch):
+    from support import REPO
+    from workers.runners.script import ScriptRunner
+    model_dir = tmp_path / "models" / "my model; $(touch pwned)"
+    model_dir.mkdir(parents=True)
+    job_in, written, names = _job(tmp_path, n_files=2, corrupt=1)
+    runner = ScriptRunner(str(REPO / "scripts" / "dorado_basecall.sh"), 5555)
+    monkeypatch.chdir(tmp_path)
+    result, out = _run(tmp_path, monkeypatch, runner, job_in, names, model=str(model_dir),
+                       DORADO=DORADO, DORADO_EXTRA_ARGS="--no-trim --min-qscore 9")
+    assert result.state is JobState.DONE, (out / LOG_NAME).read_text()
+    [record] = argv_records(tmp_path, "dorado")
+    assert record["argv"] == ["basecaller", str(model_dir), str(job_in), "--device", "cuda:0",
+                              "--output-dir", str(out / "pass"), "--emit-fastq",
+                              "--no-trim", "--min-qscore", "9"]
+    checked = OutputChecker().apply(result, job_in, out, names)
+    assert checked.state is JobState.DONE and list(checked.failed_files) == ["corrupt_0.pod5"]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_supervisor_basecall_script_against_a_running_server(tmp_path, monkeypatch, procs):
+    from support import REPO
+    from workers.runners.base import RunHandle
+    from workers.runners.script import ScriptRunner
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "hac.cfg").write_text("#\n")
+    env = fake_env(tmp_path, FAKE_DORADO_MODELS=str(tmp_path / "cfgs"), FAKE_SERVER_STARTUP_S="0",
+                   SUPERVISOR=str(FAKES / "ont_basecaller_supervisor"), SUPERVISOR_NUM_CLIENTS="3")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    sock = str(tmp_path / "basecall.sock")
+    server = ManagedProcess([str(FAKES / "dorado_basecall_server"), "--config", "hac.cfg",
+                             "--device", "cuda:0", "--port", sock, "--log_path",
+                             str(tmp_path / "slog")], tmp_path / "server.log", env=env)
+    procs.append(server)
+    server.start()
+    wait_until(lambda: "Starting server on port" in server.log(), 30, what="the fake server")
+    job_in, written, names = _job(tmp_path, n_files=2)
+    script = str(REPO / "scripts" / "supervisor_basecall.sh")
+    results = {}
+    for port in ("/nonexistent/socket", sock):  # the seed's PORT: where the server listens
+        out = tmp_path / f"TMPOUTPUT_{len(results)}"
+        handle = RunHandle([script, str(job_in), str(out), "hac.cfg", port], out,
+                           interpret=ScriptRunner._interpret)
+        results[port] = (wait_until(handle.poll, 60, what="supervisor script"), out)
+    bad, _ = results["/nonexistent/socket"]
+    assert bad.state is JobState.FAILED and bad.returncode == 1
+    good, out = results[sock]
+    assert good.state is JobState.DONE, (out / LOG_NAME).read_text()
+    [record] = [r for r in argv_records(tmp_path, "ont_basecaller_supervisor")]
+    assert record["argv"][-4:] == ["--port", sock, "--num_clients", "3"]
+    assert sorted(read_ids_under([out / "pass"])) == sorted(r for v in written.values() for r in v)
