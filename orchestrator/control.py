@@ -125,7 +125,7 @@ class ControlServer:
         try:
             listener.bind(str(self.path))
             os.chmod(self.path, 0o600)
-            listener.listen(16)
+            listener.listen(socket.SOMAXCONN)
         except OSError as exc:
             listener.close()
             raise ConfigError(f"orchestrator.control_socket: cannot listen on "
