@@ -107,8 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"manager.input_dir: no such directory {cfg.manager.input_dir!r}")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    from .server import Service  # waitress and sqlite only when serving
+    from .server import Service  # the HTTP server and sqlite only when serving
 
     try:
         service = Service(cfg.manager, cfg.token)

@@ -1,10 +1,12 @@
-"""The running service: waitress serving the app, a reaper thread, a scanner thread.
+"""The running service: cheroot serving the app, a reaper thread, a scanner thread.
 
-waitress is a production WSGI server (thread pool, HTTP/1.1 keep-alive, request
-size limits, no C extension, pure Python and already a dependency-free install),
-unlike wsgiref/http.server which are for development only.
+cheroot (CherryPy's HTTP server) is a production WSGI server: a fixed worker pool,
+HTTP/1.1 keep-alive with idle connections parked in a selector rather than holding a
+worker, header and body size limits, pure Python. It replaced waitress, whose event
+loop costs grow with the number of open connections: with 64 engines keeping their
+connections open it served half the requests per second (docs/benchmarks.md).
 
-SIGTERM/SIGINT only set an event; the main loop sees it within a fraction of a
+SIGTERM/SIGINT only set an event; the main thread sees it within a fraction of a
 second, stops accepting, lets the worker threads finish and exits 0.
 """
 from __future__ import annotations
@@ -16,8 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from waitress import create_server
-from waitress import wasyncore
+from cheroot.wsgi import Server as WSGIServer
 
 from workers.protocol.config import ManagerConfig
 
@@ -29,6 +30,9 @@ from .service import Manager
 from .store import Store
 
 log = logging.getLogger("bcmanager")
+
+IDLE_CONNECTION_S = 120.0   # an engine's keep-alive connection may idle between keep-alives
+MAX_HEADERS = 64 * 1024
 
 
 def db_path(cfg: ManagerConfig) -> str:
@@ -54,10 +58,13 @@ class Service:
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         wsgi = MetricsMiddleware(self.app, self.app.metrics, self.app.routes)
-        self.server = create_server(wsgi, host=cfg.host, port=cfg.port, threads=cfg.threads,
-                                    max_request_body_size=MAX_BODY, ident="bcmanager",
-                                    connection_limit=1000, channel_timeout=300)
-        self.port = int(self.server.effective_port)
+        self.server = _Server((cfg.host, cfg.port), wsgi, numthreads=cfg.threads,
+                              request_queue_size=256, timeout=IDLE_CONNECTION_S,
+                              shutdown_timeout=10, server_name="bcmanager")
+        self.server.max_request_body_size = MAX_BODY
+        self.server.max_request_header_size = MAX_HEADERS
+        self.server.prepare()  # binds now, so a busy port is an error of the constructor
+        self.port = int(self.server.bind_addr[1])
 
     def reap_tick_s(self) -> float:
         """A lease expires within one tick of its deadline."""
@@ -85,15 +92,25 @@ class Service:
         ]
         for t in self._threads:
             t.start()
+        http = threading.Thread(target=self._serve_http, name="http", daemon=True)
+        http.start()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while not self.stop_event.is_set():
-                wasyncore.loop(timeout=0.2, map=self.server._map, count=1)
+            while not self.stop_event.wait(0.2) and http.is_alive():
+                pass
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.shutdown()
         return 0
+
+    def _serve_http(self) -> None:
+        try:
+            self.server.serve()
+        except Exception:
+            log.exception("the HTTP server stopped")
+        finally:
+            self.stop_event.set()
 
     def _on_signal(self, signum: int, frame) -> None:
         self.stop_event.set()
@@ -101,14 +118,20 @@ class Service:
     def shutdown(self) -> None:
         self.stop_event.set()
         log.info("stopping: no new requests, finishing those in progress")
-        wasyncore.close_all(self.server._map)
-        self.server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
+        self.server.stop()
         deadline = time.monotonic() + 30
         for t in self._threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
         self.manager.flush_moved()
         self.store.close()
         log.info("stopped")
+
+
+class _Server(WSGIServer):
+    """cheroot with its error log sent through logging instead of stderr."""
+
+    def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
+        log.log(max(level, logging.DEBUG), "http: %s", msg, exc_info=traceback)
 
 
 def _inside(child: str, parent: str) -> bool:

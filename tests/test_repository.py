@@ -30,7 +30,7 @@ def test_manager_imports_only_the_protocol_from_workers():
 
 
 def test_protocol_depends_on_the_standard_library_only():
-    third_party = {"requests", "psutil", "pynvml", "waitress", "pod5", "numpy"}
+    third_party = {"requests", "psutil", "pynvml", "cheroot", "pod5", "numpy"}
     bad = [(p.name, m) for p, m in imported_modules("workers/protocol")
            if m.split(".")[0] in third_party]
     assert bad == []
