@@ -11,7 +11,8 @@ import importlib
 import sys
 from pathlib import Path
 
-PARTS = {"manager": "bench_manager", "engine": "bench_engine", "orchestrator": "bench_orchestrator"}
+PARTS = {"manager": "bench_manager", "engine": "bench_engine", "orchestrator": "bench_orchestrator",
+         "output_check": "bench_output_check"}
 
 
 def main(argv: list[str]) -> int:

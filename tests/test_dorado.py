@@ -350,3 +350,17 @@ def test_supervisor_basecall_script_against_a_running_server(tmp_path, monkeypat
     [record] = [r for r in argv_records(tmp_path, "ont_basecaller_supervisor")]
     assert record["argv"][-4:] == ["--port", sock, "--num_clients", "3"]
     assert sorted(read_ids_under([out / "pass"])) == sorted(r for v in written.values() for r in v)
+
+
+def test_gzipped_fastq_is_read_and_unknown_formats_leave_it_to_the_log(tmp_path):
+    import gzip
+    job_in, written, names = _job(tmp_path, n_files=2, reads=3)
+    out = tmp_path / "out"
+    (out / "pass").mkdir(parents=True)
+    with gzip.open(out / "pass" / "calls.fastq.gz", "wt") as fh:
+        fh.write("".join(f"@{r} x\nA\n+\n!\n" for r in written[names[0]]))
+    checked = OutputChecker().apply(RunResult(JobState.DONE, 0), job_in, out, names)
+    assert list(checked.failed_files) == [names[1]]
+    (out / "pass" / "calls.sam").write_text("@HD\tVN:1.6\n")
+    checked = OutputChecker().apply(RunResult(JobState.DONE, 0), job_in, out, names)
+    assert checked.state is JobState.DONE and checked.failed_files == {}

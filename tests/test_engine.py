@@ -24,6 +24,11 @@ from workers.protocol.config import ConfigError, from_mapping
 
 # -- helpers --------------------------------------------------------------------------------
 
+# For bc_scripts in these tests: one FASTQ record per read of a POD5 file, with its real read
+# id (the engine's output check compares read ids after every batch).
+WRITE_FASTQ = (f"{sys.executable} -c 'import sys, pod5; r = pod5.Reader(sys.argv[1]); "
+               f"print(\"\".join(\"@%s\\nACGT\\n+\\n!!!!\\n\" % i for i in r.read_ids), end=\"\")'")
+
 class Site:
     """INPUT_DIR with real POD5 files, OUTPUT_DIR, and the manager serving them."""
 
@@ -182,8 +187,8 @@ def test_script_runner_failure_is_reported_and_retried(tmp_path, procs):
         "#!/bin/bash\n"
         f"if [ ! -e {marker} ]; then touch {marker}; echo 'no GPU today' >&2; exit 1; fi\n"
         'mkdir -p "$2/pass"\n'
-        'for f in "$1"/*.pod5; do n=$(basename "$f" .pod5); '
-        'printf "@%s\\nACGT\\n+\\n!!!!\\n" "$n" > "$2/pass/$n.fastq"; done\n')
+        f'for f in "$1"/*.pod5; do n=$(basename "$f" .pod5); {WRITE_FASTQ} "$f" '
+        '> "$2/pass/$n.fastq"; done\n')
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     engine = site.engine(site.config(engine={"work_until_none_left": True},
                                      runner={"kind": "script", "bc_script": str(script)}))
@@ -470,8 +475,8 @@ def test_original_json_configuration_runs_against_the_manager(tmp_path, procs):
     site = Site(tmp_path, procs, n_files=2, reads=3, batch_size=2)
     script = tmp_path / "supervisor.sh"
     script.write_text('#!/bin/bash\nmkdir -p "$2/pass"\necho "model=$3 port=$4"\n'
-                      'for f in "$1"/*.pod5; do n=$(basename "$f" .pod5); '
-                      'printf "@%s\\nACGT\\n+\\n!!!!\\n" "$n" > "$2/pass/$n.fastq"; done\n')
+                      f'for f in "$1"/*.pod5; do n=$(basename "$f" .pod5); {WRITE_FASTQ} "$f" '
+                      '> "$2/pass/$n.fastq"; done\n')
     script.chmod(0o755)
     cfg = tmp_path / "bc_config.json"
     cfg.write_text(json.dumps({

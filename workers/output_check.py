@@ -26,6 +26,7 @@ decides alone, and the engine says so once.
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import re
@@ -33,12 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from .outputs import fastq_read_ids
 from .protocol import JobState
 from .runners.base import LOG_NAME, RunResult
 
-FASTQ_SUFFIXES = (".fastq", ".fq")
+FASTQ_SUFFIXES = (".fastq", ".fq", ".fastq.gz", ".fq.gz")
 BAM_SUFFIXES = (".bam",)
+# Read records this check cannot read here: with one of these present, the log decides.
+OTHER_READ_SUFFIXES = (".sam", ".cram", ".fasta", ".fa", ".fasta.gz", ".fa.gz")
 LOG_TAIL_BYTES = 4 * 1024 * 1024
 
 # dorado's per-file messages when it skips an input (spdlog format: "[date] [level] text").
@@ -164,6 +166,10 @@ def output_read_ids(output_dir: Path,
             ids.update(_fastq_ids_with_parents(path))
         elif path.name.endswith(BAM_SUFFIXES):
             bams.append(path)
+        elif path.name.endswith(OTHER_READ_SUFFIXES):
+            _once(log, "format", f"output check: cannot read {path.name!r} here; checking the "
+                                 f"basecaller log only")
+            return None
     if bams:
         try:
             import pysam
@@ -181,13 +187,15 @@ def output_read_ids(output_dir: Path,
 
 
 def _fastq_ids_with_parents(path: Path) -> Iterator[str]:
-    with open(path, "r", encoding="ascii", errors="replace") as fh:
+    """Read ids of a FASTQ file (plain or gzip), and the parents of split reads."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="ascii", errors="replace") as fh:
         for number, line in enumerate(fh):
             if number % 4 == 0 and line.startswith("@"):
+                yield line[1:].split(None, 1)[0] if line[1:].strip() else ""
                 parent = _PI_TAG.search(line)
                 if parent:
                     yield parent.group(1)
-    yield from fastq_read_ids(path)
 
 
 def _files_under(root: Path) -> Iterable[Path]:

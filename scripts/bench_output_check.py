@@ -1,0 +1,66 @@
+"""Benchmark of the output check the engine runs after every batch (workers/output_check.py).
+
+    python scripts/bench.py output_check [--files 10] [--reads 4000] [--repeat 5] [--json F]
+
+Writes a batch of real POD5 files (pod5 library) and a FASTQ holding their reads, then
+times OutputChecker.check: reading the inputs' read ids, the outputs' headers, the log.
+Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from workers.output_check import OutputChecker
+from workers.pod5_dataset import write_dataset
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py output_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=10)
+    parser.add_argument("--reads", type=int, default=4000)
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", default="bench-out/output_check.json")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        written = write_dataset(tmp / "data", args.files, reads_per_file=args.reads,
+                                samples_per_read=args.samples)
+        job_in, out = tmp / "ASSIGNED_j_e", tmp / "TMPOUTPUT_j_e"
+        job_in.mkdir()
+        (out / "pass").mkdir(parents=True)
+        names = []
+        for rel in written:
+            (job_in / Path(rel).name).symlink_to(tmp / "data" / rel)
+            names.append(Path(rel).name)
+        with open(out / "pass" / "calls.fastq", "w") as fh:
+            for ids in written.values():
+                for r in ids:
+                    fh.write(f"@{r}\tst:Z:x\n{'ACGT' * 250}\n+\n{'5' * 1000}\n")
+        (out / "basecaller.log").write_text("[info] > Finished\n" * 1000)
+        checker = OutputChecker()
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            report = checker.check(job_in, out, names)
+            times.append(time.perf_counter() - t0)
+            assert not report.failed_files and not report.partial
+        reads = args.files * args.reads
+        rows.append({"files": args.files, "reads": reads, "median_s": statistics.median(times),
+                     "max_s": max(times), "reads_per_s": reads / statistics.median(times)})
+    print(f"{'files':>6} {'reads':>8} {'median s':>9} {'max s':>8} {'reads/s':>10}")
+    for r in rows:
+        print(f"{r['files']:>6} {r['reads']:>8} {r['median_s']:>9.3f} {r['max_s']:>8.3f} "
+              f"{r['reads_per_s']:>10.0f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"machine": f"{os.cpu_count()} cores, {platform.machine()}",
+                                           "args": vars(args), "rows": rows}, indent=1))
+    return 0
