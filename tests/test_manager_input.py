@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -129,10 +130,15 @@ def test_every_route_but_heartbeat_needs_the_token(manager, token):
     assert code == 200 and TOKEN not in data.decode()
 
 
-def test_oversized_body_is_413(manager):
-    code, _ = raw(manager, "POST", "/completed", b"{" + b" " * (2 << 20) + b"}",
-                  headers={"Content-Type": "application/json"})
-    assert code == 413
+def test_oversized_body_is_413_without_reading_it(manager):
+    """Headers announce 2 MiB; the answer must come before (and without) the body."""
+    with socket.create_connection(("127.0.0.1", manager.port), timeout=10) as sock:
+        sock.sendall(b"POST /completed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                     b"Content-Length: " + str(2 << 20).encode() + b"\r\n\r\n{")
+        status_line = sock.makefile("rb").readline()
+    assert status_line.split()[1] == b"413", status_line
+    assert raw(manager, "GET", "/status")[0] == 200
 
 
 def test_token_never_logged(manager):
