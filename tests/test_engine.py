@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import multiprocessing
 import signal
 import stat
@@ -522,3 +523,15 @@ def test_engine_state_machine_refuses_illegal_moves(tmp_path):
         assert engine.PROCESSING_STATE is EngineState.WORKING
     finally:
         engine._cleanup()
+
+
+def test_basecaller_killed_with_its_engine_is_stopped_not_failed(tmp_path, procs):
+    """The supervisor TERMs a hung engine's whole tree: the files must not lose an attempt."""
+    site = Site(tmp_path, procs, n_files=1, reads=20)
+    engine = site.engine(site.config(runner={"samples_per_s": 2_000}))
+    caller = wait_until(lambda: basecaller_of(engine.pid), 30, what="basecaller")
+    for pid in (caller.pid, engine.pid):
+        os.kill(pid, signal.SIGTERM)
+    assert engine.wait(30) == 0
+    code, body = site.manager.get("/files", state="PENDING")
+    assert code == 200 and [f["attempts"] for f in body["files"]] == [0], body

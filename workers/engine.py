@@ -333,9 +333,22 @@ class BCEngine:
             self._wait(tick if stop_deadline is None else min(tick, 0.1), fds)
         timing["basecaller_ended"] = time.monotonic()
         self._keepalive.shutdown_if_broken_keepalive()
+        if self._stopped_by_our_side(result):
+            result = RunResult(JobState.STOPPED, result.returncode, reason=(
+                f"basecaller {result.reason or 'stopped'} while this engine was being stopped"))
         if result.state is JobState.STOPPED and self._stop_reason:
             result.reason = self._stop_reason
         return result
+
+    def _stopped_by_our_side(self, result: RunResult) -> bool:
+        """A basecaller TERMed or KILLed while this engine got a signal or lost its parent.
+
+        The supervisor stops a hung engine's whole process tree: the basecaller dies of
+        that signal too. It is not the files' fault, so no attempt may be counted.
+        """
+        killed = result.returncode in (-signal.SIGTERM, -signal.SIGKILL)
+        return (result.state is JobState.FAILED and killed
+                and (self._signals > 0 or self._parent_gone))
 
     def _report(self, result: RunResult, timing: dict[str, float]) -> tuple[int, str] | None:
         assert self._batch is not None and self._keepalive is not None
