@@ -4,6 +4,9 @@
     python scripts/bench.py manager ...
     python scripts/bench.py engine ...
     python scripts/bench.py orchestrator ...
+    python scripts/bench.py fleet ...          (GPU-time efficiency, original timing, batch size)
+    python scripts/bench.py recovery ...       (kill -9, SIGSTOP, lease expiry, manager restart)
+    python scripts/bench.py overhead ...       (bcorch and engine CPU / RSS, idle and loaded)
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import sys
 from pathlib import Path
 
 PARTS = {"manager": "bench_manager", "engine": "bench_engine", "orchestrator": "bench_orchestrator",
-         "output_check": "bench_output_check"}
+         "output_check": "bench_output_check", "fleet": "bench_fleet", "recovery": "bench_recovery",
+         "overhead": "bench_overhead"}
 
 
 def main(argv: list[str]) -> int:

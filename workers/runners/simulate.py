@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +29,8 @@ class SimulateRunner(Runner):
         argv = [sys.executable, "-m", "workers.runners.simulate_main",
                 "--input-dir", str(input_dir), "--output-dir", str(output_dir),
                 "--model", model, "--samples-per-s", repr(self.samples_per_s),
-                "--startup-s", repr(self.startup_s), "--fail-fraction", repr(self.fail_fraction)]
+                "--startup-s", repr(self.startup_s), "--fail-fraction", repr(self.fail_fraction),
+                "--started-at", repr(time.monotonic())]
         count = len(batch)
 
         def interpret(code: int) -> RunResult:
