@@ -16,7 +16,8 @@ The budget is a deadline, not a sum of sleeps: the batch takes startup_s + sampl
 samples_per_s from --started-at (the runner's spawn time on the shared monotonic clock),
 so this process's own interpreter start, pod5 import and FASTQ writing are absorbed like
 a GPU basecaller overlaps I/O with compute. Otherwise ~0.3 s of Python start-up per batch
-would be counted as orchestration cost in the fleet benchmark.
+would be counted as orchestration cost in the fleet benchmark. For the same reason it
+runs at nice 10: its CPU (a GPU's, in real life) yields to the engines and the manager.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from .base import FAILED_FILES_NAME
 
 SAMPLES_PER_BASE = 10
 MAX_BASES = 100_000
+SIMULATE_NICE = 10
 
 
 def _hash(read_id: str) -> bytes:
@@ -100,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="time.monotonic() of the spawn; the budget counts from it")
     args = parser.parse_args(argv)
     origin = time.monotonic() if args.started_at is None else min(args.started_at, time.monotonic())
+    try:
+        os.nice(SIMULATE_NICE)
+    except OSError:
+        pass
     if args.samples_per_s <= 0 or not 0 <= args.fail_fraction <= 1 or args.startup_s < 0:
         parser.error("--samples-per-s must be > 0, --fail-fraction in [0, 1], --startup-s >= 0")
     print(f"SIMULATION: bcorch simulated basecaller, no real basecalling is done "
