@@ -92,9 +92,10 @@ class Service:
         ]
         for t in self._threads:
             t.start()
+        # Handlers first: once the HTTP thread answers, a client may signal us at once.
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         http = threading.Thread(target=self._serve_http, name="http", daemon=True)
         http.start()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while not self.stop_event.wait(0.2) and http.is_alive():
                 pass
