@@ -311,6 +311,7 @@ class BCEngine:
                       handle.pid, handle.log_path)
         if self._keepalive.BCManager_PB:  # lost before the handle existed
             handle.terminate()
+        self.output_check.warm_up()
         fds = [handle.fileno()] if handle.fileno() is not None else []
         tick = 1.0 if fds else 0.05
         stop_deadline: float | None = None

@@ -30,6 +30,7 @@ import gzip
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -76,6 +77,20 @@ class OutputChecker:
                  logger: logging.Logger | logging.LoggerAdapter | None = None):
         self.min_read_fraction = min_read_fraction
         self.log = logger or logging.getLogger(__name__)
+
+    @staticmethod
+    def warm_up() -> None:
+        """Import pod5 now (called while a basecaller runs), not after the basecaller exits.
+
+        The import (pyarrow) costs ~0.25 s of CPU; done in the check it lands on every
+        engine's first batch, after the basecaller, when GPUs could already have new work.
+        """
+        if "pod5" in sys.modules:
+            return
+        try:
+            import pod5  # noqa: F401
+        except ImportError:
+            pass
 
     def apply(self, result: RunResult, input_dir: Path, output_dir: Path,
               batch: Sequence[str]) -> RunResult:
