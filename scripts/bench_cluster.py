@@ -48,13 +48,6 @@ def get_json(url: str, timeout: float = 2.0) -> dict | None:
         return None
 
 
-def link_dataset(source: Path, target: Path) -> None:
-    """A fresh INPUT_DIR with hard links to the files of a dataset written once."""
-    target.mkdir(parents=True)
-    for path in sorted(source.glob("*.pod5")):
-        os.link(path, target / path.name)
-
-
 def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

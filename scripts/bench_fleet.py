@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cluster import Cluster, link_dataset, samples_in, wait_for  # noqa: E402
+from bench_cluster import Cluster, samples_in, wait_for  # noqa: E402
 
 READS_PER_FILE = 10
 SAMPLES_PER_READ = 4000

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cluster import Cluster, link_dataset, stop, wait_for  # noqa: E402
+from bench_cluster import Cluster, stop, wait_for  # noqa: E402
 
 SAMPLES_PER_FILE = 10 * 4000
 
