@@ -104,9 +104,10 @@ class Manager:
                 log.info("input closed: no more files will be added")
 
     def assign(self, engine_id: str, wanted: int) -> Answer:
+        wanted = wanted or self.batch_size
         with self._lock:
             self._engines_seen[engine_id] = time.time()
-            job = self.store.assign(engine_id, self._batch_for(wanted or self.batch_size))
+            job = self.store.assign(engine_id, wanted)
             if job is None:
                 counts = self.store.snapshot().files
                 nothing_left = (self._input_closed and counts[FileState.PENDING.value] == 0
@@ -132,21 +133,6 @@ class Manager:
             report_back_interval=self.interval,
             input_closed=self._input_closed,
         ).to_dict())
-
-    def _batch_for(self, wanted: int) -> int:
-        """At the end of a closed run, no engine takes more than its share of what is left.
-
-        Otherwise the last big batches run on a few GPUs while the others idle (the tail).
-        While the input is open small batches would only add per-batch start-up cost, so
-        the engine's size is kept. Engines seen within one lease interval count as active.
-        """
-        if not self._input_closed:
-            return wanted
-        now = time.time()
-        active = sum(1 for seen in self._engines_seen.values() if now - seen < self.interval)
-        pending = self.store.snapshot().files[FileState.PENDING.value]
-        share = -(-pending // max(1, active))
-        return max(1, min(wanted, share))
 
     def keepalive(self, job_id: str, state: WireState) -> Answer:
         with self._lock:

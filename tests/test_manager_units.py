@@ -236,29 +236,3 @@ def test_scanner_inserts_incrementally(tmp_path, store):
     touch(root / "late.pod5")
     assert scanner.scan_once() == 1
     assert store.snapshot().files["PENDING"] == 26
-
-
-def _manager(tmp_path, store, n_files: int, input_closed: bool):
-    from manager.service import Manager
-
-    (tmp_path / "in").mkdir()
-    (tmp_path / "out").mkdir()
-    for i in range(n_files):
-        touch(tmp_path / "in" / f"r{i:02d}.pod5")
-    store.add_files((f"r{i:02d}.pod5", 1) for i in range(n_files))
-    manager = Manager(store, Layout(tmp_path / "in", tmp_path / "out"), batch_size=10,
-                      report_back_interval=60, input_closed=input_closed)
-    manager.recover()
-    return manager
-
-
-@pytest.mark.parametrize("input_closed, sizes", [
-    (True, [5, 4, 3, 2, 2, 1, 1, 1]),       # each takes its share (rounded up) of what is left
-    (False, [10, 10, 0, 0, 0, 0, 0, 0]),    # open run: the engine's size is kept
-])
-def test_end_of_a_closed_run_is_shared_among_active_engines(tmp_path, store, input_closed, sizes):
-    manager = _manager(tmp_path, store, 20, input_closed)
-    for engine in ("e1", "e2", "e3", "e4"):
-        manager._engines_seen[engine] = time.time()
-    got = [manager.assign(f"e{1 + i % 4}", 10).body["batch_size"] for i in range(8)]
-    assert got == sizes
