@@ -82,13 +82,8 @@ class Manager:
     def _finish_moves(self) -> None:
         self.flush_moved()
         for job in self.store.unfinished_moves():
-            try:
-                self.layout.settle(job)
-            except OSError as exc:
-                log.error("job %s engine %s: moving its %s outputs failed (retried later): %s",
-                          job.job_id, job.engine_id, job.state.value, exc)
-                continue
-            self.store.mark_moved(job.job_id)
+            self._settle_quietly(job)
+        self.flush_moved()
 
     # -- protocol ----------------------------------------------------------------------
 
