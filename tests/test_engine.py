@@ -203,20 +203,29 @@ def test_script_runner_failure_is_reported_and_retried(tmp_path, procs):
 
 # -- losing the lease, losing the manager ------------------------------------------------------
 
-def test_lease_lost_mid_batch_stops_basecaller_and_exits_75(tmp_path, procs):
-    site = Site(tmp_path, procs, n_files=2, reads=20, batch_size=2, report_back_interval=1)
+def lease_lying_proxy(site: Site) -> tuple[ScriptedServer, list[float]]:
+    """A proxy to the manager that tells the engine its lease is 6 s.
+
+    With the manager's lease at 1 s, the engine's first keep-alive (after 3 s) reaches a
+    manager that has already expired the job. Returns the proxy and the times at which
+    `late` answers passed through it.
+    """
     late_at: list[float] = []
 
     def rewrite(route, fields, body):
-        # The manager's lease is 1 s; the engine is told 6 s, so its first keep-alive
-        # (after 3 s) reaches a manager that has already expired the job.
         if route == "/assignwork" and body.get("batch_size"):
             body["report_back_interval"] = 6
         if route == "/keepalive" and body.get("late"):
             late_at.append(time.monotonic())
         return body
 
-    with ScriptedServer(forwarder(site.manager.url, rewrite)) as proxy:
+    return ScriptedServer(forwarder(site.manager.url, rewrite)), late_at
+
+
+def test_lease_lost_mid_batch_stops_basecaller_and_exits_75(tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=2, reads=20, batch_size=2, report_back_interval=1)
+    proxy, late_at = lease_lying_proxy(site)
+    with proxy:
         engine = site.engine(site.config(proxy.url, runner={"samples_per_s": 20_000}))
         caller = wait_until(lambda: basecaller_of(engine.pid), 30, what="basecaller")
         assert engine.wait(30) == 75, engine.log()
@@ -231,16 +240,8 @@ def test_lease_lost_mid_batch_stops_basecaller_and_exits_75(tmp_path, procs):
 
 def test_lease_loss_kills_basecaller_within_two_seconds(tmp_path, procs):
     site = Site(tmp_path, procs, n_files=1, reads=20, report_back_interval=1)
-    late_at: list[float] = []
-
-    def rewrite(route, fields, body):
-        if route == "/assignwork" and body.get("batch_size"):
-            body["report_back_interval"] = 6
-        if route == "/keepalive" and body.get("late"):
-            late_at.append(time.monotonic())
-        return body
-
-    with ScriptedServer(forwarder(site.manager.url, rewrite)) as proxy:
+    proxy, late_at = lease_lying_proxy(site)
+    with proxy:
         engine = site.engine(site.config(proxy.url, runner={"samples_per_s": 10_000}))
         caller = wait_until(lambda: basecaller_of(engine.pid), 30, what="basecaller")
         wait_until(lambda: late_at, 20, what="a late keep-alive answer")
