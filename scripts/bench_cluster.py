@@ -40,6 +40,14 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
         time.sleep(interval)
 
 
+def write_json(path: str | Path, results: dict) -> Path:
+    """Write a benchmark's results (creating the folder); return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return out
+
+
 def get_json(url: str, timeout: float = 2.0) -> dict | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:

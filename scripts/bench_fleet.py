@@ -29,7 +29,6 @@ left out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cluster import Cluster, samples_in, wait_for  # noqa: E402
+from bench_cluster import Cluster, samples_in, wait_for, write_json  # noqa: E402
 
 READS_PER_FILE = 10
 SAMPLES_PER_READ = 4000
@@ -208,9 +207,7 @@ def main(argv: list[str]) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["load_average_at_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_json(args.out, results)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}; JSON: {out}")
     return 0
 

@@ -10,7 +10,6 @@ Measured from outside through the control pipe and psutil.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -22,6 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_cluster import wait_for, write_json  # noqa: E402
 
 
 def idle_engine(conn, spec: dict) -> None:
@@ -50,14 +52,8 @@ def serve(argv: list[str]) -> int:
 
 
 def _wait(condition, timeout: float, what: str, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(interval)
+    """Polls every 10 ms by default: restarts are timed by it."""
+    return wait_for(condition, timeout, what, interval=interval)
 
 
 def main(argv: list[str]) -> int:
@@ -149,8 +145,7 @@ def main(argv: list[str]) -> int:
     print(f"bcorch, {args.gpus} virtual GPUs, fake idle engines, {os.cpu_count()} cores")
     for name, value, target in rows:
         print(f"  {name.ljust(width)}  {value.ljust(28)}  target {target}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(f"  JSON: {args.out}")
     return 0
 

@@ -19,7 +19,6 @@ and /heartbeat. Medians over --reps repetitions, each on another GPU where it ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cluster import Cluster, stop, wait_for  # noqa: E402
+from bench_cluster import Cluster, stop, wait_for, write_json  # noqa: E402
 
 SAMPLES_PER_FILE = 10 * 4000
 
@@ -233,9 +232,7 @@ def main(argv: list[str]) -> int:
           f"median of {args.reps}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     for name, value in table:
         print(f"  {name.ljust(width)}  {value:7.2f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_json(args.out, results)
     print(f"  JSON: {out}")
     return 0
 
