@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
-from workers.protocol import (MAX_BATCH_SIZE, JobState as WireState, ProtocolError,
+from bcorch.protocol import (MAX_BATCH_SIZE, JobState as WireState, ProtocolError,
                               parse_job_state, validate_file_name, validate_id)
 
 from .metrics import Metrics

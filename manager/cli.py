@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import bcorch
 import json
 import logging
 import os
@@ -11,9 +12,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from workers.protocol import EXIT_CONFIG, EXIT_PROTOCOL
-from workers.protocol import config as config_mod
-from workers.protocol.config import Config, ConfigError
+from bcorch.protocol import EXIT_CONFIG, EXIT_PROTOCOL
+from bcorch import config as config_mod
+from bcorch.config import Config, ConfigError
 
 COMMANDS = ("status", "close-input")
 
@@ -28,7 +29,7 @@ def _serve_parser() -> argparse.ArgumentParser:
                "exit codes: 0 stopped cleanly, 1 cannot serve (port, files), "
                "75 manager unreachable (status), 78 configuration error",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"bcmanager {_version()}")
+    p.add_argument("--version", action="version", version=f"bcmanager {bcorch.version()}")
     p.add_argument("--config", help="config.toml (defaults when not given)")
     p.add_argument("--input-dir", help="INPUT_DIR scanned for *.pod5 (manager.input_dir)")
     p.add_argument("--output-dir", help="OUTPUT_DIR for pass/, fail/ and job logs (manager.output_dir)")
@@ -40,14 +41,6 @@ def _serve_parser() -> argparse.ArgumentParser:
                    help="the run has finished writing: no file will be added")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("bcorch")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 CLIENT_HELP = {"status": "Show progress, throughput, time left and engines of a manager.",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cheroot.wsgi import Server as WSGIServer
 
-from workers.protocol.config import ManagerConfig
+from bcorch.config import ManagerConfig
 
 from .app import MAX_BODY, App
 from .layout import Layout

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from workers.protocol import Batch, JobState as WireState
+from bcorch.protocol import Batch, JobState as WireState
 
 from .layout import Layout
 from .leases import Leases

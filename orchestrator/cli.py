@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from workers.protocol import EXIT_CONFIG
-from workers.protocol.config import Config, ConfigError, load
+from bcorch.protocol import EXIT_CONFIG
+from bcorch.config import Config, ConfigError, load
 
 CONTROL_COMMANDS = ("status", "drain", "resume", "restart", "stop")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -70,7 +70,7 @@ def _quiet_stdout() -> None:
 
 def _dispatch(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
     if argv and argv[0] == "engine":
-        from workers.engine_cli import main as engine_main
+        from bcorch.workers.engine_cli import main as engine_main
         return engine_main(argv[1:])
     try:
         if argv and argv[0] == "gpus":
@@ -98,8 +98,7 @@ def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
     from .control import socket_path
     from .gpus import GpuMonitor, select_gpus
     from .supervisor import Supervisor
-
-    from .live import version
+    from bcorch import version
 
     p = _Parser(prog="bcorch", description="Supervise one basecalling engine per GPU: one engine process\n"
                 "per selected GPU, restarted when it crashes or hangs; SIGTERM drains.",

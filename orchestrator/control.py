@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from workers.protocol.config import ConfigError
+from bcorch.config import ConfigError
 
 log = logging.getLogger(__name__)
 

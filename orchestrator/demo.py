@@ -23,8 +23,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from workers.outputs import fastq_read_ids, read_ids_under
-from workers.pod5_dataset import write_dataset
+from bcorch.workers.outputs import fastq_read_ids, read_ids_under
+from bcorch.workers.pod5_dataset import write_dataset
 
 from .control import ControlError, request
 from .live import Redraw
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     interrupted = False
     previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        manager = _start([sys.executable, "-m", "manager", "--config", str(config),
+        manager = _start([sys.executable, "-m", "bcorch.manager", "--config", str(config),
                           "--port", str(port), "--input-closed"], workdir / "manager.log")
         deadline = time.monotonic() + 30
         while _get_json(url + "/heartbeat") is None:
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.1)
         print(f"bcorch demo: manager on {url}, {args.gpus} virtual GPUs, simulate runner "
               "(a simulation: no GPU, no dorado)")
-        orchestrator = _start([sys.executable, "-m", "orchestrator", "--config", str(config),
+        orchestrator = _start([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
                                "--gpus", f"virtual:{args.gpus}", "--manager-url", url,
                                "--socket", str(socket)],
                               workdir / "bcorch.log")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pynvml
 
-from workers.protocol.config import ConfigError
+from bcorch.config import ConfigError
 
 log = logging.getLogger(__name__)
 

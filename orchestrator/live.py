@@ -39,10 +39,3 @@ class Redraw:
         self.stream.flush()
 
 
-def version() -> str:
-    """The installed bcorch distribution's version ("unknown" when run from a bare tree)."""
-    from importlib.metadata import PackageNotFoundError, version as dist_version
-    try:
-        return dist_version("bcorch")
-    except PackageNotFoundError:
-        return "unknown"

@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import psutil
 
-from workers import channel
-from workers.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL
-from workers.protocol.config import Config, ConfigError, load
+from bcorch.workers import channel
+from bcorch.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL
+from bcorch.config import Config, ConfigError, load
 
 from .control import ControlServer
 from .gpus import Gpu, GpuMonitor
@@ -61,7 +61,7 @@ def child_main(target: Callable[[Any, dict], Any], conn: Any, spec: dict) -> Non
 
 
 def default_target() -> Callable[[Any, dict], Any]:
-    from workers.engine import run_engine_process
+    from bcorch.workers.engine import run_engine_process
     return run_engine_process
 
 

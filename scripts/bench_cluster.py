@@ -121,7 +121,7 @@ class Cluster:
 
     def start_manager(self, input_closed: bool = True, wait_files: int | None = None) -> float:
         """Start bcmanager; return the monotonic time it first answered /heartbeat."""
-        argv = [sys.executable, "-m", "manager", "--config", str(self.config)]
+        argv = [sys.executable, "-m", "bcorch.manager", "--config", str(self.config)]
         argv += ["--input-closed"] if input_closed else []
         self.manager = subprocess.Popen(argv, stdout=self._log("manager"), stderr=subprocess.STDOUT,
                                         cwd=REPO, start_new_session=True)
@@ -139,7 +139,7 @@ class Cluster:
         return answered
 
     def start_bcorch(self, log_level: str = "WARNING") -> None:
-        argv = [sys.executable, "-m", "orchestrator", "--config", str(self.config),
+        argv = [sys.executable, "-m", "bcorch.orchestrator", "--config", str(self.config),
                 "--gpus", f"virtual:{self.gpus}", "--log-level", log_level]
         self.bcorch_started_wall = time.time()
         self.bcorch = subprocess.Popen(argv, stdout=self._log("bcorch"), stderr=subprocess.STDOUT,
@@ -149,7 +149,7 @@ class Cluster:
         return get_json(self.url + "/status")
 
     def slots(self) -> list[dict]:
-        from orchestrator.control import ControlError, request
+        from bcorch.orchestrator.control import ControlError, request
         try:
             return request(self.socket, {"cmd": "status"}, timeout=5)["slots"]
         except (ControlError, OSError, KeyError):

@@ -40,7 +40,7 @@ def _start_manager(tmp: Path, input_dir: Path, output_dir: Path, closed: bool):
     port = _free_port()
     cfg = tmp / "manager.toml"
     cfg.write_text("[manager]\nsettle_s = 0\nscan_interval_s = 0.2\nbatch_size = 1\n")
-    argv = [sys.executable, "-m", "manager", "--config", str(cfg), "--input-dir", str(input_dir),
+    argv = [sys.executable, "-m", "bcorch.manager", "--config", str(cfg), "--input-dir", str(input_dir),
             "--output-dir", str(output_dir), "--port", str(port)] + (["--input-closed"] if closed else [])
     log = open(tmp / "manager.log", "ab")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
@@ -80,9 +80,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def bench_overhead(tmp: Path, batches: int) -> dict:
-    from workers.engine import BCEngine
-    from workers.pod5_dataset import write_dataset
-    from workers.protocol.config import from_mapping
+    from bcorch.workers.engine import BCEngine
+    from bcorch.workers.pod5_dataset import write_dataset
+    from bcorch.config import from_mapping
 
     input_dir, output_dir = tmp / "in", tmp / "out"
     output_dir.mkdir(parents=True)
@@ -124,7 +124,7 @@ def bench_idle(tmp: Path, seconds: float, polling_interval: float) -> dict:
     cfg = tmp / "engine.toml"
     cfg.write_text(f'[manager]\nurl = "{url}"\n[engine]\ninput_dir = "{input_dir}"\n'
                    f'output_dir = "{output_dir}"\npolling_interval = {polling_interval}\n')
-    engine = subprocess.Popen([sys.executable, "-m", "workers.engine_cli", "--gpu", "0",
+    engine = subprocess.Popen([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
                                "--config", str(cfg)], stdout=subprocess.DEVNULL,
                               stderr=open(tmp / "idle-engine.log", "ab"), cwd=REPO,
                               start_new_session=True)

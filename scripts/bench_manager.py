@@ -28,8 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from manager.scanner import Scanner  # noqa: E402
-from manager.store import Store  # noqa: E402
+from bcorch.manager.scanner import Scanner  # noqa: E402
+from bcorch.manager.store import Store  # noqa: E402
 
 
 def make_files(root: Path, n: int, per_dir: int = 1000) -> None:
@@ -70,7 +70,7 @@ class Server:
         cfg = tmp / f"{name}.toml"
         cfg.write_text(f"[manager]\nsettle_s = 0\nscan_interval_s = 3600\nthreads = {threads}\n"
                        "report_back_interval = 600\n")
-        self.argv = [sys.executable, "-m", "manager", "--config", str(cfg), "--input-dir",
+        self.argv = [sys.executable, "-m", "bcorch.manager", "--config", str(cfg), "--input-dir",
                      str(self.inp), "--output-dir", str(self.out), "--port", str(self.port),
                      "--log-level", "WARNING"]
         self.proc: subprocess.Popen | None = None

@@ -28,8 +28,8 @@ from bench_cluster import wait_for, write_json  # noqa: E402
 
 def idle_engine(conn, spec: dict) -> None:
     """An engine that is up and idle: READY, then one heartbeat a second until told to go."""
-    from workers import channel
-    from workers.channel import Msg, message
+    from bcorch.workers import channel
+    from bcorch.workers.channel import Msg, message
 
     channel.send(conn, message(Msg.READY, engine_id=spec["engine_id"], gpu=spec["gpu_index"],
                                pid=os.getpid()))
@@ -47,7 +47,7 @@ def idle_engine(conn, spec: dict) -> None:
 
 def serve(argv: list[str]) -> int:
     import bench_orchestrator
-    from orchestrator.cli import main
+    from bcorch.orchestrator.cli import main
     return main(argv, target=bench_orchestrator.idle_engine)
 
 
@@ -58,7 +58,7 @@ def _wait(condition, timeout: float, what: str, interval: float = 0.01):
 
 def main(argv: list[str]) -> int:
     import psutil
-    from orchestrator.control import request
+    from bcorch.orchestrator.control import request
 
     p = argparse.ArgumentParser(prog="bench.py orchestrator")
     p.add_argument("--gpus", type=int, default=8)

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers.output_check import OutputChecker
-from workers.pod5_dataset import write_dataset
+from bcorch.workers.output_check import OutputChecker
+from bcorch.workers.pod5_dataset import write_dataset
 
 
 def main(argv: list[str]) -> int:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from support import ManagedProcess, ManagerProcess, wait_until
-from workers.pod5_dataset import write_corrupt, write_dataset
+from bcorch.workers.pod5_dataset import write_corrupt, write_dataset
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 HAC = "dna_r10.4.1_e8.2_400bps_hac@v5.2.0"
@@ -80,7 +80,7 @@ class DoradoSite:
         })
 
     def engine(self, config: Path, log: str = "engine.log") -> ManagedProcess:
-        p = ManagedProcess([sys.executable, "-m", "workers.engine_cli", "--gpu", "0",
+        p = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
                             "--config", str(config)], self.tmp / log, env=self.env)
         self.procs.append(p)
         return p.start()

@@ -136,7 +136,7 @@ class ManagerProcess(ManagedProcess):
             if max_attempts is not None:
                 lines.append(f"max_attempts = {max_attempts}")
             cfg.write_text("\n".join(lines) + "\n")
-        argv = [sys.executable, "-m", "manager", "--config", str(cfg),
+        argv = [sys.executable, "-m", "bcorch.manager", "--config", str(cfg),
                 "--input-dir", str(input_dir), "--output-dir", str(output_dir),
                 "--port", str(self.port), *extra]
         if token:

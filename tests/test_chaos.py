@@ -16,9 +16,9 @@ import pytest
 
 from chaos.cluster import Cluster
 from chaos.driver import ChaosDriver
-from orchestrator.control import request
+from bcorch.orchestrator.control import request
 from support import wait_until
-from workers.outputs import read_ids_under
+from bcorch.workers.outputs import read_ids_under
 
 N_FILES, N_CORRUPT = 300, 2
 INTERVAL_S = 5.0

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.protocol import config
-from workers.protocol.config import ConfigError
+from bcorch import config
+from bcorch.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from orchestrator import control
-from orchestrator.control import ControlError, ControlServer, request
+from bcorch.orchestrator import control
+from bcorch.orchestrator.control import ControlError, ControlServer, request
 from support import wait_until
-from workers.protocol.config import ConfigError
+from bcorch.config import ConfigError
 
 
 class Loop:
@@ -213,7 +213,7 @@ def test_default_path_prefers_xdg_runtime_dir(tmp_path, monkeypatch):
 def test_client_errors_are_one_line(tmp_path):
     with pytest.raises(ControlError, match="bcorch is not running here"):
         request(tmp_path / "none.sock", {"cmd": "status"})
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--socket",
+    result = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "status", "--socket",
                              str(tmp_path / "none.sock")], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 1
@@ -237,7 +237,7 @@ def test_client_times_out_on_a_server_that_never_answers(server):
     (["status", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_control_flags_exit_78_with_one_line(argv, message, capsys):
-    from orchestrator import cli
+    from bcorch.orchestrator import cli
     assert cli.main(argv) == 78
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

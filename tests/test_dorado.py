@@ -11,14 +11,14 @@ import pytest
 from dorado_helpers import (FAKES, HAC, DoradoSite, argv_records, fake_env, models_dir,
                             write_toml)
 from support import ManagedProcess, wait_until
-from workers.output_check import OutputChecker, skipped_in_log
-from workers.outputs import read_ids_under
-from workers.pod5_dataset import write_corrupt, write_dataset
-from workers.protocol import JobState
-from workers.protocol.config import ConfigError, from_mapping
-from workers.runners import Placement, make_runner
-from workers.runners.base import LOG_NAME, RunResult
-from workers.runners.dorado import DoradoRunner, check_model
+from bcorch.workers.output_check import OutputChecker, skipped_in_log
+from bcorch.workers.outputs import read_ids_under
+from bcorch.workers.pod5_dataset import write_corrupt, write_dataset
+from bcorch.protocol import JobState
+from bcorch.config import ConfigError, from_mapping
+from bcorch.workers.runners import Placement, make_runner
+from bcorch.workers.runners.base import LOG_NAME, RunResult
+from bcorch.workers.runners.dorado import DoradoRunner, check_model
 
 DORADO = str(FAKES / "dorado")
 
@@ -196,7 +196,7 @@ def test_without_pod5_the_log_decides_and_it_says_so_once(tmp_path, monkeypatch,
     out.mkdir()
     (out / LOG_NAME).write_text(
         f"[2026-01-01 10:00:00.000] [error] Failed to open file {job_in / names[1]}: bad\n")
-    import workers.output_check as oc
+    import bcorch.workers.output_check as oc
     monkeypatch.setattr(oc, "_said_once", set())
     monkeypatch.setitem(sys.modules, "pod5", None)
     for _ in range(2):
@@ -282,7 +282,7 @@ def test_missing_model_exits_78_and_the_slot_is_failed(tmp_path, procs):
     config = site.config({"kind": "dorado", "dorado_path": DORADO,
                           "models_directory": str(root)}, engine={"model": "sup@v5.2.0"})
     sock = tmp_path / "ctl" / "c.sock"
-    b = ManagedProcess([sys.executable, "-m", "orchestrator", "--config", str(config),
+    b = ManagedProcess([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
                         "--gpus", "virtual:1", "--socket", str(sock)], tmp_path / "bcorch.log",
                        env=site.env)
     procs.append(b)
@@ -300,7 +300,7 @@ def test_missing_model_exits_78_and_the_slot_is_failed(tmp_path, procs):
 
 def test_dorado_basecall_script_passes_the_four_arguments_through(tmp_path, monkeypatch):
     from support import REPO
-    from workers.runners.script import ScriptRunner
+    from bcorch.workers.runners.script import ScriptRunner
     model_dir = tmp_path / "models" / "my model; $(touch pwned)"
     model_dir.mkdir(parents=True)
     job_in, written, names = _job(tmp_path, n_files=2, corrupt=1)
@@ -320,8 +320,8 @@ def test_dorado_basecall_script_passes_the_four_arguments_through(tmp_path, monk
 
 def test_supervisor_basecall_script_against_a_running_server(tmp_path, monkeypatch, procs):
     from support import REPO
-    from workers.runners.base import RunHandle
-    from workers.runners.script import ScriptRunner
+    from bcorch.workers.runners.base import RunHandle
+    from bcorch.workers.runners.script import ScriptRunner
     (tmp_path / "cfgs").mkdir()
     (tmp_path / "cfgs" / "hac.cfg").write_text("#\n")
     env = fake_env(tmp_path, FAKE_DORADO_MODELS=str(tmp_path / "cfgs"), FAKE_SERVER_STARTUP_S="0",

@@ -9,9 +9,9 @@ import psutil
 
 from dorado_helpers import FAKES, DoradoSite, argv_records
 from support import wait_until
-from workers.outputs import read_ids_under
-from workers.pod5_dataset import write_dataset
-from workers.runners.dorado_server import ipc_port
+from bcorch.workers.outputs import read_ids_under
+from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.workers.runners.dorado_server import ipc_port
 
 CFG = "dna_r10.4.1_e8.2_400bps_5khz_hac.cfg"
 

@@ -16,11 +16,11 @@ import pytest
 
 from support import ManagedProcess, ManagerProcess, free_port, kill_tree, wait_until
 from test_engine_stubs import ScriptedServer, forwarder
-from workers.channel import EngineState
-from workers.engine import BCEngine, run_engine_process
-from workers.outputs import read_ids_under
-from workers.pod5_dataset import write_dataset
-from workers.protocol.config import ConfigError, from_mapping
+from bcorch.workers.channel import EngineState
+from bcorch.workers.engine import BCEngine, run_engine_process
+from bcorch.workers.outputs import read_ids_under
+from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.config import ConfigError, from_mapping
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ class Site:
         return path
 
     def engine(self, config: Path, log: str = "engine.log") -> ManagedProcess:
-        p = ManagedProcess([sys.executable, "-m", "workers.engine_cli", "--gpu", "0",
+        p = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
                             "--config", str(config)], self.tmp / log)
         self.procs.append(p)
         return p.start()
@@ -84,7 +84,7 @@ class Site:
 def basecaller_of(pid: int) -> psutil.Process | None:
     try:
         for child in psutil.Process(pid).children(recursive=True):
-            if "workers.runners.simulate_main" in " ".join(child.cmdline()):
+            if "bcorch.workers.runners.simulate_main" in " ".join(child.cmdline()):
                 return child
     except psutil.Error:
         return None
@@ -257,7 +257,7 @@ def test_manager_down_when_asking_exits_75(tmp_path, procs):
     cfg.write_text(f'[manager]\nurl = "http://127.0.0.1:{free_port()}"\n'
                    f'[engine]\ninput_dir = "{tmp_path / "input"}"\n'
                    f'output_dir = "{tmp_path / "output"}"\nrequest_retries = 2\n')
-    engine = ManagedProcess([sys.executable, "-m", "workers.engine_cli", "--gpu", "1",
+    engine = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "1",
                              "--config", str(cfg)], tmp_path / "engine.log")
     procs.append(engine.start())
     assert engine.wait(30) == 75
@@ -294,7 +294,7 @@ def test_malformed_answer_is_one_clear_error(tmp_path, procs, answer, message):
         cfg = tmp_path / "engine.toml"
         cfg.write_text(f'[manager]\nurl = "{srv.url}"\n[engine]\ninput_dir = "{tmp_path}"\n'
                        f'output_dir = "{tmp_path}"\n')
-        engine = ManagedProcess([sys.executable, "-m", "workers.engine_cli", "--gpu", "0",
+        engine = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
                                  "--config", str(cfg)], tmp_path / "engine.log")
         procs.append(engine.start())
         assert engine.wait(30) == 75
@@ -433,7 +433,7 @@ def test_configuration_error_exits_78_with_one_line(tmp_path, children):
     child.proc.join(10)
     assert child.proc.exitcode == 78 and msg["code"] == 78
     assert msg["reason"].startswith("engine.polling_interval: expected a number")
-    from workers.engine_cli import main
+    from bcorch.workers.engine_cli import main
     assert main(["--gpu", "0", "--config", str(cfg)]) == 78
 
 

@@ -27,11 +27,11 @@ CASES = [
 def _commands(tmp_path, config):
     d = str(tmp_path)
     return {
-        "bcmanager": [sys.executable, "-m", "manager", "--config", config, "--input-dir", d,
+        "bcmanager": [sys.executable, "-m", "bcorch.manager", "--config", config, "--input-dir", d,
                       "--output-dir", d, "--port", "0"],
-        "bcorch": [sys.executable, "-m", "orchestrator", "--config", config, "--gpus",
+        "bcorch": [sys.executable, "-m", "bcorch.orchestrator", "--config", config, "--gpus",
                    "virtual:1", "--socket", str(tmp_path / "ctl" / "s.sock")],
-        "bcorch engine": [sys.executable, "-m", "orchestrator", "engine", "--gpu", "0",
+        "bcorch engine": [sys.executable, "-m", "bcorch.orchestrator", "engine", "--gpu", "0",
                           "--config", config],
     }
 
@@ -51,11 +51,11 @@ def test_bad_config_exits_78_naming_the_key(tmp_path, text, key):
 def test_missing_sections_name_the_required_key(tmp_path):
     config = tmp_path / "partial.toml"
     config.write_text("[runner]\nkind = \"simulate\"\n")  # no [manager], no [engine]
-    out = subprocess.run([sys.executable, "-m", "manager", "--config", str(config)], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "bcorch.manager", "--config", str(config)], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 78 and len(out.stderr.strip().splitlines()) == 1
     assert "input_dir" in out.stderr or "--input-dir" in out.stderr, out.stderr
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "engine", "--gpu", "0",
+    out = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "engine", "--gpu", "0",
                           "--config", str(config)], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 78 and len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -14,7 +14,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from orchestrator.control import request
+from bcorch.orchestrator.control import request
 from support import ManagedProcess, wait_until
 
 
@@ -26,7 +26,7 @@ def bcorch(tmp_path, procs):
     config.write_text(f'[manager]\nurl = "http://127.0.0.1:9"\n[engine]\ninput_dir = "{tmp_path / "in"}"\n'
                       f'output_dir = "{tmp_path / "out"}"\npolling_interval = 0.01\n')
     sock = tmp_path / "ctl" / "c.sock"
-    b = ManagedProcess([sys.executable, "-m", "orchestrator", "--config", str(config),
+    b = ManagedProcess([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
                         "--gpus", "virtual:2", "--socket", str(sock)], tmp_path / "bcorch.log")
     procs.append(b)
     b.start()

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from orchestrator import cli, gpus
-from orchestrator.gpus import GpuMonitor, GpuSelectionError, select_gpus
+from bcorch.orchestrator import cli, gpus
+from bcorch.orchestrator.gpus import GpuMonitor, GpuSelectionError, select_gpus
 
 
 class FakeNvml:
@@ -200,7 +200,7 @@ def test_bcorch_gpus_without_a_driver_is_one_line_and_78():
     else:
         pynvml.nvmlShutdown()
         pytest.skip("this machine has an NVIDIA driver")
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "gpus"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "gpus"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 78
     assert result.stderr.count("\n") == 1 and "virtual:N" in result.stderr

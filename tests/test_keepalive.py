@@ -9,10 +9,10 @@ import pytest
 
 from support import free_port, wait_until
 from test_engine_stubs import ScriptedServer
-from workers.client import ManagerClient, ManagerRefused, ManagerUnreachable, full_jitter
-from workers.keepalive import BCKeepAlive, LeaseLost, ReportOutcome
-from workers.protocol import Batch, JobState, ProtocolError
-from workers.protocol.config import from_mapping
+from bcorch.workers.client import ManagerClient, ManagerRefused, ManagerUnreachable, full_jitter
+from bcorch.workers.keepalive import BCKeepAlive, LeaseLost, ReportOutcome
+from bcorch.protocol import Batch, JobState, ProtocolError
+from bcorch.config import from_mapping
 
 BATCH = {"jobid": "j1", "job_input_dir": "ASSIGNED_j1_e", "job_output_dir": "TMPOUTPUT_j1_e",
          "bc_engine_id": "e", "batch_size": 1, "batch": ["a.pod5"], "report_back_interval": 1.0,

@@ -17,10 +17,10 @@ import sys
 import psutil
 
 from support import ManagedProcess, ManagerProcess, http_json, wait_until
-from workers.outputs import read_ids_under
-from workers.pod5_dataset import write_dataset
+from bcorch.workers.outputs import read_ids_under
+from bcorch.workers.pod5_dataset import write_dataset
 
-SIMULATE = "workers.runners.simulate_main"
+SIMULATE = "bcorch.workers.runners.simulate_main"
 INTERVAL_S = 2.0
 
 
@@ -37,7 +37,7 @@ def _engine(tmp, procs, manager, name: str, samples_per_s: float) -> ManagedProc
     config.write_text("".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n"
                                                   for k, v in values.items())
                               for s, values in sections.items()))
-    p = ManagedProcess([sys.executable, "-m", "workers.engine_cli", "--gpu", "0",
+    p = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
                         "--config", str(config)], tmp / f"{name}.log")
     procs.append(p)
     return p.start()

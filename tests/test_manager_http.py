@@ -10,7 +10,7 @@ from collections import Counter
 from manager_helpers import (aged, assign, basecall, complete, keepalive, start_manager,
                              wait_counts, write_files)
 from support import REPO, wait_until
-from workers.pod5_dataset import write_dataset
+from bcorch.workers.pod5_dataset import write_dataset
 
 
 def test_full_round_trip_with_real_pod5_files(procs, tmp_path):
@@ -187,7 +187,7 @@ def test_input_closed_by_command_is_persisted(procs, tmp_path):
     m = start_manager(procs, tmp_path, token="s3cret")
     empty = assign(m)
     assert empty["batch_size"] == 0 and empty["input_closed"] is False
-    cli = [sys.executable, "-m", "manager"]
+    cli = [sys.executable, "-m", "bcorch.manager"]
     done = subprocess.run(cli + ["close-input", "--url", m.url], cwd=REPO, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "BCORCH_TOKEN": "s3cret"})
     assert done.returncode == 0, done.stderr
@@ -212,13 +212,13 @@ def test_status_command_json(procs, tmp_path):
     wait_counts(m, PENDING=2)
     assign(m, "gpu7", 1)
     import json
-    out = subprocess.run([sys.executable, "-m", "manager", "status", "--url", m.url, "--json"],
+    out = subprocess.run([sys.executable, "-m", "bcorch.manager", "status", "--url", m.url, "--json"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert st["files"]["ASSIGNED"] == 1 and st["jobs_in_flight"] == {"gpu7": 1}
     assert "gpu7" in st["engines"]
-    unreachable = subprocess.run([sys.executable, "-m", "manager", "status", "--url",
+    unreachable = subprocess.run([sys.executable, "-m", "bcorch.manager", "status", "--url",
                                   "http://127.0.0.1:9"], cwd=REPO, capture_output=True, text=True,
                                  timeout=60)
     assert unreachable.returncode == 75 and "--url" in unreachable.stderr
@@ -234,11 +234,11 @@ def test_sigterm_stops_cleanly(procs, tmp_path):
 def test_bad_config_exits_78_with_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[manager]\nbatch_size = 'ten'\n")
-    out = subprocess.run([sys.executable, "-m", "manager", "--config", str(bad), "--input-dir",
+    out = subprocess.run([sys.executable, "-m", "bcorch.manager", "--config", str(bad), "--input-dir",
                           str(tmp_path), "--output-dir", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 78 and out.stderr.count("\n") == 1 and "manager.batch_size" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "manager", "--output-dir", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "bcorch.manager", "--output-dir", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 78 and "--input-dir" in out.stderr
 

@@ -5,9 +5,9 @@ import os
 import signal
 import time
 
-from manager.layout import Layout
-from manager.states import JobState
-from manager.store import Store
+from bcorch.manager.layout import Layout
+from bcorch.manager.states import JobState
+from bcorch.manager.store import Store
 from manager_helpers import assign, complete, keepalive, start_manager, wait_counts, write_files
 from support import wait_until
 

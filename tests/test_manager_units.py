@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from manager.layout import Layout
-from manager.leases import Leases
-from manager.scanner import Scanner, walk_new
-from manager.states import (FileEvent, FileState, JobState, TransitionError, file_transition,
+from bcorch.manager.layout import Layout
+from bcorch.manager.leases import Leases
+from bcorch.manager.scanner import Scanner, walk_new
+from bcorch.manager.states import (FileEvent, FileState, JobState, TransitionError, file_transition,
                             job_transition)
-from manager.store import Store, UnknownFailedFile, link_name
-from workers.protocol import validate_file_name
+from bcorch.manager.store import Store, UnknownFailedFile, link_name
+from bcorch.protocol import validate_file_name
 
 
 def old(path: Path, age: float = 3600) -> Path:

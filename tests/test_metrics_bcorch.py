@@ -6,7 +6,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.metrics import SlotCollector
+from bcorch.orchestrator.metrics import SlotCollector
 from support import ManagedProcess, free_port, wait_until
 from test_orch_fakes import FakeBcorch
 

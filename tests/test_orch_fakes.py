@@ -24,8 +24,8 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from workers import channel  # noqa: E402
-from workers.channel import Msg, message  # noqa: E402
+from bcorch.workers import channel  # noqa: E402
+from bcorch.workers.channel import Msg, message  # noqa: E402
 
 from support import ManagedProcess, wait_until  # noqa: E402
 
@@ -132,7 +132,7 @@ class FakeBcorch(ManagedProcess):
         return self
 
     def ask(self, **request) -> dict:
-        from orchestrator.control import request as control_request
+        from bcorch.orchestrator.control import request as control_request
         return control_request(self.socket, request, timeout=10)
 
     def slots(self) -> list[dict]:
@@ -154,6 +154,6 @@ class FakeBcorch(ManagedProcess):
 
 if __name__ == "__main__":
     import test_orch_fakes
-    from orchestrator.cli import main
+    from bcorch.orchestrator.cli import main
 
     sys.exit(main(sys.argv[1:], target=test_orch_fakes.fake_engine))

@@ -9,13 +9,13 @@ import threading
 
 import pytest
 
-from orchestrator import supervisor as supervisor_module
-from orchestrator.control import request
-from orchestrator.gpus import GpuHealth, virtual_gpus
-from orchestrator.supervisor import Supervisor
+from bcorch.orchestrator import supervisor as supervisor_module
+from bcorch.orchestrator.control import request
+from bcorch.orchestrator.gpus import GpuHealth, virtual_gpus
+from bcorch.orchestrator.supervisor import Supervisor
 from support import wait_until
 from test_orch_fakes import fake_engine
-from workers.protocol.config import from_mapping
+from bcorch.config import from_mapping
 
 
 

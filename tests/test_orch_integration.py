@@ -11,12 +11,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.control import request
+from bcorch.orchestrator.control import request
 from support import ManagedProcess, ManagerProcess, wait_until
-from workers.outputs import read_ids_under
-from workers.pod5_dataset import write_dataset
+from bcorch.workers.outputs import read_ids_under
+from bcorch.workers.pod5_dataset import write_dataset
 
-SIMULATE = "workers.runners.simulate_main"
+SIMULATE = "bcorch.workers.runners.simulate_main"
 
 
 class Site:
@@ -59,7 +59,7 @@ class Site:
         return m.start()
 
     def bcorch(self, gpus: int, *extra: str) -> ManagedProcess:
-        b = ManagedProcess([sys.executable, "-m", "orchestrator", "--config", str(self.config),
+        b = ManagedProcess([sys.executable, "-m", "bcorch.orchestrator", "--config", str(self.config),
                             "--gpus", f"virtual:{gpus}", "--socket", str(self.socket), *extra],
                            self.tmp / "bcorch.log")
         self.procs.append(b)

@@ -5,8 +5,8 @@ import logging
 
 import pytest
 
-from orchestrator.gpus import virtual_gpus
-from orchestrator.slot import (ALLOWED, IllegalTransition, RestartPolicy, Slot, SlotState,
+from bcorch.orchestrator.gpus import virtual_gpus
+from bcorch.orchestrator.slot import (ALLOWED, IllegalTransition, RestartPolicy, Slot, SlotState,
                                transition)
 
 
@@ -86,7 +86,7 @@ def test_long_healthy_run_resets_the_backoff():
 
 
 def test_resume_forgets_failures_and_takes_a_new_ecc_baseline():
-    from orchestrator.gpus import GpuHealth
+    from bcorch.orchestrator.gpus import GpuHealth
     slot = make_slot()
     policy = RestartPolicy(max_restarts=0)
     assert slot.record_crash(0, policy) is None

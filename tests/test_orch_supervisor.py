@@ -53,7 +53,7 @@ def test_crash_loop_fails_one_gpu_only_and_resume_brings_it_back(bcorch):
     time.sleep(1.5)  # FAILED means no more restarts: look that nothing moves
     assert b.slot(1)["restarts"] == 2 and b.slot(1)["state"] == "FAILED"
     b.set_modes({})
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "resume", "--gpu", "1",
+    result = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "resume", "--gpu", "1",
                              "--socket", str(b.socket)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "gpu1: STARTING" in result.stdout
@@ -189,7 +189,7 @@ def test_status_table_and_json(bcorch):
     b = bcorch(gpus=2, modes={"1": "exit78"})
     b.wait_state(0, "RUNNING")
     b.wait_state(1, "FAILED")
-    table = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--socket",
+    table = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "status", "--socket",
                             str(b.socket)], capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
@@ -198,7 +198,7 @@ def test_status_table_and_json(bcorch):
     assert lines[2].startswith("0") and "RUNNING(WORKING)" in lines[2] and "virtual" in lines[2]
     assert lines[3].startswith("1") and "FAILED" in lines[3] and "exit 78" in lines[3]
     assert any("gpu1 FAILED: configuration error" in line for line in lines)
-    raw = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--json", "--socket",
+    raw = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "status", "--json", "--socket",
                           str(b.socket)], capture_output=True, text=True, timeout=60)
     import json
     data = json.loads(raw.stdout)
@@ -267,7 +267,7 @@ def test_bad_flags_exit_78_with_one_line(argv, message, tmp_path):
             pytest.skip("this machine has an NVIDIA driver")
         except pynvml.NVMLError:
             pass
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "--socket",
+    result = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "--socket",
                              str(tmp_path / "c" / "s.sock"), *argv],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 78, result.stderr
@@ -277,7 +277,7 @@ def test_bad_flags_exit_78_with_one_line(argv, message, tmp_path):
 def test_bad_config_value_exits_78(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[orchestrator]\non_manager_failure = 'panic'\n")
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "--config", str(cfg),
+    result = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "--config", str(cfg),
                              "--gpus", "virtual:1"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 78
     assert result.stderr.startswith("bcorch: orchestrator.on_manager_failure: expected one of")
@@ -286,6 +286,6 @@ def test_bad_config_value_exits_78(tmp_path):
 def test_a_second_bcorch_on_the_same_socket_is_refused(bcorch, tmp_path):
     b = bcorch(gpus=1)
     b.wait_state(0, "RUNNING")
-    result = subprocess.run([sys.executable, "-m", "orchestrator", "--gpus", "virtual:1",
+    result = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "--gpus", "virtual:1",
                              "--socket", str(b.socket)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 78 and "another bcorch is serving" in result.stderr

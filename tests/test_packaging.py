@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from support import REPO, ManagedProcess, wait_until
-from workers.protocol.config import OrchestratorConfig, RunnerConfig
+from bcorch.config import OrchestratorConfig, RunnerConfig
 
 SCRIPTS = REPO / "scripts"
 UNITS = ("bcorch.service", "bcmanager.service")
@@ -50,9 +50,10 @@ def test_pip_install_into_a_fresh_venv_gives_working_commands(tmp_path):
                                  text=True, timeout=120, cwd=tmp_path, env=clean_env)
         assert version.returncode == 0 and version.stdout.startswith(f"{exe} 0."), version.stderr
     where = subprocess.run(
-        [str(py), "-c", "import manager.metrics, orchestrator.cli, workers.protocol, "
+        [str(py), "-c", "import bcorch.manager.metrics, bcorch.orchestrator.cli, bcorch.protocol, "
                         "prometheus_client, cheroot, pynvml, psutil, requests;"
-                        "print(orchestrator.cli.__file__); print(manager.metrics.__file__)"],
+                        "print(bcorch.orchestrator.cli.__file__);"
+                        "print(bcorch.manager.metrics.__file__)"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=clean_env)
     assert where.returncode == 0, where.stderr
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -61,6 +62,22 @@ def test_pip_install_into_a_fresh_venv_gives_working_commands(tmp_path):
         assert module_file.startswith(site), f"{module_file} is not installed in {site}"
         assert not module_file.startswith(str(REPO)) and not module_file.startswith(str(source))
     assert not list(Path(site).glob("__editable__*")), "the install must not be editable"
+    generic = [name for name in ("manager", "workers", "orchestrator", "core")
+               if (Path(site) / name).exists()]
+    assert generic == [], "only the package bcorch may be installed at the top level"
+
+
+def test_the_editable_install_maps_the_top_level_folders_into_bcorch(tmp_path):
+    """The test suite runs from an editable install (the README's command): from any directory
+    bcorch.<part> must load the repository's own folders."""
+    where = subprocess.run(
+        [sys.executable, "-c", "import bcorch, bcorch.manager.store, bcorch.workers.engine, "
+                               "bcorch.orchestrator.supervisor as s; print(bcorch.__file__);"
+                               "print(s.__file__)"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.split() == [str(REPO / "core" / "__init__.py"),
+                                    str(REPO / "orchestrator" / "supervisor.py")]
 
 
 def unit(name: str) -> configparser.ConfigParser:

@@ -1,6 +1,6 @@
 import pytest
 
-from workers.protocol import Batch, JobState, ProtocolError, is_valid_id, parse_job_state
+from bcorch.protocol import Batch, JobState, ProtocolError, is_valid_id, parse_job_state
 
 
 @pytest.mark.parametrize("value, ok", [

@@ -11,15 +11,15 @@ import psutil
 import pytest
 
 from support import wait_until
-from workers.outputs import fastq_read_ids, read_ids_under
-from workers.pod5_dataset import write_corrupt, write_dataset
-from workers.protocol import JobState
-from workers.protocol.config import ConfigError, from_mapping
-from workers.runners import make_runner
-from workers.runners.base import LOG_NAME
-from workers.runners.script import ScriptRunner
-from workers.runners.simulate import SimulateRunner
-from workers.runners.simulate_main import is_fail
+from bcorch.workers.outputs import fastq_read_ids, read_ids_under
+from bcorch.workers.pod5_dataset import write_corrupt, write_dataset
+from bcorch.protocol import JobState
+from bcorch.config import ConfigError, from_mapping
+from bcorch.workers.runners import make_runner
+from bcorch.workers.runners.base import LOG_NAME
+from bcorch.workers.runners.script import ScriptRunner
+from bcorch.workers.runners.simulate import SimulateRunner
+from bcorch.workers.runners.simulate_main import is_fail
 
 
 def _batch_dir(tmp_path: Path, n_files: int = 3, reads: int = 10, **kw) -> tuple[Path, dict]:

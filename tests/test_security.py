@@ -12,9 +12,9 @@ import sys
 import psutil
 import pytest
 
-from manager.app import App
+from bcorch.manager.app import App
 from support import REPO, ManagedProcess, ManagerProcess, http_json, wait_until
-from workers.pod5_dataset import write_dataset
+from bcorch.workers.pod5_dataset import write_dataset
 
 TOKEN = "s3cret-T0ken-9d2e77a1"
 
@@ -55,14 +55,14 @@ def test_token_never_appears_in_logs_status_or_bcorch_status(tmp_path, procs):
                    "polling_interval": 0.005, "work_until_none_left": False},
         "runner": {"kind": "simulate", "samples_per_s": 5e6, "stop_grace_s": 2.0},
     })
-    b = ManagedProcess([sys.executable, "-m", "orchestrator", "--config", str(config),
+    b = ManagedProcess([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
                         "--gpus", "virtual:2", "--socket", str(sock), "--log-level", "DEBUG"],
                        tmp_path / "bcorch.log")
     procs.append(b)
     b.start()
     wait_until(lambda: m.status()["files"]["DONE"] == 4, 60, what="the batches done")
     http_json(m.url + "/status", token="a-wrong-guess")  # a refused request is logged too
-    status_json = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--json",
+    status_json = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "status", "--json",
                                   "--socket", str(sock)], cwd=REPO, capture_output=True,
                                  text=True, timeout=60)
     assert status_json.returncode == 0, status_json.stderr
@@ -104,7 +104,7 @@ def bcorch_config(tmp_path):
 
 
 def _bcorch(config, sock, procs, tmp_path) -> ManagedProcess:
-    b = ManagedProcess([sys.executable, "-m", "orchestrator", "--config", str(config),
+    b = ManagedProcess([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
                         "--gpus", "virtual:1", "--socket", str(sock)], tmp_path / "bcorch.log")
     procs.append(b)
     return b.start()
@@ -160,7 +160,7 @@ def test_runner_arguments_never_go_through_a_shell(tmp_path, procs):
                    "work_until_none_left": True},
         "runner": {"kind": "script", "bc_script": str(script)},
     })
-    engine = ManagedProcess([sys.executable, "-m", "workers.engine_cli", "--gpu", "0",
+    engine = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
                              "--config", str(config)], tmp_path / "engine.log")
     procs.append(engine)
     engine.start()

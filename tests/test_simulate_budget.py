@@ -5,8 +5,8 @@ import subprocess
 import sys
 import time
 
-from workers.outputs import read_ids_under
-from workers.pod5_dataset import write_dataset
+from bcorch.workers.outputs import read_ids_under
+from bcorch.workers.pod5_dataset import write_dataset
 
 SAMPLES = 4 * 5000          # one file: 4 reads x 5000 samples
 RATE = SAMPLES / 2.0        # = 2 s of simulated basecalling
@@ -14,7 +14,7 @@ RATE = SAMPLES / 2.0        # = 2 s of simulated basecalling
 
 def _simulate(tmp_path, out: str, *extra: str) -> float:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "workers.runners.simulate_main",
+    proc = subprocess.run([sys.executable, "-m", "bcorch.workers.runners.simulate_main",
                            "--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / out),
                            "--samples-per-s", repr(RATE), *extra],
                           capture_output=True, text=True, timeout=60)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import requests
 
-from .protocol import Batch, JobState, ProtocolError
+from bcorch.protocol import Batch, JobState, ProtocolError
 
 log = logging.getLogger(__name__)
 

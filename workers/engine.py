@@ -30,8 +30,8 @@ from .channel import Cmd, EngineState, Msg
 from .client import ManagerClient, ManagerRefused, ManagerUnreachable
 from .keepalive import BCKeepAlive, LeaseLost, ReportOutcome
 from .legacy_config import load_any
-from .protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobState, ProtocolError
-from .protocol.config import Config, ConfigError
+from bcorch.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobState, ProtocolError
+from bcorch.config import Config, ConfigError
 from .output_check import OutputChecker
 from .runners import Placement, RunHandle, RunResult, make_runner
 

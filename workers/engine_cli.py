@@ -9,8 +9,8 @@ import argparse
 import logging
 import sys
 
-from .protocol import EXIT_CONFIG
-from .protocol.config import ConfigError
+from bcorch.protocol import EXIT_CONFIG
+from bcorch.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from .client import ManagerClient, ManagerUnreachable
-from .protocol import Batch, JobState, ProtocolError
+from bcorch.protocol import Batch, JobState, ProtocolError
 
 log = logging.getLogger(__name__)
 

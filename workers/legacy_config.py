@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from .protocol.config import Config, ConfigError, from_mapping
+from bcorch.config import Config, ConfigError, from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _get(section: Mapping[str, Any], name: str, key: str, kind: type) -> Any:
 
 def load_any(path: str | Path | None, node_index: int) -> Config:
     """config.toml (or defaults for None), or the original JSON file, chosen by extension."""
-    from .protocol import config as toml_config
+    from bcorch import config as toml_config
 
     if path is not None and str(path).lower().endswith(".json"):
         return load_legacy(path, node_index)

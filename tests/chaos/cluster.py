@@ -13,13 +13,13 @@ from pathlib import Path
 
 import psutil
 
-from orchestrator.control import request
+from bcorch.orchestrator.control import request
 from support import ManagedProcess, ManagerProcess, wait_until
-from workers.pod5_dataset import write_dataset
+from bcorch.workers.pod5_dataset import write_dataset
 
 from .proxy import Proxy
 
-SIMULATE = "workers.runners.simulate_main"
+SIMULATE = "bcorch.workers.runners.simulate_main"
 TOKEN = "chaos-token-5b1f0e"
 
 
@@ -106,7 +106,7 @@ class Cluster:
             "runner": {"kind": "simulate", **runner},
             "orchestrator": orchestrator,
         }))
-        process = ManagedProcess([sys.executable, "-m", "orchestrator", "--config", str(config),
+        process = ManagedProcess([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
                                   "--gpus", f"virtual:{gpus}", "--socket", str(socket)],
                                  self.tmp / f"{name}.log")
         self.procs.append(process)

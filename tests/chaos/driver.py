@@ -157,7 +157,7 @@ def _signal(pid: int, sig: int) -> None:
 
 def _bcorch(*argv: str) -> int:
     """The real control command line, as an operator would type it."""
-    out = subprocess.run([sys.executable, "-m", "orchestrator", *argv], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", *argv], capture_output=True,
                          text=True, timeout=60)
     if out.returncode != 0:
         log.warning("chaos: bcorch %s -> %d: %s", " ".join(argv), out.returncode,

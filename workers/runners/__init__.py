@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..protocol.config import Config, ConfigError
+from bcorch.config import Config, ConfigError
 from .base import RunHandle, RunResult, Runner
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..protocol import JobState
+from bcorch.protocol import JobState
 
 LOG_NAME = "basecaller.log"
 FAILED_FILES_NAME = "failed_files.json"

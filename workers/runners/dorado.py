@@ -26,8 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from ..protocol import JobState
-from ..protocol.config import ConfigError
+from bcorch.protocol import JobState
+from bcorch.config import ConfigError
 from .base import LOG_NAME, RunHandle, RunResult, Runner
 
 TIERS = ("fast", "hac", "sup")

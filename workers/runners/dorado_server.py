@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..protocol import JobState
-from ..protocol.config import ConfigError
+from bcorch.protocol import JobState
+from bcorch.config import ConfigError
 from .base import LOG_NAME, RunHandle, RunResult, Runner
 from .dorado import describe_exit, find_executable, last_error_line
 

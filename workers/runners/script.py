@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..protocol import JobState
-from ..protocol.config import ConfigError
+from bcorch.protocol import JobState
+from bcorch.config import ConfigError
 from .base import RunHandle, RunResult, Runner
 
 

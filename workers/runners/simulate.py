@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..protocol import JobState
+from bcorch.protocol import JobState
 from .base import FAILED_FILES_NAME, RunHandle, RunResult, Runner
 
 
@@ -26,7 +26,7 @@ class SimulateRunner(Runner):
 
     def start(self, input_dir: Path, output_dir: Path, model: str,
               batch: Sequence[str]) -> RunHandle:
-        argv = [sys.executable, "-m", "workers.runners.simulate_main",
+        argv = [sys.executable, "-m", "bcorch.workers.runners.simulate_main",
                 "--input-dir", str(input_dir), "--output-dir", str(output_dir),
                 "--model", model, "--samples-per-s", repr(self.samples_per_s),
                 "--startup-s", repr(self.startup_s), "--fail-fraction", repr(self.fail_fraction),

@@ -1,7 +1,7 @@
 """The one typed model of config.toml, validated on load.
 
-It lives beside the wire protocol because the file is shared by every command
-(manager, orchestrator, engine) and the manager may import workers.protocol only.
+It lives in the neutral core beside the wire protocol because the file is shared by every
+command (manager, orchestrator, engine).
 Every key, its default and a one-line comment are in the repository's config.toml;
 tests check that the two agree.
 
@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from . import DEFAULT_PORT, EXIT_CONFIG, MAX_BATCH_SIZE, is_valid_id
+from .protocol import DEFAULT_PORT, EXIT_CONFIG, MAX_BATCH_SIZE, is_valid_id
 
 TOKEN_ENV = "BCORCH_TOKEN"
 
