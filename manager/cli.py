@@ -15,6 +15,7 @@ from typing import Any
 from bcorch.protocol import EXIT_CONFIG, EXIT_PROTOCOL
 from bcorch import config as config_mod
 from bcorch.config import Config, ConfigError
+from bcorch.terminal import watch
 
 COMMANDS = ("status", "close-input")
 
@@ -139,35 +140,12 @@ def _status(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     if args.watch < 0.1:
         raise ConfigError(f"--watch: must be at least 0.1 seconds, got {args.watch}")
-    view = _Redraw(sys.stdout)
-    try:
-        while True:
-            answer = _request(cfg, "/status")
-            text = json.dumps(answer) if args.json else format_status(answer)
-            lines = text.splitlines()
-            if not view.tty and not args.json:
-                lines = [f"--- {time.strftime('%H:%M:%S')}"] + lines
-            view.show(lines)
-            time.sleep(args.watch)
-    except KeyboardInterrupt:
-        return 0
 
+    def render() -> str:
+        answer = _request(cfg, "/status")
+        return json.dumps(answer) if args.json else format_status(answer)
 
-class _Redraw:
-    """On a terminal, each block replaces the previous one in place; otherwise blocks are
-    appended (a log gets a readable history, no escape codes). Same as orchestrator.live."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self._drawn = 0
-
-    def show(self, lines: list[str]) -> None:
-        if self.tty and self._drawn:
-            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
-        self.stream.write("\n".join(lines) + "\n")
-        self._drawn = len(lines)
-        self.stream.flush()
+    return watch(render, args.watch, stamped=not args.json)
 
 
 def _close_input(cfg: Config) -> int:

@@ -194,25 +194,17 @@ def _ask(cmd: str, path: Path, message: dict, timeout: float) -> dict | None:
 
 
 def _watch_status(path: Path, args: argparse.Namespace) -> int:
-    import time
+    from bcorch.terminal import watch
 
-    from .live import Redraw
     from .status_view import render_status
 
-    view = Redraw()
-    try:
-        while True:
-            reply = _ask("status", path, {"cmd": "status"}, args.timeout)
-            if reply is None:
-                return 1
-            text = json.dumps(reply) if args.json else render_status(reply)
-            lines = text.splitlines()
-            if not view.tty and not args.json:
-                lines = [f"--- {time.strftime('%H:%M:%S')}"] + lines
-            view.show(lines)
-            time.sleep(args.watch)
-    except KeyboardInterrupt:
-        return 0
+    def render() -> str | None:
+        reply = _ask("status", path, {"cmd": "status"}, args.timeout)
+        if reply is None:
+            return None
+        return json.dumps(reply) if args.json else render_status(reply)
+
+    return watch(render, args.watch, stamped=not args.json)
 
 
 def cmd_demo(argv: list[str]) -> int:

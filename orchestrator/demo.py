@@ -23,11 +23,11 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+from bcorch.terminal import Redraw
 from bcorch.workers.outputs import fastq_read_ids, read_ids_under
 from bcorch.workers.pod5_dataset import write_dataset
 
 from .control import ControlError, request
-from .live import Redraw
 
 READS_PER_FILE = 100
 SAMPLES_PER_READ = (2000, 6000)
