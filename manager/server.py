@@ -28,6 +28,7 @@ from .metrics import MetricsMiddleware
 from .scanner import Scanner
 from .service import Manager
 from .store import Store
+from .watcher import InputWatcher
 
 log = logging.getLogger("bcmanager")
 
@@ -54,8 +55,9 @@ class Service:
         skip = (cfg.output_dir,) if _inside(cfg.output_dir, cfg.input_dir) else ()
         self.scanner = Scanner(cfg.input_dir, cfg.settle_s, self.store.add_files,
                                self.store.known_paths(), skip=skip)
-        self.app = App(self.manager, token)
         self.stop_event = threading.Event()
+        self.watcher = InputWatcher(cfg.input_dir, stop=self.stop_event, skip=skip)
+        self.app = App(self.manager, token)
         self._threads: list[threading.Thread] = []
         wsgi = MetricsMiddleware(self.app, self.app.metrics, self.app.routes)
         self.server = _Server((cfg.host, cfg.port), wsgi, numthreads=cfg.threads,
@@ -70,13 +72,17 @@ class Service:
         """A lease expires within one tick of its deadline."""
         return min(1.0, self.cfg.report_back_interval / 10)
 
-    def _every(self, period: float, what: str, work) -> None:
+    def _every(self, period: float, what: str, work, wait=None) -> None:
         while not self.stop_event.is_set():
             try:
                 work()
             except Exception:
                 log.exception("%s failed (will retry)", what)
-            self.stop_event.wait(period)
+            (wait or self.stop_event.wait)(period)
+
+    def _scan(self) -> None:
+        self.watcher.start()  # before the first scan, so nothing falls between the two
+        self.scanner.scan_once(self.stop_event.is_set)
 
     def serve(self) -> int:
         log.info("serving on http://%s:%d (input %s, output %s, db %s, lease %.0f s, token %s)",
@@ -87,8 +93,8 @@ class Service:
             threading.Thread(target=self._every, name="reaper", daemon=True,
                              args=(self.reap_tick_s(), "lease reaper", self.manager.reap)),
             threading.Thread(target=self._every, name="scanner", daemon=True,
-                             args=(self.cfg.scan_interval_s, "input scan",
-                                   lambda: self.scanner.scan_once(self.stop_event.is_set))),
+                             args=(self.cfg.scan_interval_s, "input scan", self._scan,
+                                   self.watcher.wait)),
         ]
         for t in self._threads:
             t.start()
@@ -123,6 +129,7 @@ class Service:
         deadline = time.monotonic() + 30
         for t in self._threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.watcher.close()
         self.manager.flush_moved()
         self.store.close()
         log.info("stopped")
