@@ -123,7 +123,7 @@ def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
     supervisor = Supervisor(
         config, gpus,
         config_path=str(Path(args.config).resolve()) if args.config else None,
-        manager_url=config.manager.url, socket_path=socket_path(config.orchestrator.control_socket),
+        manager_url=args.manager_url, socket_path=socket_path(config.orchestrator.control_socket),
         target=target, monitor=monitor, log_level=args.log_level)
     return supervisor.run()
 
