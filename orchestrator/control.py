@@ -6,7 +6,8 @@ only frames and parses lines; each request goes to the supervisor loop through
 the answer for the server thread to write. A client gets one answer per line, in
 order. Garbage gets an error reply; an oversized line gets an error reply and the
 connection closed; a client that sends nothing (or reads nothing) is dropped after
-`idle_timeout_s`. Nothing a client does can block the loop.
+`idle_timeout_s`, and when MAX_CLIENTS are connected a new client pushes out the one
+idle longest. Nothing a client does can block the loop, or keep out an operator.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from bcorch.config import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
-MAX_CLIENTS = 256  # 100 clients at once must not crowd out an operator's status
+MAX_CLIENTS = 256  # past this, the client idle longest makes room for the new one
 IDLE_TIMEOUT_S = 10.0
 COMMANDS = ("status", "drain", "resume", "restart", "stop")
 
@@ -209,9 +210,7 @@ class ControlServer:
         except (BlockingIOError, InterruptedError):
             return
         if len(self._clients) >= MAX_CLIENTS:
-            sock.close()
-            log.warning("control pipe: too many clients, connection refused")
-            return
+            self._drop_oldest()
         sock.setblocking(False)
         client = _Client(sock)
         self._clients[sock.fileno()] = client
@@ -327,6 +326,14 @@ class ControlServer:
             if not client.waiting and now - client.last_activity > self.idle_timeout_s:
                 log.info("control pipe: dropping a client idle for %.0f s", self.idle_timeout_s)
                 self._drop(client)
+
+    def _drop_oldest(self) -> None:
+        """Make room for a new client: the one idle longest goes (one with a request at the
+        loop only when every client has one), so an operator's status always gets in."""
+        oldest = min(self._clients.values(), key=lambda c: (c.waiting, c.last_activity))
+        log.warning("control pipe: %d clients; dropping the one idle for %.0f s", len(self._clients),
+                    time.monotonic() - oldest.last_activity)
+        self._drop(oldest)
 
     def _drop(self, client: _Client) -> None:
         fileno = client.sock.fileno()

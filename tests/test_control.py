@@ -136,6 +136,27 @@ def test_a_silent_client_neither_blocks_others_nor_stays_forever(server):
     half.close()
 
 
+def test_idle_clients_up_to_the_limit_never_lock_out_a_new_one(server):
+    """Regression (issue 11, hole 7): MAX_CLIENTS idle clients made `bcorch status` fail with
+    ConnectionResetError. The client idle longest makes room; the newest idle ones stay."""
+    srv, loop = server
+    srv.idle_timeout_s = 60.0
+    idle = []
+    try:
+        for _ in range(control.MAX_CLIENTS):
+            idle.append(connect(srv.path))
+        wait_until(lambda: len(srv._clients) == control.MAX_CLIENTS, 10, what="every client in")
+        for _ in range(3):
+            assert request(srv.path, {"cmd": "status"}, timeout=5)["ok"]
+        idle[0].settimeout(10)
+        assert idle[0].recv(10) == b"", "the oldest idle client was dropped"
+        idle[-1].sendall(b'{"cmd": "status"}\n')
+        assert read_lines(idle[-1], 1)[0]["ok"], "a recent client still works"
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_last_line_without_newline_before_eof_is_answered(server):
     srv, loop = server
     s = connect(srv.path)
