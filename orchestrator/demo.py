@@ -24,10 +24,10 @@ from collections import Counter
 from pathlib import Path
 
 from bcorch.terminal import Redraw
-from bcorch.workers.outputs import fastq_read_ids, read_ids_under
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.workers.read_ids import read_files_under, read_ids_in, read_ids_under
 
 from .control import ControlError, request
+from .pod5_dataset import write_dataset
 
 READS_PER_FILE = 100
 SAMPLES_PER_READ = (2000, 6000)
@@ -135,10 +135,9 @@ def _reads_per_engine(output_dir: Path) -> Counter:
         job, _, engine = log_dir.name[len("LOGOUTPUT_"):].partition("_")
         engine_of_job[job] = engine
     per_engine: Counter = Counter()
-    for sub in ("pass", "fail"):
-        for path in (output_dir / sub).glob("*.fastq"):
-            job = path.name.partition("_")[0]
-            per_engine[engine_of_job.get(job, "?")] += sum(1 for _ in fastq_read_ids(path))
+    for path in read_files_under([output_dir / "pass", output_dir / "fail"]):
+        job = path.name.partition("_")[0]
+        per_engine[engine_of_job.get(job, "?")] += sum(1 for _ in read_ids_in(path))
     return per_engine
 
 
@@ -220,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
 def _summary(output_dir: Path, expected: Counter, total_reads: int, n_files: int,
              elapsed: float, bcorch_exit: int, status: dict) -> int:
     found = read_ids_under([output_dir / "pass", output_dir / "fail"])
-    missing = [r for r in expected if found[r] == 0]
-    doubled = [r for r, n in found.items() if n > 1]
+    missing = [r for r in expected if r not in found]
+    doubled = found.doubled()
     unknown = [r for r in found if r not in expected]
     files = status.get("files", {})
     print()

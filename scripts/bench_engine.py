@@ -81,7 +81,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def bench_overhead(tmp: Path, batches: int) -> dict:
     from bcorch.workers.engine import BCEngine
-    from bcorch.workers.pod5_dataset import write_dataset
+    from bcorch.orchestrator.pod5_dataset import write_dataset
     from bcorch.config import from_mapping
 
     input_dir, output_dir = tmp / "in", tmp / "out"

@@ -46,7 +46,7 @@ SAMPLES_PER_FILE = READS_PER_FILE * SAMPLES_PER_READ
 
 
 def write_files(directory: Path, n: int) -> None:
-    from bcorch.workers.pod5_dataset import write_dataset
+    from bcorch.orchestrator.pod5_dataset import write_dataset
     write_dataset(directory, n, reads_per_file=READS_PER_FILE, samples_per_read=SAMPLES_PER_READ,
                   seed=8)
 

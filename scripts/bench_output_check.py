@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bcorch.workers.output_check import OutputChecker
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.orchestrator.pod5_dataset import write_dataset
 
 
 def main(argv: list[str]) -> int:

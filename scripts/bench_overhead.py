@@ -60,7 +60,7 @@ def measure(cluster: Cluster, windows: int, window_s: float, busy: bool) -> dict
 
 
 def run(root: Path, args, busy: bool) -> dict:
-    from bcorch.workers.pod5_dataset import write_dataset
+    from bcorch.orchestrator.pod5_dataset import write_dataset
 
     work = root / ("load" if busy else "idle")
     input_dir = work / "in"

@@ -35,7 +35,7 @@ SAMPLES_PER_FILE = 10 * 4000
 
 
 def _dataset(directory: Path, n: int, first: int = 0) -> list[Path]:
-    from bcorch.workers.pod5_dataset import write_pod5
+    from bcorch.orchestrator.pod5_dataset import write_pod5
     import random
     rng = random.Random(first + 8)
     paths = []

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from support import ManagedProcess, ManagerProcess, wait_until
-from bcorch.workers.pod5_dataset import write_corrupt, write_dataset
+from bcorch.orchestrator.pod5_dataset import write_corrupt, write_dataset
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 HAC = "dna_r10.4.1_e8.2_400bps_hac@v5.2.0"
@@ -73,7 +73,7 @@ class DoradoSite:
         return write_toml(self.tmp / name, {
             "manager": {"url": self.manager.url},
             "engine": {"input_dir": str(self.input_dir), "output_dir": str(self.output_dir),
-                       "engine_id": "dorado-gpu0", "polling_interval": 0.005,
+                       "engine_id": "dorado", "polling_interval": 0.005,
                        "work_until_none_left": True, "request_retries": 1,
                        "connect_timeout_s": 1.0, "read_timeout_s": 5.0, **(engine or {})},
             "runner": {"stop_grace_s": 2.0, **runner},

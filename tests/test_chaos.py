@@ -18,7 +18,7 @@ from chaos.cluster import Cluster
 from chaos.driver import ChaosDriver
 from bcorch.orchestrator.control import request
 from support import wait_until
-from bcorch.workers.outputs import read_ids_under
+from bcorch.workers.read_ids import read_ids_under
 
 N_FILES, N_CORRUPT = 300, 2
 INTERVAL_S = 5.0

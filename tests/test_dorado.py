@@ -12,8 +12,8 @@ from dorado_helpers import (FAKES, HAC, DoradoSite, argv_records, fake_env, mode
                             write_toml)
 from support import ManagedProcess, wait_until
 from bcorch.workers.output_check import OutputChecker, skipped_in_log
-from bcorch.workers.outputs import read_ids_under
-from bcorch.workers.pod5_dataset import write_corrupt, write_dataset
+from bcorch.workers.read_ids import read_ids_under
+from bcorch.orchestrator.pod5_dataset import write_corrupt, write_dataset
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError, from_mapping
 from bcorch.workers.runners import Placement, make_runner
@@ -127,10 +127,9 @@ def test_model_string_reaches_dorado_as_one_literal_argument(tmp_path, monkeypat
     assert not (tmp_path / "pwned").exists() and not list(tmp_path.glob("x"))
 
 
-def test_bam_output_without_pysam_falls_back_to_the_log(tmp_path, monkeypatch, caplog):
-    pytest.importorskip("pod5")
-    if "pysam" in sys.modules or _has("pysam"):
-        pytest.skip("pysam is installed: the BAM path compares read ids instead")
+def test_bam_output_is_checked_by_read_ids(tmp_path, monkeypatch):
+    """dorado's default output, written as real BAM (pysam) by the fake: a skipped file is one
+    failed file, and a file with half its reads missing (no log line says so) fails the batch."""
     root = models_dir(tmp_path)
     job_in, _, names = _job(tmp_path, n_files=2, corrupt=1)
     runner = DoradoRunner(DORADO, "hac", str(root), emit="bam")
@@ -138,15 +137,55 @@ def test_bam_output_without_pysam_falls_back_to_the_log(tmp_path, monkeypatch, c
     bams = list((out / "pass").rglob("*.bam"))
     assert len(bams) == 1 and "--emit-fastq" not in argv_records(tmp_path)[0]["argv"]
     checked = OutputChecker().apply(result, job_in, out, names)
-    assert checked.state is JobState.DONE
-    assert list(checked.failed_files) == ["corrupt_0.pod5"]
+    assert checked.state is JobState.DONE and list(checked.failed_files) == ["corrupt_0.pod5"]
     assert "Failed to open file" in checked.failed_files["corrupt_0.pod5"]
-    assert "BAM output and pysam is not installed" in caplog.text
+
+    partial_tmp = tmp_path / "partial"
+    partial_tmp.mkdir()
+    job_in, _, names = _job(partial_tmp, n_files=2, reads=8)
+    result, out = _run(partial_tmp, monkeypatch, runner, job_in, names, FAKE_DORADO_MODE="partial")
+    checked = OutputChecker().apply(result, job_in, out, names)
+    assert checked.state is JobState.FAILED
+    assert "output check (read ids)" in checked.reason and "only 4 of 8 reads" in checked.reason
 
 
-def _has(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
+@pytest.mark.parametrize("emit", ["bam", "fastq"])
+def test_split_reads_count_for_their_parent_once(tmp_path, monkeypatch, emit):
+    """dorado splits chimeric reads into children with new ids and `pi:Z:<parent>`: the output
+    check and the verification reader both count the parent as written, and exactly once."""
+    root = models_dir(tmp_path)
+    job_in, written, names = _job(tmp_path, n_files=2, reads=4)
+    runner = DoradoRunner(DORADO, "hac", str(root), emit=emit)
+    result, out = _run(tmp_path, monkeypatch, runner, job_in, names, FAKE_DORADO_MODE="split")
+    checked = OutputChecker().apply(result, job_in, out, names)
+    assert checked.state is JobState.DONE and checked.failed_files == {}
+    found = read_ids_under([out / "pass"])
+    parents = [r for ids in written.values() for r in ids]
+    assert not set(parents) & set(found), "the children carry new ids"
+    assert all(r in found for r in parents) and found.doubled() == []
+    assert sorted(found.parents) == sorted(parents) and set(found.parents.values()) == {2}
+
+
+def test_bam_output_without_pysam_is_a_configuration_error(tmp_path, monkeypatch):
+    """Without pysam BAM could not be checked: refuse to start (exit 78), never run unchecked."""
+    root = models_dir(tmp_path)
+    monkeypatch.setitem(sys.modules, "pysam", None)
+    with pytest.raises(ConfigError, match=r"runner.emit: BAM output needs pysam .* "
+                                          r"runner.emit = \"fastq\""):
+        DoradoRunner(DORADO, "hac", str(root), emit="bam")
+    assert DoradoRunner(DORADO, "hac", str(root), emit="fastq").emit == "fastq"
+
+
+def test_an_unreadable_bam_leaves_it_to_the_log(tmp_path, caplog):
+    job_in, written, names = _job(tmp_path, n_files=2, reads=3)
+    out = tmp_path / "out"
+    (out / "pass").mkdir(parents=True)
+    (out / "pass" / "calls.bam").write_bytes(b"not a bam at all")
+    (out / LOG_NAME).write_text(
+        f"[2026-01-01 10:00:00.000] [error] Failed to open file {job_in / names[1]}: bad\n")
+    checked = OutputChecker().apply(RunResult(JobState.DONE, 0), job_in, out, names)
+    assert checked.state is JobState.DONE and list(checked.failed_files) == [names[1]]
+    assert "calls.bam: not a readable BAM" in caplog.text
 
 
 # -- the output check ---------------------------------------------------------------------

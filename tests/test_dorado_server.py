@@ -9,8 +9,8 @@ import psutil
 
 from dorado_helpers import FAKES, DoradoSite, argv_records
 from support import wait_until
-from bcorch.workers.outputs import read_ids_under
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.workers.read_ids import read_ids_under
+from bcorch.orchestrator.pod5_dataset import write_dataset
 from bcorch.workers.runners.dorado_server import ipc_port
 
 CFG = "dna_r10.4.1_e8.2_400bps_5khz_hac.cfg"

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from manager_helpers import assign, basecall, complete, start_manager, wait_counts
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.orchestrator.pod5_dataset import write_dataset
 
 TOKEN = "fuzz-token"
 N_FILES = 4

@@ -17,8 +17,8 @@ import sys
 import psutil
 
 from support import ManagedProcess, ManagerProcess, http_json, wait_until
-from bcorch.workers.outputs import read_ids_under
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.workers.read_ids import read_ids_under
+from bcorch.orchestrator.pod5_dataset import write_dataset
 
 SIMULATE = "bcorch.workers.runners.simulate_main"
 INTERVAL_S = 2.0

@@ -10,7 +10,7 @@ from collections import Counter
 from manager_helpers import (aged, assign, basecall, complete, keepalive, start_manager,
                              wait_counts, write_files)
 from support import REPO, wait_until
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.orchestrator.pod5_dataset import write_dataset
 
 
 def test_full_round_trip_with_real_pod5_files(procs, tmp_path):

@@ -13,8 +13,8 @@ import pytest
 
 from bcorch.orchestrator.control import request
 from support import ManagedProcess, ManagerProcess, wait_until
-from bcorch.workers.outputs import read_ids_under
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.workers.read_ids import read_ids_under
+from bcorch.orchestrator.pod5_dataset import write_dataset
 
 SIMULATE = "bcorch.workers.runners.simulate_main"
 

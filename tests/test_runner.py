@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from support import wait_until
-from bcorch.workers.outputs import fastq_read_ids, read_ids_under
-from bcorch.workers.pod5_dataset import write_corrupt, write_dataset
+from bcorch.workers.read_ids import read_ids_in, read_ids_under
+from bcorch.orchestrator.pod5_dataset import write_corrupt, write_dataset
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError, from_mapping
 from bcorch.workers.runners import make_runner
@@ -154,9 +154,9 @@ def test_output_reader_counts_duplicates(tmp_path):
     (tmp_path / "pass" / "a.fastq").write_text("@r1 x=1\nACGT\n+\n!!!!\n@r2\nA\n+\n!\n")
     (tmp_path / "fail").mkdir()
     (tmp_path / "fail" / "b.fastq").write_text("@r1\nA\n+\n!\n")
-    assert list(fastq_read_ids(tmp_path / "pass" / "a.fastq")) == ["r1", "r2"]
+    assert list(read_ids_in(tmp_path / "pass" / "a.fastq")) == ["r1", "r2"]
     assert read_ids_under([tmp_path / "pass", tmp_path / "fail", tmp_path / "missing"]) == \
         {"r1": 2, "r2": 1}
     (tmp_path / "bad.fastq").write_text("r1\nA\n+\n!\n")
     with pytest.raises(ValueError, match="not a FASTQ header"):
-        list(fastq_read_ids(tmp_path / "bad.fastq"))
+        list(read_ids_in(tmp_path / "bad.fastq"))

@@ -14,7 +14,7 @@ import pytest
 
 from bcorch.manager.app import App
 from support import REPO, ManagedProcess, ManagerProcess, http_json, wait_until
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.orchestrator.pod5_dataset import write_dataset
 
 TOKEN = "s3cret-T0ken-9d2e77a1"
 

@@ -5,8 +5,8 @@ import subprocess
 import sys
 import time
 
-from bcorch.workers.outputs import read_ids_under
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.workers.read_ids import read_ids_under
+from bcorch.orchestrator.pod5_dataset import write_dataset
 
 SAMPLES = 4 * 5000          # one file: 4 reads x 5000 samples
 RATE = SAMPLES / 2.0        # = 2 s of simulated basecalling

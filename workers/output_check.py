@@ -6,8 +6,8 @@ ended DONE the engine compares
 
 - the read ids of each input file (pod5 `Reader.read_ids`: the read table only,
   no signal is decoded), with
-- the read ids written under the job's output dir (FASTQ headers; BAM query names
-  when pysam is installed; a split read counts for its parent through `pi:Z:`),
+- the read ids written under the job's output dir (workers/read_ids.py: FASTQ headers,
+  BAM query names; a split read counts for its parent through `pi:Z:`),
 
 and parses the basecaller's log for the per-file errors dorado prints when it
 skips a file. The outcome, per input file:
@@ -21,27 +21,23 @@ skips a file. The outcome, per input file:
   files; FAILED output is set aside by the manager, never merged, so a retry
   cannot write those reads twice.
 
-When a side cannot be read (no pod5 library; BAM output without pysam) the log
-decides alone, and the engine says so once.
+When a side cannot be read (no pod5 library; SAM, CRAM or FASTA output; a malformed
+output file) the log decides alone, and the engine says so.
 """
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 from bcorch.protocol import JobState
+from .read_ids import UnreadableOutput, WrittenReads, read_ids_under
 from .runners.base import LOG_NAME, RunResult
 
-FASTQ_SUFFIXES = (".fastq", ".fq", ".fastq.gz", ".fq.gz")
-BAM_SUFFIXES = (".bam",)
-# Read records this check cannot read here: with one of these present, the log decides.
-OTHER_READ_SUFFIXES = (".sam", ".cram", ".fasta", ".fa", ".fasta.gz", ".fa.gz")
 LOG_TAIL_BYTES = 4 * 1024 * 1024
 
 # dorado's per-file messages when it skips an input (spdlog format: "[date] [level] text").
@@ -49,7 +45,6 @@ _SKIP_LINE = re.compile(
     r"\[(?:error|warning|warn)\]\s+(?:Failed to open file|Skipping file|Could not open file|"
     r"Failed to read file|Error opening file|Failed to load)\s*:?\s*(?P<rest>.+)",
     re.IGNORECASE)
-_PI_TAG = re.compile(r"(?:^|\s)pi:Z:(\S+)")
 
 _said_once: set[str] = set()
 
@@ -73,7 +68,7 @@ class CheckReport:
 class OutputChecker:
     """Checks one finished batch; cheap: read ids only."""
 
-    def __init__(self, min_read_fraction: float = 0.9,
+    def __init__(self, min_read_fraction: float = 1.0,
                  logger: logging.Logger | logging.LoggerAdapter | None = None):
         self.min_read_fraction = min_read_fraction
         self.log = logger or logging.getLogger(__name__)
@@ -169,54 +164,17 @@ def input_read_ids(input_dir: Path, batch: Sequence[str],
 
 
 def output_read_ids(output_dir: Path,
-                    log: logging.Logger | logging.LoggerAdapter) -> set[str] | None:
+                    log: logging.Logger | logging.LoggerAdapter) -> WrittenReads | None:
     """Every read id written under output_dir (a split read also counts for its parent).
 
-    None when some output cannot be read here (BAM without pysam): the log decides then.
+    None when some output cannot be read (SAM, CRAM, FASTA, a malformed file): the log
+    decides then.
     """
-    ids: set[str] = set()
-    bams: list[Path] = []
-    for path in _files_under(output_dir):
-        if path.name.endswith(FASTQ_SUFFIXES):
-            ids.update(_fastq_ids_with_parents(path))
-        elif path.name.endswith(BAM_SUFFIXES):
-            bams.append(path)
-        elif path.name.endswith(OTHER_READ_SUFFIXES):
-            _once(log, "format", f"output check: cannot read {path.name!r} here; checking the "
-                                 f"basecaller log only")
-            return None
-    if bams:
-        try:
-            import pysam
-        except ImportError:
-            _once(log, "pysam", "output check: BAM output and pysam is not installed; checking "
-                                "the basecaller log only (pip install pysam to compare read ids)")
-            return None
-        for path in bams:
-            with pysam.AlignmentFile(str(path), "rb", check_sq=False) as bam:
-                for record in bam.fetch(until_eof=True):
-                    ids.add(record.query_name)
-                    if record.has_tag("pi"):
-                        ids.add(str(record.get_tag("pi")))
-    return ids
-
-
-def _fastq_ids_with_parents(path: Path) -> Iterator[str]:
-    """Read ids of a FASTQ file (plain or gzip), and the parents of split reads."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="ascii", errors="replace") as fh:
-        for number, line in enumerate(fh):
-            if number % 4 == 0 and line.startswith("@"):
-                yield line[1:].split(None, 1)[0] if line[1:].strip() else ""
-                parent = _PI_TAG.search(line)
-                if parent:
-                    yield parent.group(1)
-
-
-def _files_under(root: Path) -> Iterable[Path]:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            yield Path(dirpath) / name
+    try:
+        return read_ids_under([output_dir])
+    except UnreadableOutput as exc:
+        log.warning("output check: %s; checking the basecaller log only", exc)
+        return None
 
 
 def skipped_in_log(log_path: Path, input_dir: Path, batch: Sequence[str]) -> dict[str, str]:

@@ -15,7 +15,7 @@ import psutil
 
 from bcorch.orchestrator.control import request
 from support import ManagedProcess, ManagerProcess, wait_until
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.orchestrator.pod5_dataset import write_dataset
 
 from .proxy import Proxy
 

@@ -1,13 +1,13 @@
 """Shared by the fake dorado executables: argv records, dorado-style log lines, reading
-POD5 files with the pod5 library, and writing FASTQ and (unaligned) BAM records."""
+POD5 files with the pod5 library, and writing FASTQ and (unaligned, with pysam) BAM records."""
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import json
 import os
-import struct
 import sys
+import tempfile
+import uuid
 import zlib
 from pathlib import Path
 
@@ -52,37 +52,57 @@ def sequence(read_id: str, samples: int) -> tuple[str, str]:
     return seq, "5" * length
 
 
-def fastq(read_id: str, samples: int, model: str) -> str:
-    seq, qual = sequence(read_id, samples)
-    return f"@{read_id}\tst:Z:2026-11-01T09:00:00Z\tDS:Z:basecall_model={model}\n{seq}\n+\n{qual}\n"
-
-
-def _bgzf_block(data: bytes) -> bytes:
-    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
-    body = deflate.compress(data) + deflate.flush()
-    header = struct.pack("<BBBBIBBHBBHH", 31, 139, 8, 4, 0, 0, 255, 6, 66, 67, 2,
-                         len(body) + 25)
-    return header + body + struct.pack("<II", zlib.crc32(data), len(data))
-
-
-def bam(records: list[tuple[str, int]], model: str) -> bytes:
-    """An unaligned BAM file (BGZF blocks, no references) holding the given reads."""
-    text = f"@HD\tVN:1.6\tSO:unknown\n@PG\tID:basecaller\tPN:fake-dorado\tCL:{model}\n".encode()
-    payload = b"BAM\1" + struct.pack("<i", len(text)) + text + struct.pack("<i", 0)
-    codes = {c: i for i, c in enumerate("=ACMGRSVTWYHKDBN")}
+def split_reads(records: list[tuple[str, int]]) -> list[tuple[str, int, str | None]]:
+    """dorado's read splitting acted out: each read becomes two children with new ids and the
+    parent's id in `pi:Z:` (records are (read id, samples, parent id or None))."""
+    out = []
     for read_id, samples in records:
+        for part in (1, 2):
+            child = str(uuid.uuid5(uuid.UUID(read_id), f"split-{part}"))
+            out.append((child, samples // 2, read_id))
+    return out
+
+
+def _unsplit(records) -> list[tuple[str, int, str | None]]:
+    return [r if len(r) == 3 else (*r, None) for r in records]
+
+
+def fastq(records, model: str) -> str:
+    """FASTQ text with dorado's header tags (and `pi:Z:` for a split read's child)."""
+    out = []
+    for read_id, samples, parent in _unsplit(records):
         seq, qual = sequence(read_id, samples)
-        name = read_id.encode() + b"\0"
-        packed = bytearray()
-        for i in range(0, len(seq), 2):
-            hi = codes[seq[i]] << 4
-            lo = codes[seq[i + 1]] if i + 1 < len(seq) else 0
-            packed.append(hi | lo)
-        body = struct.pack("<iiBBHHHIiii", -1, -1, len(name), 0, 4680, 0, 4, len(seq), -1, -1, 0)
-        body += name + bytes(packed) + bytes(ord(q) - 33 for q in qual)
-        payload += struct.pack("<i", len(body)) + body
-    out = b"".join(_bgzf_block(payload[i:i + 60000]) for i in range(0, len(payload), 60000))
-    return out + _bgzf_block(b"")
+        tags = f"\tst:Z:2026-11-01T09:00:00Z\tDS:Z:basecall_model={model}"
+        if parent:
+            tags += f"\tpi:Z:{parent}"
+        out.append(f"@{read_id}{tags}\n{seq}\n+\n{qual}\n")
+    return "".join(out)
+
+
+def bam(records, model: str) -> bytes:
+    """An unaligned BAM file, written by pysam as dorado writes one (no references, the
+    read group and model in tags; `pi:Z:` for a split read's child)."""
+    import pysam
+
+    header = {"HD": {"VN": "1.6", "SO": "unknown"},
+              "PG": [{"ID": "basecaller", "PN": "fake-dorado", "CL": model}]}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "calls.bam")
+        with pysam.AlignmentFile(path, "wb", header=header) as out:
+            for read_id, samples, parent in _unsplit(records):
+                seq, qual = sequence(read_id, samples)
+                record = pysam.AlignedSegment(out.header)
+                record.query_name = read_id
+                record.flag = 4
+                record.query_sequence = seq
+                record.query_qualities = pysam.qualitystring_to_array(qual)
+                tags = [("st", "2026-11-01T09:00:00Z"), ("RG", f"fake_{model}")]
+                if parent:
+                    tags.append(("pi", parent))
+                record.set_tags(tags)
+                out.write(record)
+        with open(path, "rb") as fh:
+            return fh.read()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -90,17 +110,3 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def bam_read_names(path: Path) -> list[str]:
-    """Read names of a BAM written by bam() (for the fakes' own tests)."""
-    data = gzip.decompress(path.read_bytes())
-    (l_text,) = struct.unpack_from("<i", data, 4)
-    offset = 8 + l_text + 4
-    names = []
-    while offset < len(data):
-        (size,) = struct.unpack_from("<i", data, offset)
-        l_name = data[offset + 12]
-        names.append(data[offset + 36: offset + 36 + l_name - 1].decode())
-        offset += 4 + size
-    return names

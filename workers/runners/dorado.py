@@ -28,6 +28,7 @@ from typing import Sequence
 
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError
+from ..read_ids import require_bam_reader
 from .base import LOG_NAME, RunHandle, RunResult, Runner
 
 TIERS = ("fast", "hac", "sup")
@@ -137,6 +138,8 @@ class DoradoRunner(Runner):
         self.dorado = find_executable(dorado_path, "runner.dorado_path")
         self.models_directory = models_directory
         check_model(model, models_directory)
+        if emit == "bam":
+            require_bam_reader("runner.emit")
         self.emit = emit
         self.extra_args = list(extra_args)
         self.device = f"cuda:{device_index}"

@@ -34,6 +34,7 @@ from typing import Sequence
 
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError
+from ..read_ids import require_bam_reader
 from .base import LOG_NAME, RunHandle, RunResult, Runner
 from .dorado import describe_exit, find_executable, last_error_line
 
@@ -314,6 +315,8 @@ class DoradoServerRunner(Runner):
             raise ConfigError("engine.output_dir: required (or manager.output_dir)")
         if use_tcp and not 0 < base_port + gpu_index <= 65535:
             raise ConfigError(f"runner.port: {base_port} + GPU {gpu_index} is not a TCP port")
+        if emit == "bam":
+            require_bam_reader("runner.emit")
         self.model = model
         self.port = str(base_port + gpu_index) if use_tcp else ipc_port(engine_id)
         self.use_tcp = use_tcp
