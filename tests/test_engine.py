@@ -18,8 +18,8 @@ from support import ManagedProcess, ManagerProcess, free_port, kill_tree, wait_u
 from test_engine_stubs import ScriptedServer, forwarder
 from bcorch.workers.channel import EngineState
 from bcorch.workers.engine import BCEngine, run_engine_process
-from bcorch.workers.outputs import read_ids_under
-from bcorch.workers.pod5_dataset import write_dataset
+from bcorch.workers.read_ids import read_ids_under
+from bcorch.orchestrator.pod5_dataset import write_dataset
 from bcorch.config import ConfigError, from_mapping
 
 
