@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from bcorch.workers.channel import Heartbeat
+
 from .gpus import Gpu, GpuHealth
 
 log = logging.getLogger("orchestrator.slot")
@@ -90,7 +92,7 @@ class Slot:
     started_at: float | None = None
     ready_at: float | None = None
     last_message_at: float | None = None
-    heartbeat: dict[str, Any] = field(default_factory=dict)
+    heartbeat: Heartbeat | None = None    # the last one since the engine started
     known_tree: list[Any] = field(default_factory=list)  # psutil.Process of its children
     kill_list: list[Any] = field(default_factory=list)   # the tree being stopped
     hung: bool = False
@@ -147,7 +149,7 @@ class Slot:
     def clear_process(self) -> None:
         self.process = self.conn = self.pid = None
         self.started_at = self.ready_at = self.last_message_at = None
-        self.heartbeat = {}
+        self.heartbeat = None
         self.known_tree = []
         self.kill_list = []
         self.hung = False
@@ -156,7 +158,7 @@ class Slot:
         self.drain_deadline = self.stop_sent_at = self.kill_at = None
 
     def snapshot(self, now: float) -> dict[str, Any]:
-        hb = self.heartbeat
+        hb: Heartbeat | dict[str, Any] = self.heartbeat or {}
         return {
             "gpu": self.gpu.index, "uuid": self.gpu.uuid, "name": self.gpu.name,
             "virtual": self.gpu.virtual, "engine_id": self.engine_id,

@@ -51,7 +51,8 @@ class HostState(str, enum.Enum):
     STOPPING = "STOPPING"     # every engine stops its batch now (reported STOPPED)
 
 
-def child_main(target: Callable[[Any, dict], Any], conn: Any, spec: dict) -> None:
+def child_main(target: Callable[[Any, channel.SpawnSpec], Any], conn: Any,
+               spec: channel.SpawnSpec) -> None:
     """Engine process entry: own process group (a terminal's ^C reaches bcorch only)."""
     try:
         os.setpgrp()
@@ -60,7 +61,7 @@ def child_main(target: Callable[[Any, dict], Any], conn: Any, spec: dict) -> Non
     target(conn, spec)
 
 
-def default_target() -> Callable[[Any, dict], Any]:
+def default_target() -> Callable[[Any, channel.SpawnSpec], Any]:
     from bcorch.workers.engine import run_engine_process
     return run_engine_process
 
@@ -289,9 +290,14 @@ class Supervisor:
             if slot.state is SlotState.STARTING:
                 transition(slot, SlotState.RUNNING, "engine ready", now)
         elif kind == channel.Msg.HEARTBEAT.value:
-            old_pid = slot.heartbeat.get("basecaller_pid")
-            slot.heartbeat = msg
-            if msg.get("basecaller_pid") and msg.get("basecaller_pid") != old_pid:
+            beat = channel.as_heartbeat(msg)
+            if beat is None:
+                slot.log.warning("ignoring a heartbeat without the keys of channel.Heartbeat: %r",
+                                 msg)
+                return
+            old_pid = slot.heartbeat["basecaller_pid"] if slot.heartbeat else None
+            slot.heartbeat = beat
+            if beat["basecaller_pid"] and beat["basecaller_pid"] != old_pid:
                 slot.known_tree = self._children(slot.pid)
         elif kind == channel.Msg.JOB_START.value:
             slot.log.info("job %s started (%s files)", msg.get("job_id"), msg.get("batch_size"))
@@ -368,11 +374,11 @@ class Supervisor:
         return not m.down and not m.probing and m.next_probe_at is None
 
     # --- starting and stopping engines ---------------------------------------------
-    def _spec(self, slot: Slot, after_outage: bool) -> dict:
-        return {"config_path": self.config_path, "gpu_index": slot.gpu.index, "device_index": 0,
-                "env": {"CUDA_VISIBLE_DEVICES": slot.gpu.uuid}, "manager_url": self.manager.url,
-                "engine_id": slot.engine_id, "log_level": self.log_level,
-                "after_outage": after_outage}
+    def _spec(self, slot: Slot, after_outage: bool) -> channel.SpawnSpec:
+        return channel.SpawnSpec(
+            config_path=self.config_path, gpu_index=slot.gpu.index, device_index=0,
+            env={"CUDA_VISIBLE_DEVICES": slot.gpu.uuid}, manager_url=self.manager.url,
+            engine_id=slot.engine_id, log_level=self.log_level, after_outage=after_outage)
 
     def _start(self, slot: Slot, now: float, reason: str, after_outage: bool = False) -> None:
         """Spawn the slot's engine; after_outage asks it to spread its first request."""
@@ -385,7 +391,7 @@ class Supervisor:
         proc = self._ctx.Process(target=child_main, args=(self.target, child, spec),
                                  name=f"bcorch-engine-gpu{slot.gpu.index}")
         try:
-            with _environment(spec["env"]):
+            with _environment(spec.env):
                 proc.start()
         except OSError as exc:
             parent.close()

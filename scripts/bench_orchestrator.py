@@ -26,16 +26,16 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_cluster import wait_for, write_json  # noqa: E402
 
 
-def idle_engine(conn, spec: dict) -> None:
+def idle_engine(conn, spec) -> None:
     """An engine that is up and idle: READY, then one heartbeat a second until told to go."""
     from bcorch.workers import channel
     from bcorch.workers.channel import Msg, message
 
-    channel.send(conn, message(Msg.READY, engine_id=spec["engine_id"], gpu=spec["gpu_index"],
+    channel.send(conn, message(Msg.READY, engine_id=spec.engine_id, gpu=spec.gpu_index,
                                pid=os.getpid()))
     try:
         while True:
-            channel.send(conn, message(Msg.HEARTBEAT, engine_id=spec["engine_id"], state="WAITING",
+            channel.send(conn, message(Msg.HEARTBEAT, engine_id=spec.engine_id, state="WAITING",
                                        job_id=None, batch_size=0, batch_elapsed_s=None,
                                        basecaller_pid=None, batches_done=0, files_done=0,
                                        files_failed=0, last_error=""))

@@ -16,7 +16,7 @@ import pytest
 
 from support import ManagedProcess, ManagerProcess, free_port, kill_tree, wait_until
 from test_engine_stubs import ScriptedServer, forwarder
-from bcorch.workers.channel import EngineState
+from bcorch.workers.channel import EngineState, SpawnSpec
 from bcorch.workers.engine import BCEngine, run_engine_process
 from bcorch.workers.read_ids import read_ids_under
 from bcorch.orchestrator.pod5_dataset import write_dataset
@@ -99,9 +99,9 @@ def gone(pid: int) -> bool:
 
 
 class Child:
-    """An engine started as the orchestrator does: spawn context, duplex pipe, spec dict."""
+    """An engine started as the orchestrator does: spawn context, duplex pipe, SpawnSpec."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: SpawnSpec):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_end = ctx.Pipe()
         self.proc = ctx.Process(target=run_engine_process, args=(child_end, spec))
@@ -306,10 +306,9 @@ def test_malformed_answer_is_one_clear_error(tmp_path, procs, answer, message):
 
 # -- drain, stop, signals, parent ----------------------------------------------------------------
 
-def spec(site: Site, cfg: Path, **extra) -> dict:
-    return {"config_path": str(cfg), "gpu_index": 3, "device_index": 0,
-            "env": {"CUDA_VISIBLE_DEVICES": "3"}, "manager_url": None, "engine_id": None,
-            "log_level": "INFO", **extra}
+def spec(site: Site, cfg: Path, **extra) -> SpawnSpec:
+    return SpawnSpec(config_path=str(cfg), gpu_index=3, device_index=0,
+                     env={"CUDA_VISIBLE_DEVICES": "3"}, **extra)
 
 
 def test_drain_from_parent_finishes_the_batch_then_exits_0(tmp_path, procs, children):
@@ -426,8 +425,7 @@ def test_original_json_errors_name_the_key(tmp_path, change, message):
 def test_configuration_error_exits_78_with_one_line(tmp_path, children):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[engine]\npolling_interval = 'often'\n")
-    child = Child({"config_path": str(cfg), "gpu_index": 0, "device_index": 0, "env": {},
-                   "manager_url": None, "engine_id": None, "log_level": "INFO"})
+    child = Child(SpawnSpec(config_path=str(cfg), gpu_index=0, device_index=0))
     children.append(child)
     msg = child.wait_for("exiting")
     child.proc.join(10)
@@ -461,8 +459,8 @@ def test_parent_gone_while_the_manager_hangs_still_exits_within_5s(tmp_path, chi
     with ScriptedServer(hang) as srv:
         cfg = tmp_path / "engine.toml"
         cfg.write_text(f'[engine]\ninput_dir = "{tmp_path}"\noutput_dir = "{tmp_path}"\n')
-        child = Child({"config_path": str(cfg), "gpu_index": 0, "device_index": 0, "env": {},
-                       "manager_url": srv.url, "engine_id": "hang-gpu0", "log_level": "INFO"})
+        child = Child(SpawnSpec(config_path=str(cfg), gpu_index=0, device_index=0,
+                                manager_url=srv.url, engine_id="hang-gpu0"))
         children.append(child)
         child.wait_for("heartbeat", state="REQUESTING")
         closed_at = time.monotonic()

@@ -40,9 +40,9 @@ def _mode(gpu: int) -> str:
     return modes.get(str(gpu), modes.get("default", "good"))
 
 
-def fake_engine(conn, spec: dict) -> None:
-    os.environ.update(spec.get("env") or {})
-    gpu = spec["gpu_index"]
+def fake_engine(conn, spec: channel.SpawnSpec) -> None:
+    os.environ.update(spec.env)
+    gpu = spec.gpu_index
     mode = _mode(gpu)
     if mode in ("exit78", "exit75"):
         code = int(mode[-2:])
@@ -51,7 +51,7 @@ def fake_engine(conn, spec: dict) -> None:
     if mode == "silent":
         _wait_for_parent_death(conn)
         sys.exit(0)
-    channel.send(conn, message(Msg.READY, engine_id=spec["engine_id"], gpu=gpu, pid=os.getpid()))
+    channel.send(conn, message(Msg.READY, engine_id=spec.engine_id, gpu=gpu, pid=os.getpid()))
     if mode == "crash":
         time.sleep(0.1)
         os._exit(3)
@@ -68,7 +68,7 @@ def fake_engine(conn, spec: dict) -> None:
     try:
         while True:
             channel.send(conn, message(
-                Msg.HEARTBEAT, engine_id=spec["engine_id"], state="DRAINING" if draining_since else "WORKING",
+                Msg.HEARTBEAT, engine_id=spec.engine_id, state="DRAINING" if draining_since else "WORKING",
                 job_id=f"job{done}", batch_size=4, batch_elapsed_s=0.5, files_done=done,
                 basecaller_pid=basecaller.pid if basecaller else None, batches_done=done,
                 files_failed=0, last_error="", cuda=os.environ.get("CUDA_VISIBLE_DEVICES")))

@@ -23,10 +23,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import channel
-from .channel import Cmd, EngineState, Msg
+from .channel import Cmd, EngineState, Msg, SpawnSpec
 from .client import ManagerClient, ManagerRefused, ManagerUnreachable
 from .keepalive import BCKeepAlive, LeaseLost, ReportOutcome
 from .legacy_config import load_any
@@ -525,8 +525,8 @@ class BCEngine:
         if self.conn is None or self._parent_gone:
             return
         batch, handle = self._batch, self._handle
-        ok = channel.send(self.conn, channel.message(
-            Msg.HEARTBEAT, engine_id=self.engine_id, state=self.PROCESSING_STATE.value,
+        ok = channel.send(self.conn, channel.heartbeat(
+            engine_id=self.engine_id, state=self.PROCESSING_STATE,
             job_id=batch.jobid if batch else None,
             batch_size=batch.batch_size if batch else 0,
             batch_elapsed_s=round(time.monotonic() - self._batch_started, 3) if batch else 0.0,
@@ -581,10 +581,10 @@ def _configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
-def run_engine_process(conn: Any, spec: dict[str, Any]) -> None:
+def run_engine_process(conn: Any, spec: SpawnSpec) -> None:
     """Entry point of an engine child started by the orchestrator (spawn context)."""
-    os.environ.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
-    _configure_logging(spec.get("log_level") or "INFO")
+    os.environ.update(spec.env)
+    _configure_logging(spec.log_level)
     code = run_engine(conn, spec)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
@@ -599,17 +599,15 @@ def run_engine_process(conn: Any, spec: dict[str, Any]) -> None:
     os._exit(code)
 
 
-def run_engine(conn: Any, spec: dict[str, Any],
-               make: Callable[..., BCEngine] = BCEngine) -> int:
-    """Build and run an engine from an orchestrator spec; the exit code."""
+def run_engine(conn: Any, spec: SpawnSpec) -> int:
+    """Build and run an engine from the supervisor's spec; the exit code."""
     try:
-        engine = make(spec.get("config_path"), int(spec.get("gpu_index", 0)), conn=conn,
-                      manager_url=spec.get("manager_url"), engine_id=spec.get("engine_id"),
-                      device_index=spec.get("device_index"),
-                      after_outage=spec.get("after_outage"))
+        engine = BCEngine(spec.config_path, spec.gpu_index, conn=conn,
+                          manager_url=spec.manager_url, engine_id=spec.engine_id,
+                          device_index=spec.device_index, after_outage=spec.after_outage)
     except ConfigError as exc:
         logging.getLogger("workers.engine").error("[gpu%s] configuration error: %s",
-                                                   spec.get("gpu_index"), exc)
+                                                   spec.gpu_index, exc)
         channel.send(conn, channel.message(Msg.EXITING, code=EXIT_CONFIG, reason=str(exc)))
         return EXIT_CONFIG
     return engine.begin_working()
