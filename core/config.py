@@ -11,6 +11,7 @@ message is one line naming the key; the commands turn it into exit code 78.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 import typing
@@ -26,6 +27,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from .protocol import DEFAULT_PORT, EXIT_CONFIG, MAX_BATCH_SIZE, is_valid_id
 
 TOKEN_ENV = "BCORCH_TOKEN"
+URL_SCHEMES = ("http://", "https://")
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,8 @@ class ManagerConfig:
     settle_s: float = 30.0
     input_closed: bool = False
     threads: int = 16
+    allow_simulated: bool = False
+    lock_refresh_s: float = 10.0
 
 
 @dataclass
@@ -69,7 +73,7 @@ class EngineConfig:
 
 @dataclass
 class RunnerConfig:
-    kind: Literal["script", "dorado", "dorado-server", "simulate"] = "simulate"
+    kind: Literal["script", "dorado", "dorado-server", "simulate"] = "dorado"
     bc_script: str = ""
     port: int = 5555
     samples_per_s: float = 2_000_000.0
@@ -81,7 +85,7 @@ class RunnerConfig:
     emit: Literal["fastq", "bam"] = "fastq"
     extra_args: list[str] = field(default_factory=list)
     fail_fraction: float = 0.1
-    min_read_fraction: float = 0.9
+    min_read_fraction: float = 1.0
     server_path: str = "dorado_basecall_server"
     supervisor_path: str = "ont_basecaller_supervisor"
     server_use_tcp: bool = False
@@ -126,7 +130,9 @@ class Config:
             if value is None:
                 continue
             if key not in hints:
-                raise ConfigError(f"{section}.{key}: unknown key")
+                guess = _did_you_mean(section, key)
+                raise ConfigError(f"{section}.{key}: unknown key"
+                                  + (f" (did you mean {guess}?)" if guess else ""))
             setattr(target, key, _check(f"{section}.{key}", value, hints[key]))
         _check_ranges(self)
 
@@ -174,7 +180,7 @@ def _check(key: str, value: Any, hint: Any) -> Any:
 _MINIMUMS: dict[str, float] = {
     "manager.port": 0, "manager.batch_size": 1, "manager.report_back_interval": 1,
     "manager.max_attempts": 1, "manager.scan_interval_s": 0.05, "manager.settle_s": 0,
-    "manager.threads": 1,
+    "manager.threads": 1, "manager.lock_refresh_s": 0.1,
     "engine.optimal_request_size": 0, "engine.polling_interval": 0, "engine.busy_pause_s": 0,
     "engine.connect_timeout_s": 0.1, "engine.read_timeout_s": 0.1, "engine.request_retries": 0,
     "runner.port": 0, "runner.samples_per_s": 1, "runner.startup_s": 0,
@@ -200,6 +206,9 @@ def _check_ranges(config: Config) -> None:
         if value < low or (high is not None and value > high):
             bound = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
             raise ConfigError(f"{key}: expected a value {bound}, got {value!r}")
+    if not config.manager.url.startswith(URL_SCHEMES):
+        raise ConfigError(f"manager.url: needs http:// or https:// (as in "
+                          f"http://HOST:{DEFAULT_PORT}), got {config.manager.url!r}"[:300])
     if config.engine.engine_id and not is_valid_id(config.engine.engine_id):
         raise ConfigError(f"engine.engine_id: expected [A-Za-z0-9._-]{{1,64}}, "
                           f"got {config.engine.engine_id!r}")
@@ -209,14 +218,52 @@ def from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> Config:
     """Build a Config from parsed TOML, refusing unknown sections and keys."""
     config = Config(source=source)
     for section, values in data.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"[{section}]: unknown section (expected one of "
-                              f"{', '.join(SECTIONS)})")
-        if not isinstance(values, Mapping):
+        if section in SECTIONS and not isinstance(values, Mapping):
             raise ConfigError(f"[{section}]: expected a table, got {values!r}"[:300])
+    unknown = unknown_keys(data)
+    if unknown:
+        raise ConfigError(unknown)
+    for section, values in data.items():
         config.override(section, **{k: _not_none(section, k, v) for k, v in values.items()})
     _check_ranges(config)
     return config
+
+
+def _all_keys() -> list[str]:
+    return [f"{section}.{name}" for section, cls in SECTIONS.items()
+            for name in typing.get_type_hints(cls)]
+
+
+def _did_you_mean(section: str, key: str) -> str:
+    """The closest known key: same section first, then a key of the same name elsewhere."""
+    same = difflib.get_close_matches(key, list(typing.get_type_hints(SECTIONS[section])), 1, 0.6)
+    if same:
+        return f"{section}.{same[0]}"
+    moved = [k for k in _all_keys() if k.split(".")[1] == key]
+    if moved:
+        return moved[0]
+    near = difflib.get_close_matches(f"{section}.{key}", _all_keys(), 1, 0.6)
+    return near[0] if near else ""
+
+
+def unknown_keys(data: Mapping[str, Any]) -> str:
+    """One line naming every unknown section and key, each with a "did you mean"; "" if none."""
+    problems: list[str] = []
+    for section, values in data.items():
+        if section not in SECTIONS:
+            guess = difflib.get_close_matches(str(section), list(SECTIONS), 1, 0.6)
+            hint = f"did you mean [{guess[0]}]?" if guess else f"expected one of {', '.join(SECTIONS)}"
+            problems.append(f"[{section}]: unknown section ({hint})")
+            continue
+        known = typing.get_type_hints(SECTIONS[section])
+        for key in values:
+            if key not in known:
+                guess = _did_you_mean(section, str(key))
+                problems.append(f"{section}.{key}: unknown key"
+                                + (f" (did you mean {guess}?)" if guess else ""))
+    if len(problems) > 1:
+        return f"{len(problems)} unknown keys: " + "; ".join(problems)
+    return problems[0] if problems else ""
 
 
 def _not_none(section: str, key: str, value: Any) -> Any:

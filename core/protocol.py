@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -19,6 +20,41 @@ EXIT_PROTOCOL = 75      # manager unreachable or lease lost (EX_TEMPFAIL)
 EXIT_CONFIG = 78        # configuration error, do not restart (EX_CONFIG)
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+# A job id is the lease's capability (DESIGN.md §3): whoever knows it can keep the lease
+# alive or complete the job. It carries JOB_ID_RANDOM_BITS random bits; status, metrics
+# and logs show only its first JOB_ID_SHOWN characters, which leave at least 64 of them
+# unknown (the sequence number and at most 16 random bits are shown).
+JOB_ID_RANDOM_BITS = 80
+JOB_ID_SHOWN = 12
+
+# Optional request field (turn 2): the engine's runner is `simulate`. A manager that was
+# not started for simulation (manager.allow_simulated) refuses such an engine with
+# CONFIG_REFUSED, which the engine treats as a configuration error (exit 78).
+SIMULATED_FIELD = "simulated"
+CONFIG_REFUSED = 403
+
+
+def new_job_id(seq: int) -> str:
+    """j<sequence>-<80 random bits in hex>: ordered for people, unguessable for others."""
+    return f"j{seq:06d}-{secrets.token_hex(JOB_ID_RANDOM_BITS // 8)}"
+
+
+def short_job_id(job_id: str) -> str:
+    """What status, metrics and logs show of a job id (never the whole capability)."""
+    return job_id[:JOB_ID_SHOWN]
+
+
+def parse_flag(value: object, what: str) -> bool:
+    """A boolean field: JSON true/false, or in a query string 1/0, true/false, yes/no."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no", ""):
+        return False
+    raise ProtocolError(f"{what} must be true or false, got {str(value)[:40]!r}")
 
 
 class ProtocolError(ValueError):
@@ -90,6 +126,10 @@ class Batch:
     report_back_interval: float
     input_closed: bool | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Extension: the manager's INPUT_DIR / OUTPUT_DIR (absolute, as the manager host sees
+    # them), so an engine on a host with the same mounts needs no directories configured.
+    input_root: str = ""
+    output_root: str = ""
 
     @property
     def batch_size(self) -> int:
@@ -111,6 +151,9 @@ class Batch:
         }
         if self.input_closed is not None:
             answer["input_closed"] = self.input_closed
+        for key in ("input_root", "output_root"):
+            if getattr(self, key):
+                answer[key] = getattr(self, key)
         return answer
 
     @classmethod
@@ -150,7 +193,17 @@ class Batch:
             batch=files,
             report_back_interval=float(interval),
             input_closed=closed,
+            input_root=_root(answer, "input_root"),
+            output_root=_root(answer, "output_root"),
         )
+
+
+def _root(answer: Mapping[str, Any], key: str) -> str:
+    value = answer.get(key, "")
+    if not isinstance(value, str) or (value and (not value.startswith("/") or "\0" in value
+                                                 or len(value) > 4096)):
+        raise ProtocolError(f"/assignwork {key} must be an absolute path, got {str(value)[:80]!r}")
+    return value
 
 
 def _require(answer: Mapping[str, Any], key: str) -> Any:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
-from bcorch.protocol import (MAX_BATCH_SIZE, JobState as WireState, ProtocolError,
-                              parse_job_state, validate_file_name, validate_id)
+from bcorch.protocol import (MAX_BATCH_SIZE, SIMULATED_FIELD, JobState as WireState,
+                              ProtocolError, parse_flag, parse_job_state, validate_file_name,
+                              validate_id)
 
 from .metrics import Metrics
 from .service import Answer, Manager
@@ -30,7 +31,7 @@ MAX_LIST_LIMIT = 100_000
 _INT_RE = re.compile(r"[0-9]{1,7}")
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+            403: "Forbidden", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 StartResponse = Callable[..., Any]
 
@@ -113,6 +114,17 @@ def _failed_files(params: Params) -> dict[str, str]:
     if len(items) > MAX_BATCH_SIZE:
         raise HTTPError(400, f"parameter failed_files names more than {MAX_BATCH_SIZE} files")
     return items
+
+
+def _holder_named(params: Params) -> str | None:
+    """The optional engineid of /keepalive and /completed: it must be the job's holder."""
+    value = params.one("engineid", required=False)
+    return None if value is None else _checked(validate_id, value, "engineid")
+
+
+def _simulated(params: Params) -> bool:
+    value = params.one(SIMULATED_FIELD, required=False)
+    return False if value is None else _checked(parse_flag, value, SIMULATED_FIELD)
 
 
 class App:
@@ -218,21 +230,24 @@ class App:
         engine_id = _checked(validate_id, params.one("engineid"), "engineid")
         size = params.one("batchsize", required=False)
         wanted = 0 if size is None else _int_param(size, "batchsize", 0, MAX_BATCH_SIZE)
-        return self.manager.assign(engine_id, wanted)
+        return self.manager.assign(engine_id, wanted, simulated=_simulated(params))
 
     def keepalive(self, params: Params) -> Answer:
         job_id = _checked(validate_id, params.one("job_id"), "job_id")
         state = self._state(params, frozenset({WireState.STARTED, WireState.PROCESSING}))
-        return self.manager.keepalive(job_id, state)
+        return self.manager.keepalive(job_id, state, engine_id=_holder_named(params))
 
     def completed(self, params: Params) -> Answer:
         job_id = _checked(validate_id, params.one("job_id"), "job_id")
+        engine_id = _holder_named(params)
+        simulated = _simulated(params)
         state = self._state(params, frozenset({WireState.DONE, WireState.FAILED, WireState.STOPPED}))
         reason = params.one("reason", required=False) or ""
         if not isinstance(reason, str):
             raise HTTPError(400, "parameter reason must be a string")
         try:
-            return self.manager.complete(job_id, state, _failed_files(params), reason[:MAX_REASON])
+            return self.manager.complete(job_id, state, _failed_files(params), reason[:MAX_REASON],
+                                         engine_id=engine_id, simulated=simulated)
         except UnknownFailedFile as exc:
             raise HTTPError(400, f"parameter {exc}") from None
 

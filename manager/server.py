@@ -1,13 +1,14 @@
-"""The running service: cheroot serving the app, a reaper thread, a scanner thread.
+"""The running service: the HTTP server serving the app, a reaper thread, a scanner thread.
 
-cheroot (CherryPy's HTTP server) is a production WSGI server: a fixed worker pool,
-HTTP/1.1 keep-alive with idle connections parked in a selector rather than holding a
-worker, header and body size limits, pure Python. It replaced waitress, whose event
-loop costs grow with the number of open connections: with 64 engines keeping their
-connections open it served half the requests per second (docs/benchmarks.md).
+The HTTP server (manager.http_server) is uvicorn on one event loop: connections,
+request headers and bodies are handled there under deadlines, and only the WSGI app
+runs in a small thread pool, so idle or slow connections cannot take the workers
+(docs/benchmarks.md compares it with cheroot and waitress). Held long polls
+(`/assignwork?wait_s=`) wait in the event loop too; the manager wakes them through
+`Manager.on_work_may_be_ready`, and the scan wakes them when it adds files.
 
 SIGTERM/SIGINT only set an event; the main thread sees it within a fraction of a
-second, stops accepting, lets the worker threads finish and exits 0.
+second, stops accepting, lets the requests in progress finish and exits 0.
 """
 from __future__ import annotations
 
@@ -18,11 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-from cheroot.wsgi import Server as WSGIServer
-
 from bcorch.config import ManagerConfig
 
 from .app import MAX_BODY, App
+from .http_server import HTTPServer, raise_open_files_limit
 from .layout import Layout
 from .metrics import MetricsMiddleware
 from .scanner import Scanner
@@ -31,9 +31,6 @@ from .store import Store
 from .watcher import InputWatcher
 
 log = logging.getLogger("bcmanager")
-
-IDLE_CONNECTION_S = 120.0   # an engine's keep-alive connection may idle between keep-alives
-MAX_HEADERS = 64 * 1024
 
 
 def db_path(cfg: ManagerConfig) -> str:
@@ -50,7 +47,8 @@ class Service:
         self.layout = Layout(cfg.input_dir, cfg.output_dir)
         self.manager = Manager(self.store, self.layout, batch_size=cfg.batch_size,
                                report_back_interval=cfg.report_back_interval,
-                               input_closed=cfg.input_closed)
+                               input_closed=cfg.input_closed,
+                               allow_simulated=cfg.allow_simulated)
         self.manager.recover()
         skip = (cfg.output_dir,) if _inside(cfg.output_dir, cfg.input_dir) else ()
         self.scanner = Scanner(cfg.input_dir, cfg.settle_s, self.store.add_files,
@@ -60,13 +58,11 @@ class Service:
         self.app = App(self.manager, token)
         self._threads: list[threading.Thread] = []
         wsgi = MetricsMiddleware(self.app, self.app.metrics, self.app.routes)
-        self.server = _Server((cfg.host, cfg.port), wsgi, numthreads=cfg.threads,
-                              request_queue_size=256, timeout=IDLE_CONNECTION_S,
-                              shutdown_timeout=10, server_name="bcmanager")
-        self.server.max_request_body_size = MAX_BODY
-        self.server.max_request_header_size = MAX_HEADERS
-        self.server.prepare()  # binds now, so a busy port is an error of the constructor
-        self.port = int(self.server.bind_addr[1])
+        # Binds now, so a busy port is an error of the constructor.
+        self.server = HTTPServer(cfg.host, cfg.port, wsgi, threads=cfg.threads, max_body=MAX_BODY)
+        self.port = self.server.port
+        self.manager.on_work_may_be_ready(self.server.notify_work)
+        self._http: threading.Thread | None = None
 
     def reap_tick_s(self) -> float:
         """A lease expires within one tick of its deadline."""
@@ -82,9 +78,11 @@ class Service:
 
     def _scan(self) -> None:
         self.watcher.start()  # before the first scan, so nothing falls between the two
-        self.scanner.scan_once(self.stop_event.is_set)
+        if self.scanner.scan_once(self.stop_event.is_set):
+            self.manager.work_may_be_ready()
 
     def serve(self) -> int:
+        raise_open_files_limit()
         log.info("serving on http://%s:%d (input %s, output %s, db %s, lease %.0f s, token %s)",
                  self.cfg.host, self.port, self.cfg.input_dir, self.cfg.output_dir,
                  self.store.path, self.cfg.report_back_interval,
@@ -100,7 +98,7 @@ class Service:
             t.start()
         # Handlers first: once the HTTP thread answers, a client may signal us at once.
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        http = threading.Thread(target=self._serve_http, name="http", daemon=True)
+        http = self._http = threading.Thread(target=self._serve_http, name="http", daemon=True)
         http.start()
         try:
             while not self.stop_event.wait(0.2) and http.is_alive():
@@ -127,19 +125,15 @@ class Service:
         log.info("stopping: no new requests, finishing those in progress")
         self.server.stop()
         deadline = time.monotonic() + 30
+        if self._http is not None:  # requests in progress still use the store
+            self._http.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.server.close()
         for t in self._threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
         self.watcher.close()
         self.manager.flush_moved()
         self.store.close()
         log.info("stopped")
-
-
-class _Server(WSGIServer):
-    """cheroot with its error log sent through logging instead of stderr."""
-
-    def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
-        log.log(max(level, logging.DEBUG), "http: %s", msg, exc_info=traceback)
 
 
 def _inside(child: str, parent: str) -> bool:

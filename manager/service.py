@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bcorch.protocol import Batch, JobState as WireState
+from bcorch.protocol import CONFIG_REFUSED, Batch, JobState as WireState, short_job_id
 
 from .layout import Layout
 from .leases import Leases
@@ -28,6 +29,10 @@ THROUGHPUT_WINDOW_S = 300.0
 _FINAL = {WireState.DONE: JobState.DONE, WireState.FAILED: JobState.FAILED,
           WireState.STOPPED: JobState.STOPPED}
 
+SIMULATION_REFUSED = ("this manager does not accept simulated basecalls (the engine's runner.kind "
+                      "is \"simulate\"): set runner.kind to dorado, or start the manager with "
+                      "manager.allow_simulated = true for a demo or a test")
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -38,8 +43,10 @@ class Answer:
 class Manager:
     def __init__(self, store: Store, layout: Layout, *, batch_size: int,
                  report_back_interval: float, input_closed: bool = False,
+                 allow_simulated: bool = False,
                  clock: Callable[[], float] = time.monotonic):
         self.store = store
+        self.allow_simulated = allow_simulated
         self.layout = layout
         self.batch_size = batch_size
         self.interval = report_back_interval
@@ -50,6 +57,7 @@ class Manager:
         self._done_log: collections.deque[tuple[float, int, int]] = collections.deque()
         self._engines_seen: dict[str, float] = {}
         self._moved: list[str] = []   # settled jobs not yet acknowledged in the store
+        self._work_listeners: list[Callable[[], None]] = []
         if input_closed and not store.input_closed():
             store.close_input()
         self._input_closed = store.input_closed()
@@ -68,7 +76,8 @@ class Manager:
             self._engines_seen.update(self.store.recent_engines())
             if live:
                 log.info("restart: %d live jobs get a fresh lease of %.0f s: %s", len(live),
-                         self.interval, ", ".join(f"{j.job_id}@{j.engine_id}" for j in live[:20]))
+                         self.interval,
+                         ", ".join(f"{short_job_id(j.job_id)}@{j.engine_id}" for j in live[:20]))
 
     def flush_moved(self) -> None:
         """Acknowledge finished moves in one transaction (the reaper does it every tick).
@@ -91,14 +100,30 @@ class Manager:
     def input_closed(self) -> bool:
         return self._input_closed
 
+    def on_work_may_be_ready(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (in the changing thread) whenever an empty /assignwork might now
+        get work or learn that nothing is left: files added or back to PENDING, a job
+        finished, the input closed. Held long polls wait on it (manager.asgi)."""
+        self._work_listeners.append(listener)
+
+    def work_may_be_ready(self) -> None:
+        """Tell the listeners; whoever adds files (the scan) calls it too."""
+        for listener in self._work_listeners:
+            listener()
+
     def close_input(self) -> None:
         with self._lock:
             if not self._input_closed:
                 self.store.close_input()
                 self._input_closed = True
                 log.info("input closed: no more files will be added")
+        self.work_may_be_ready()
 
-    def assign(self, engine_id: str, wanted: int) -> Answer:
+    def assign(self, engine_id: str, wanted: int, simulated: bool = False) -> Answer:
+        if simulated and not self.allow_simulated:
+            log.error("engine %s: refused, its runner is simulated and manager.allow_simulated "
+                      "is false", engine_id)
+            return Answer(CONFIG_REFUSED, {"error": SIMULATION_REFUSED})
         wanted = wanted or self.batch_size
         with self._lock:
             self._engines_seen[engine_id] = time.time()
@@ -113,12 +138,13 @@ class Manager:
                 self.layout.prepare(job)
             except OSError as exc:
                 log.error("job %s engine %s: cannot create its directories, batch withdrawn: %s",
-                          job.job_id, engine_id, exc)
+                          short_job_id(job.job_id), engine_id, exc)
                 self.store.finish(job.job_id, JobState.STOPPED)
                 self._settle_quietly(self.store.job(job.job_id))
                 return Answer(503, {"error": f"cannot create the job's directories: {exc}"[:300]})
             self.leases.grant(job.job_id, engine_id)
-        log.info("job %s engine %s: assigned %d files", job.job_id, engine_id, len(job.files))
+        log.info("job %s engine %s: assigned %d files", short_job_id(job.job_id), engine_id,
+                 len(job.files))
         return Answer(200, Batch(
             jobid=job.job_id,
             job_input_dir=self.layout.assigned_dir(job).name,
@@ -127,27 +153,60 @@ class Manager:
             batch=tuple(f.link for f in job.files),
             report_back_interval=self.interval,
             input_closed=self._input_closed,
+            input_root=os.path.abspath(self.layout.input_dir),
+            output_root=os.path.abspath(self.layout.output_dir),
         ).to_dict())
 
-    def keepalive(self, job_id: str, state: WireState) -> Answer:
+    def keepalive(self, job_id: str, state: WireState, engine_id: str | None = None) -> Answer:
         with self._lock:
-            alive = self.leases.refresh(job_id)
             engine = self.leases.engine_of(job_id)
+            if engine_id is not None and engine is not None and engine_id != engine:
+                log.warning("job %s: keep-alive from engine %s, but engine %s holds it: "
+                            "answered late", short_job_id(job_id), engine_id, engine)
+                return Answer(200, {"late": True})
+            alive = self.leases.refresh(job_id)
             if engine:
                 self._engines_seen[engine] = time.time()
         if not alive:
             log.info("job %s: keep-alive (%s) for a lease that is not live: late",
-                     job_id, state.value)
+                     short_job_id(job_id), state.value)
         return Answer(200, {"late": not alive})
 
+    def _holder(self, job_id: str) -> str | None:
+        engine = self.leases.engine_of(job_id)
+        if engine is None:
+            job = self.store.job(job_id)
+            engine = job.engine_id if job is not None else None
+        return engine
+
     def complete(self, job_id: str, state: WireState, failed: dict[str, str],
-                 reason: str) -> Answer:
+                 reason: str, engine_id: str | None = None, simulated: bool = False) -> Answer:
+        """A final report. A request naming another engine than the holder is answered as
+        for an unknown job (late), so it learns nothing; a simulated DONE or FAILED on a
+        manager not started for simulation is refused and the batch is returned unharmed."""
+        target = _FINAL[state]
+        with self._lock:
+            if engine_id is not None:
+                holder = self._holder(job_id)
+                if holder is not None and holder != engine_id:
+                    log.warning("job %s: %s from engine %s, but engine %s holds it: answered "
+                                "late", short_job_id(job_id), state.value, engine_id, holder)
+                    return Answer(200, {"ok": False, "late": True})
+            if simulated and not self.allow_simulated and target is not JobState.STOPPED:
+                log.error("job %s: simulated %s refused (manager.allow_simulated is false): "
+                          "the batch is returned as STOPPED", short_job_id(job_id), state.value)
+                self._finish(job_id, WireState.STOPPED, {}, "simulated result refused")
+                return Answer(CONFIG_REFUSED, {"error": SIMULATION_REFUSED})
+            return self._finish(job_id, state, failed, reason)
+
+    def _finish(self, job_id: str, state: WireState, failed: dict[str, str],
+                reason: str) -> Answer:
         target = _FINAL[state]
         with self._lock:
             result: Completion = self.store.finish(job_id, target, failed, reason)
             job = result.job
             if job is None:
-                log.info("job %s: %s for an unknown job: late", job_id, state.value)
+                log.info("job %s: %s for an unknown job: late", short_job_id(job_id), state.value)
                 return Answer(200, {"ok": False, "late": True})
             self._engines_seen[job.engine_id] = time.time()
             if not result.changed:
@@ -156,19 +215,21 @@ class Manager:
             if result.files_done:
                 self._done_log.append((self._clock(), result.files_done, result.bytes_done))
             self._settle_quietly(job)
-        log.info("job %s engine %s: %s (%d files done%s)", job_id, job.engine_id, state.value,
+        log.info("job %s engine %s: %s (%d files done%s)", short_job_id(job_id), job.engine_id,
+                 state.value,
                  result.files_done, f", {len(failed)} named failed" if failed else "")
+        self.work_may_be_ready()
         return Answer(200, {"ok": True})
 
     def _repeat_answer(self, job: Job, target: JobState) -> Answer:
         if job.state is JobState.EXPIRED:
             log.info("job %s engine %s: %s after its lease expired: late, output discarded",
-                     job.job_id, job.engine_id, target.value)
+                     short_job_id(job.job_id), job.engine_id, target.value)
             self._discard_late(job)
             return Answer(200, {"ok": False, "late": True})
         if job.state is target:
             return Answer(200, {"ok": True})
-        return Answer(409, {"error": f"job {job.job_id} was already reported {job.state.value}, "
+        return Answer(409, {"error": f"job {short_job_id(job.job_id)} was already reported {job.state.value}, "
                                      f"not {target.value}"})
 
     def _discard_late(self, job: Job) -> None:
@@ -176,7 +237,7 @@ class Manager:
             self.layout.discard_output(job)
         except OSError as exc:
             log.error("job %s engine %s: cannot put aside late output: %s",
-                      job.job_id, job.engine_id, exc)
+                      short_job_id(job.job_id), job.engine_id, exc)
 
     def _settle_quietly(self, job: Job | None) -> None:
         if job is None:
@@ -185,7 +246,7 @@ class Manager:
             self.layout.settle(job)
         except OSError as exc:
             log.error("job %s engine %s: moving its %s outputs failed (retried by the reaper): %s",
-                      job.job_id, job.engine_id, job.state.value, exc)
+                      short_job_id(job.job_id), job.engine_id, job.state.value, exc)
             return
         self._moved.append(job.job_id)
 
@@ -198,9 +259,11 @@ class Manager:
                 self.leases.drop(job_id)
                 result = self.store.finish(job_id, JobState.EXPIRED)
                 log.warning("job %s engine %s: no keep-alive for %.0f s: lease EXPIRED, "
-                            "files back to PENDING", job_id, engine, self.interval)
+                            "files back to PENDING", short_job_id(job_id), engine, self.interval)
                 self._settle_quietly(result.job)
             self._finish_moves()
+        if expired:
+            self.work_may_be_ready()
         return len(expired)
 
     # -- reading -----------------------------------------------------------------------
@@ -214,7 +277,8 @@ class Manager:
             window = min(THROUGHPUT_WINDOW_S, max(now - self._started, 1e-3))
             files_done = sum(f for _, f, _ in self._done_log)
             bytes_done = sum(b for _, _, b in self._done_log)
-            in_flight = {e: sorted(jobs) for e, jobs in self.leases.by_engine().items()}
+            in_flight = {e: sorted(short_job_id(j) for j in jobs)
+                         for e, jobs in self.leases.by_engine().items()}
             seen = dict(self._engines_seen)
         files_per_s = files_done / window
         left = counters.files["PENDING"] + counters.files["ASSIGNED"]

@@ -21,9 +21,12 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from .states import (FileEvent, FileState, JobState, file_transition, job_transition)
+from bcorch.protocol import new_job_id
+
+from .states import (RETRY_BACKOFF_MAX_S, FileEvent, FileState, JobState, file_transition,
+                     job_transition, retry_delay)
 
 log = logging.getLogger("bcmanager.store")
 
@@ -38,11 +41,15 @@ CREATE TABLE IF NOT EXISTS files(
     job_id    TEXT,                      -- the job that holds it (ASSIGNED) or last held it
     link      TEXT,                      -- its symlink name inside that job's ASSIGNED_ dir
     reason    TEXT,                      -- last failure reason
-    updated   REAL                       -- wall clock, for operators
+    updated   REAL,                      -- wall clock, for operators
+    fid       TEXT,                      -- POD5 file identifier; NULL: known by path and size
+    mtime     REAL,                      -- st_mtime when found (a change re-examines the file)
+    failures  INTEGER NOT NULL DEFAULT 0,  -- failures counted or not: the retry back-off
+    retry_at  REAL,                      -- wall clock before which it does not go out again
+    dup_of    INTEGER                    -- DUPLICATE: the id of the copy that is basecalled
 );
 -- Picking the next N pending files walks these partial indexes: O(N) at any table size.
 CREATE INDEX IF NOT EXISTS files_pending ON files(id) WHERE state = 'PENDING';
-CREATE INDEX IF NOT EXISTS files_retry ON files(id) WHERE state = 'PENDING' AND attempts > 0;
 CREATE INDEX IF NOT EXISTS files_job ON files(job_id);
 CREATE TABLE IF NOT EXISTS jobs(
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused, so job ids never are
@@ -60,7 +67,58 @@ CREATE INDEX IF NOT EXISTS jobs_fs_pending ON jobs(seq) WHERE fs_pending = 1;
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# Columns added since the first schema: a database made by an older manager gets them on open.
+_ADDED_COLUMNS = {"fid": "TEXT", "mtime": "REAL", "failures": "INTEGER NOT NULL DEFAULT 0",
+                  "retry_at": "REAL", "dup_of": "INTEGER"}
+_INDEXES_OF_ADDED = """
+CREATE INDEX IF NOT EXISTS files_fid ON files(fid) WHERE fid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS files_quarantined ON files(id) WHERE state = 'QUARANTINED';
+DROP INDEX IF EXISTS files_retry;
+CREATE INDEX IF NOT EXISTS files_retried ON files(id) WHERE state = 'PENDING' AND failures > 0;
+"""
+retry_clock = time.time  # the wall clock of retry_at (tests move it forward)
+# A file that failed waits out its back-off; a retry_at further ahead than the longest
+# back-off means the wall clock was set back: the file is ready.
+_READY_AGAIN = "(retry_at IS NULL OR retry_at <= ? OR retry_at > ?)"
+
 MAX_LINK_NAME = 200  # bytes; file systems allow 255
+
+
+class DatabaseUnusable(Exception):
+    """The database file cannot be opened or read; str() is one line for the operator."""
+
+    def __init__(self, path: str, why: object):
+        super().__init__(
+            f"cannot use the database {path}: {why}. If it is damaged or from elsewhere, move it "
+            f"aside (with its -wal and -shm files) and start again: the finished-files journal "
+            f"beside the outputs rebuilds what is DONE (or give another file with --db / "
+            f"manager.db)")
+        self.path = path
+
+
+@dataclass(frozen=True)
+class Found:
+    """A file the scanner found ready: where it is, and who it is."""
+
+    path: str                   # relative to INPUT_DIR
+    size: int
+    mtime: float
+    fid: str | None             # POD5 file identifier, None when it cannot be read
+    state: "FileState | None" = None   # None: PENDING; QUARANTINED for a file never completed
+    reason: str | None = None
+
+
+@dataclass
+class Placed:
+    """What add_found() did with the files it was given."""
+
+    added: int = 0
+    moved: list[tuple[str, str]] = field(default_factory=list)       # (old path, new path)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (copy, the one basecalled)
+    reexamined: list[str] = field(default_factory=list)
+
+
+Excuse = Callable[[str, int, "float | None"], "str | None"]
 
 
 class UnknownFailedFile(ValueError):
@@ -128,17 +186,26 @@ class Store:
         self.path = path
         self.max_attempts = max_attempts
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        self.counters = Counters()
-        for state, n, size in self._db.execute(
-                "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY state"):
-            self.counters.files[state] = n
-            self.counters.bytes[state] = size
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                       timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+            self._add_columns()
+            self.counters = self._recount()
+        except sqlite3.Error as exc:
+            raise DatabaseUnusable(path, exc) from None
+
+    def _add_columns(self) -> None:
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+        for name, decl in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE files ADD COLUMN {name} {decl}")
+        if "failures" not in have:
+            self._db.execute("UPDATE files SET failures = attempts WHERE attempts > 0")
+        self._db.executescript(_INDEXES_OF_ADDED)
 
     def close(self) -> None:
         with self._lock:
@@ -168,9 +235,12 @@ class Store:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT path FROM files")}
 
-    def add_files(self, rows: Iterable[tuple[str, int]]) -> int:
-        """Insert new PENDING files (path relative to INPUT_DIR, size); return how many."""
-        rows = list(rows)
+    def add_files(self, rows: Iterable["tuple[str, int] | Found"]) -> int:
+        """Insert new PENDING files (path relative to INPUT_DIR, size); return how many.
+
+        Found items are taken by path alone (identity and moves are add_found()'s job).
+        """
+        rows = [(r.path, r.size) if isinstance(r, Found) else tuple(r) for r in rows]
         if not rows:
             return 0
         with self._tx() as db:
@@ -202,6 +272,138 @@ class Store:
             counters.bytes[state] = size
         return counters
 
+    def add_found(self, found: Iterable[Found], exists: Callable[[str], bool]) -> Placed:
+        """Place files found ready, by identity: new, moved, a duplicate, or changed.
+
+        A file whose POD5 identifier is already known under a path that no longer exists
+        has moved: the row follows it and keeps its state (a DONE file is not redone).
+        If the known path still exists, the new one is a second copy: DUPLICATE, never
+        basecalled. A path already known as QUARANTINED (it changed on disk) is examined
+        again and goes back to PENDING with no attempts counted.
+        exists(path relative to INPUT_DIR) tells whether a known path is still there.
+        """
+        found = list(found)
+        placed = Placed()
+        if not found:
+            return placed
+        now = time.time()
+        plain_bytes = 0
+        with self._tx() as db:
+            for f in found:
+                row = db.execute("SELECT id, state FROM files WHERE path = ?",
+                                 (f.path,)).fetchone()
+                if row is not None:
+                    if row[1] == FileState.QUARANTINED.value and self._reexamine(db, row[0], f, now):
+                        placed.reexamined.append(f.path)
+                    continue
+                known = self._by_identity(db, f.fid) if f.fid else None
+                if known is not None:
+                    known_id, known_path = known
+                    if not exists(known_path):
+                        db.execute("UPDATE files SET path = ?, mtime = ?, updated = ? WHERE id = ?",
+                                   (f.path, f.mtime, now, known_id))
+                        placed.moved.append((known_path, f.path))
+                        continue
+                    db.execute("INSERT INTO files(path, size, state, fid, mtime, dup_of, reason, "
+                               "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (f.path, f.size, FileState.DUPLICATE.value, f.fid, f.mtime, known_id,
+                                f"duplicate of {known_path} (same POD5 file identifier)", now))
+                    placed.duplicates.append((f.path, known_path))
+                    continue
+                state = f.state or FileState.PENDING
+                db.execute("INSERT INTO files(path, size, state, fid, mtime, reason, updated) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (f.path, f.size, state.value, f.fid, f.mtime, f.reason, now))
+                placed.added += 1
+                if state is FileState.PENDING:
+                    plain_bytes += f.size
+        with self._lock:
+            if placed.moved or placed.duplicates or placed.reexamined or \
+                    any(f.state not in (None, FileState.PENDING) for f in found):
+                self.counters = self._recount()
+            else:
+                self.counters.files[FileState.PENDING.value] += placed.added
+                self.counters.bytes[FileState.PENDING.value] += plain_bytes
+        return placed
+
+    @staticmethod
+    def _by_identity(db: sqlite3.Connection, fid: str) -> tuple[int, str] | None:
+        row = db.execute("SELECT id, path FROM files WHERE fid = ? AND state != 'DUPLICATE' "
+                         "ORDER BY id LIMIT 1", (fid,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def _reexamine(self, db: sqlite3.Connection, file_id: int, f: Found, now: float) -> bool:
+        known = self._by_identity(db, f.fid) if f.fid else None
+        if known is not None and known[0] != file_id:
+            db.execute("UPDATE files SET state = ?, fid = ?, size = ?, mtime = ?, dup_of = ?, "
+                       "reason = ?, updated = ? WHERE id = ?",
+                       (FileState.DUPLICATE.value, f.fid, f.size, f.mtime, known[0],
+                        f"duplicate of {known[1]} (same POD5 file identifier)", now, file_id))
+            return True
+        if f.state is FileState.QUARANTINED:  # changed, but still not complete
+            db.execute("UPDATE files SET size = ?, mtime = ?, reason = ?, updated = ? WHERE id = ?",
+                       (f.size, f.mtime, f.reason, now, file_id))
+            return False
+        outcome = file_transition(FileState.QUARANTINED, FileEvent.REEXAMINE, 0,
+                                  max_attempts=self.max_attempts)
+        db.execute("UPDATE files SET state = ?, attempts = ?, failures = 0, retry_at = NULL, "
+                   "retry_cap = NULL, fid = ?, size = ?, mtime = ?, updated = ? WHERE id = ?",
+                   (outcome.state.value, outcome.attempts, f.fid, f.size, f.mtime, now, file_id))
+        log.info("file %s changed on disk since it was QUARANTINED: examined again, PENDING",
+                 f.path)
+        return True
+
+    def quarantined(self) -> dict[str, tuple[int, float | None]]:
+        """Path -> (size, mtime) of every QUARANTINED file: the scanner watches them change."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, size, mtime FROM files WHERE state = 'QUARANTINED'").fetchall()
+        return {p: (s, m) for p, s, m in rows}
+
+    # -- the journal -------------------------------------------------------------------
+
+    def is_new(self) -> bool:
+        """No file and no job recorded: a new database, or one that was lost."""
+        with self._lock:
+            return (self._db.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None
+                    and self._db.execute("SELECT 1 FROM jobs LIMIT 1").fetchone() is None)
+
+    def rebuild(self, jobs: dict[str, tuple[str, list]], input_closed: bool) -> int:
+        """Fill a new database from the journal: its jobs DONE (moves to redo), files DONE.
+
+        jobs: job id -> (engine id, [JournalledFile]). Returns the number of files DONE.
+        The jobs come back with fs_pending = 1, so recovery finishes (idempotently) any
+        merge of their outputs that the lost database had not seen through.
+        """
+        now = time.time()
+        done = 0
+        with self._tx() as db:
+            for job_id, (engine_id, files) in jobs.items():
+                db.execute("INSERT OR IGNORE INTO jobs(job_id, engine_id, state, fs_pending, "
+                           "n_files, created, finished, reason) VALUES (?, ?, ?, 1, ?, ?, ?, ?)",
+                           (job_id, engine_id, JobState.DONE.value, len(files), now, now,
+                            "rebuilt from the journal"))
+                for f in files:
+                    fid = None if f.identity.startswith("path:") else f.identity
+                    if fid is not None and self._by_identity(db, fid) is not None:
+                        continue
+                    cur = db.execute("INSERT OR IGNORE INTO files(path, size, state, job_id, fid, "
+                                     "updated) VALUES (?, ?, ?, ?, ?, ?)",
+                                     (f.path, f.size, FileState.DONE.value, job_id, fid, now))
+                    done += cur.rowcount
+            if input_closed:
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('input_closed', '1')")
+        with self._lock:
+            self.counters = self._recount()
+        return done
+
+    def done_files(self, job_id: str) -> list[tuple[str | None, str, int]]:
+        """(fid, path, size) of the files a job finished: what the journal records for it."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT fid, path, size FROM files WHERE job_id = ? AND state = 'DONE' "
+                "ORDER BY id", (job_id,)).fetchall()
+
     # -- flags -------------------------------------------------------------------------
 
     def input_closed(self) -> bool:
@@ -221,11 +423,13 @@ class Store:
         Files that failed before go first, in batches no larger than their retry cap.
         """
         with self._tx() as db:
-            picked = self._pick_retried(db, wanted)
+            now = retry_clock()
+            picked = self._pick_retried(db, wanted, now)
             if not picked:
                 picked = db.execute(
                     "SELECT id, path, size, attempts FROM files WHERE state = 'PENDING' "
-                    "ORDER BY id LIMIT ?", (wanted,)).fetchall()
+                    f"AND {_READY_AGAIN} ORDER BY id LIMIT ?",
+                    (now, now + RETRY_BACKOFF_MAX_S, wanted)).fetchall()
             if not picked:
                 return None
             now = time.time()
@@ -233,7 +437,7 @@ class Store:
                 "INSERT INTO jobs(job_id, engine_id, state, n_files, created) VALUES (?, ?, ?, ?, ?)",
                 ("tmp-" + secrets.token_hex(8), engine_id, JobState.LIVE.value, len(picked), now))
             seq = cur.lastrowid
-            job_id = f"j{seq:06d}-{secrets.token_hex(2)}"
+            job_id = new_job_id(seq)
             db.execute("UPDATE jobs SET job_id = ? WHERE seq = ?", (job_id, seq))
             files = []
             updates = []
@@ -250,10 +454,11 @@ class Store:
                 self.counters.move(FileState.PENDING.value, FileState.ASSIGNED.value, f.size)
         return Job(job_id, engine_id, JobState.LIVE, tuple(files))
 
-    def _pick_retried(self, db: sqlite3.Connection, wanted: int) -> list[tuple]:
+    def _pick_retried(self, db: sqlite3.Connection, wanted: int, now: float) -> list[tuple]:
         rows = db.execute(
             "SELECT id, path, size, attempts, retry_cap FROM files "
-            "WHERE state = 'PENDING' AND attempts > 0 ORDER BY id LIMIT ?", (wanted,)).fetchall()
+            f"WHERE state = 'PENDING' AND failures > 0 AND {_READY_AGAIN} ORDER BY id LIMIT ?",
+            (now, now + RETRY_BACKOFF_MAX_S, wanted)).fetchall()
         picked: list[tuple] = []
         limit = wanted
         for file_id, path, size, attempts, cap in rows:
@@ -281,10 +486,12 @@ class Store:
         return [job for job in map(self.job, ids) if job is not None]
 
     def finish(self, job_id: str, target: JobState, failed: dict[str, str] | None = None,
-               reason: str = "") -> Completion:
+               reason: str = "", excuse: Excuse | None = None) -> Completion:
         """Record the end of a job and move its files; idempotent for a repeated same outcome.
 
-        failed maps link names of a DONE batch to a reason: those files count an attempt.
+        failed maps link names of a DONE batch to a reason: those files count an attempt,
+        unless excuse(path, size, mtime) gives a reason not to (the file is still being
+        written). Every failure, counted or not, puts the file on a growing back-off.
         The caller must do the filesystem moves afterwards and then call mark_moved().
         Raises UnknownFailedFile (nothing changed) for a name that is not in the batch.
         """
@@ -299,9 +506,9 @@ class Store:
                 return Completion(Job(job_id, engine_id, state), False)
             job_transition(state, target)
             rows = db.execute(
-                "SELECT id, link, size, attempts FROM files WHERE job_id = ? AND state = 'ASSIGNED'",
-                (job_id,)).fetchall()
-            links = {link for _, link, _, _ in rows}
+                "SELECT id, link, size, attempts, path, mtime, failures FROM files "
+                "WHERE job_id = ? AND state = 'ASSIGNED'", (job_id,)).fetchall()
+            links = {row[1] for row in rows}
             unknown = sorted(set(failed) - links)
             if unknown:
                 raise UnknownFailedFile(f"failed_files: {unknown[0][:80]!r} is not in job {job_id}")
@@ -311,12 +518,22 @@ class Store:
             done_files = done_bytes = 0
             # Files named in a DONE batch are known bad one by one: they retry alone.
             retry_from = 1 if target is JobState.DONE else len(rows)
-            for file_id, link, size, attempts in rows:
+            for file_id, link, size, attempts, path, mtime, failures in rows:
                 event, why = self._event_for(target, link, failed, reason, job_id)
+                if event is FileEvent.FAIL and excuse is not None:
+                    excused = excuse(path, size, mtime)
+                    if excused:
+                        event, why = FileEvent.DEFER, f"job {job_id}: {why}; not counted: {excused}"
+                        log.info("job %s engine %s: file %s failed but %s: no attempt counted",
+                                 job_id, engine_id, link, excused)
                 outcome = file_transition(FileState.ASSIGNED, event, attempts,
                                           max_attempts=self.max_attempts, batch_files=retry_from)
+                retry_at = None
+                if event in (FileEvent.FAIL, FileEvent.DEFER):
+                    failures += 1
+                    retry_at = retry_clock() + retry_delay(failures)
                 updates.append((outcome.state.value, outcome.attempts, outcome.retry_cap,
-                                why, now, file_id))
+                                why, now, failures, retry_at, file_id))
                 moves.append((FileState.ASSIGNED.value, outcome.state.value, size))
                 if outcome.state is FileState.DONE:
                     done_files += 1
@@ -325,7 +542,8 @@ class Store:
                     log.warning("job %s engine %s: file %s QUARANTINED after %d attempts: %s",
                                 job_id, engine_id, link, outcome.attempts, why)
             db.executemany("UPDATE files SET state = ?, attempts = ?, retry_cap = ?, "
-                           "reason = COALESCE(?, reason), updated = ? WHERE id = ?", updates)
+                           "reason = COALESCE(?, reason), updated = ?, failures = ?, retry_at = ? "
+                           "WHERE id = ?", updates)
             db.execute("UPDATE jobs SET state = ?, fs_pending = 1, finished = ?, reason = ? "
                        "WHERE job_id = ?", (target.value, now, reason or None, job_id))
         with self._lock:

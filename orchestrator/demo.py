@@ -10,23 +10,18 @@ manager, and keeps the workspace for a look; nothing it started is left running.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 from bcorch.terminal import Redraw
 from bcorch.workers.read_ids import read_files_under, read_ids_in, read_ids_under
 
-from .control import ControlError, request
+from .local_cluster import LocalCluster
 from .pod5_dataset import write_dataset
 
 READS_PER_FILE = 100
@@ -43,32 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated reads")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str, timeout: float = 2.0) -> dict | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_config(path: Path, input_dir: Path, output_dir: Path, files: int, gpus: int) -> None:
+def _cluster(workdir: Path, files: int, gpus: int) -> LocalCluster:
     # Sized so the default 40 files take about 15 s of simulated basecalling, fewer less.
     total_samples = files * READS_PER_FILE * sum(SAMPLES_PER_READ) / 2
     rate = max(10_000.0, total_samples / gpus / max(3.0, 15.0 * files / 40))
-    path.write_text(
-        f"[manager]\ninput_dir = {json.dumps(str(input_dir))}\n"
-        f"output_dir = {json.dumps(str(output_dir))}\nsettle_s = 0.0\nscan_interval_s = 0.2\nreport_back_interval = 15.0\n"
-        "batch_size = 2\n\n"
-        "[engine]\npolling_interval = 0.01\nwork_until_none_left = true\n\n"
-        f"[runner]\nkind = \"simulate\"\nsamples_per_s = {rate:.1f}\nstop_grace_s = 2.0\n\n"
-        "[orchestrator]\nhang_timeout_s = 30.0\ndrain_timeout_s = 30.0\n"
-    )
+    return LocalCluster(workdir, gpus=gpus, manager={"report_back_interval": 15.0, "batch_size": 2},
+                        runner={"kind": "simulate", "samples_per_s": round(rate, 1)})
 
 
 def _progress_lines(status: dict, slots: list[dict], total_reads: int, started: float) -> list[str]:
@@ -90,42 +65,8 @@ def _progress_lines(status: dict, slots: list[dict], total_reads: int, started: 
     return lines
 
 
-def _slots(socket: Path) -> list[dict]:
-    try:
-        reply = request(socket, {"cmd": "status"}, timeout=2.0)
-    except ControlError:
-        return []
-    return reply.get("slots", []) if reply.get("ok") else []
-
-
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
-
-
-def _start(argv: list[str], log_path: Path) -> subprocess.Popen:
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen | None, timeout: float = 20.0, now: bool = False) -> None:
-    """TERM (a drain; twice with now=True: stop at once, batches reported STOPPED), then KILL
-    of the whole session if it does not end in time."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    if now:
-        time.sleep(0.2)  # two distinct signals, so bcorch sees a second one
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
 
 
 def _reads_per_engine(output_dir: Path) -> Counter:
@@ -146,57 +87,43 @@ def run(args: argparse.Namespace) -> int:
         print("bcorch demo: --files and --gpus must be at least 1", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bcorch-demo-")).resolve()
-    input_dir, output_dir = workdir / "input", workdir / "output"
-    for d in (input_dir, output_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    config = workdir / "config.toml"
-    _write_config(config, input_dir, output_dir, args.files, args.gpus)
+    cluster = _cluster(workdir, args.files, args.gpus)
 
-    print(f"bcorch demo: writing {args.files} POD5 files into {input_dir}")
-    expected = write_dataset(input_dir, args.files, READS_PER_FILE, SAMPLES_PER_READ,
+    print(f"bcorch demo: writing {args.files} POD5 files into {cluster.input_dir}")
+    expected = write_dataset(cluster.input_dir, args.files, READS_PER_FILE, SAMPLES_PER_READ,
                              seed=args.seed, subdirs=2)
     expected_reads = Counter(r for ids in expected.values() for r in ids)
     total_reads = sum(expected_reads.values())
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    socket = workdir / "control" / "control.sock"
-    manager = orchestrator = None
     started = time.monotonic()
     code = 1
     interrupted = False
     previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        manager = _start([sys.executable, "-m", "bcorch.manager", "--config", str(config),
-                          "--port", str(port), "--input-closed"], workdir / "manager.log")
-        deadline = time.monotonic() + 30
-        while _get_json(url + "/heartbeat") is None:
-            if manager.poll() is not None or time.monotonic() > deadline:
-                print(f"bcorch demo: the manager did not start; see {workdir / 'manager.log'}",
-                      file=sys.stderr)
-                return 1
-            time.sleep(0.1)
-        print(f"bcorch demo: manager on {url}, {args.gpus} virtual GPUs, simulate runner "
+        try:
+            cluster.start_manager(timeout=30)
+        except (RuntimeError, TimeoutError):
+            print(f"bcorch demo: the manager did not start; see {workdir / 'manager.log'}",
+                  file=sys.stderr)
+            return 1
+        print(f"bcorch demo: manager on {cluster.url}, {args.gpus} virtual GPUs, simulate runner "
               "(a simulation: no GPU, no dorado)")
-        orchestrator = _start([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
-                               "--gpus", f"virtual:{args.gpus}", "--manager-url", url,
-                               "--socket", str(socket)],
-                              workdir / "bcorch.log")
+        orchestrator = cluster.start_bcorch()
         progress = Redraw(plain_every_s=5.0)
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while orchestrator.poll() is None and time.monotonic() < deadline:
-            status = _get_json(url + "/status")
+        while orchestrator.running() and time.monotonic() < deadline:
+            status = cluster.status()
             if status:
-                progress.show(_progress_lines(status, _slots(socket), total_reads, started))
+                progress.show(_progress_lines(status, cluster.slots(), total_reads, started))
             time.sleep(0.5)
-        if status := _get_json(url + "/status"):
+        if status := cluster.status():
             progress.show(_progress_lines(status, [], total_reads, started), force=True)
-        if orchestrator.poll() is None:
+        if orchestrator.running():
             print(f"bcorch demo: not finished after {RUN_TIMEOUT_S:.0f}s", file=sys.stderr)
             return 1
         elapsed = time.monotonic() - started
-        code = _summary(output_dir, expected_reads, total_reads, len(expected), elapsed,
-                        orchestrator.returncode, _get_json(url + "/status") or {})
+        code = _summary(cluster.output_dir, expected_reads, total_reads, len(expected), elapsed,
+                        orchestrator.returncode, cluster.status() or {})
         return code
     except KeyboardInterrupt:
         interrupted = True
@@ -206,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         # A second Ctrl-C must not cut the clean-up short: every wait in it is bounded.
         previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _stop(orchestrator, now=interrupted)
-        _stop(manager)
+        cluster.close(now=interrupted)
         signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous_term)
         if args.keep or code != 0:

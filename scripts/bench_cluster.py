@@ -103,7 +103,7 @@ class Cluster:
         write_config(self.config, {
             "manager": {"url": self.url, "port": self.port, "input_dir": str(input_dir),
                         "output_dir": str(self.output_dir), "settle_s": 0.0,
-                        "scan_interval_s": 0.2, **(manager or {})},
+                        "scan_interval_s": 0.2, "allow_simulated": True, **(manager or {})},
             "engine": {"polling_interval": 0.01, "work_until_none_left": True, **(engine or {})},
             "runner": {"kind": "simulate", "stop_grace_s": 2.0, **(runner or {})},
             "orchestrator": {"hang_timeout_s": 30.0, "drain_timeout_s": 30.0,

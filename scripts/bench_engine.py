@@ -123,7 +123,8 @@ def bench_idle(tmp: Path, seconds: float, polling_interval: float) -> dict:
     proc, url, _ = _start_manager(tmp, input_dir, output_dir, closed=False)
     cfg = tmp / "engine.toml"
     cfg.write_text(f'[manager]\nurl = "{url}"\n[engine]\ninput_dir = "{input_dir}"\n'
-                   f'output_dir = "{output_dir}"\npolling_interval = {polling_interval}\n')
+                   f'output_dir = "{output_dir}"\npolling_interval = {polling_interval}\n'
+                   f'[runner]\nkind = "script"\nbc_script = "{shutil.which("true") or "/bin/true"}"\n')
     engine = subprocess.Popen([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
                                "--config", str(cfg)], stdout=subprocess.DEVNULL,
                               stderr=open(tmp / "idle-engine.log", "ab"), cwd=REPO,

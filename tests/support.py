@@ -122,7 +122,10 @@ class ManagerProcess(ManagedProcess):
                  token: str = "", extra: Iterable[str] = (), config: Path | None = None,
                  settle_s: float = 0.0, scan_interval_s: float = 0.2,
                  report_back_interval: float | None = None, batch_size: int | None = None,
-                 max_attempts: int | None = None, input_closed: bool = False):
+                 max_attempts: int | None = None, input_closed: bool = False,
+                 allow_simulated: bool = True):
+        """allow_simulated: the tests' engines run the simulate runner, which a manager
+        refuses unless started for simulation (manager.allow_simulated)."""
         self.port = port or free_port()
         self.token = token
         self.url = f"http://127.0.0.1:{self.port}"
@@ -135,6 +138,7 @@ class ManagerProcess(ManagedProcess):
                 lines.append(f"batch_size = {batch_size}")
             if max_attempts is not None:
                 lines.append(f"max_attempts = {max_attempts}")
+            lines.append(f"allow_simulated = {str(allow_simulated).lower()}")
             cfg.write_text("\n".join(lines) + "\n")
         argv = [sys.executable, "-m", "bcorch.manager", "--config", str(cfg),
                 "--input-dir", str(input_dir), "--output-dir", str(output_dir),

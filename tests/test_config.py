@@ -67,3 +67,33 @@ def test_token_from_environment(monkeypatch):
     monkeypatch.setenv("BCORCH_TOKEN", "s3cret")
     assert config.load(None).token == "s3cret"
     assert config.from_mapping({"manager": {"token": "file"}}).token == "file"
+
+
+def test_every_unknown_key_is_named_in_one_line_with_a_guess():
+    data = {"manager": {"prot": 1, "batch_size": 2}, "runner": {"kinds": "dorado"},
+            "engine": {"url": "http://h:1"}, "orchestrtor": {}}
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping(data)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("4 unknown keys")
+    for part in ("manager.prot: unknown key (did you mean manager.port?)",
+                 "runner.kinds: unknown key (did you mean runner.kind?)",
+                 "engine.url: unknown key (did you mean manager.url?)",
+                 "[orchestrtor]: unknown section (did you mean [orchestrator]?)"):
+        assert part in text, text
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:40765", "localhost", "ftp://h:1", ""])
+def test_manager_url_without_scheme_says_what_it_needs(url):
+    with pytest.raises(ConfigError, match=r"^manager.url: needs http:// or https://"):
+        config.from_mapping({"manager": {"url": url}})
+    cfg = config.load(None)
+    with pytest.raises(ConfigError, match=r"^manager.url: needs http:// or https://"):
+        cfg.override("manager", url=url)  # --url / --manager-url go through the same check
+
+
+def test_safe_defaults_for_a_real_gpu_host():
+    cfg = config.load(None)
+    assert cfg.runner.kind == "dorado"          # never simulated basecalls unless asked
+    assert cfg.manager.allow_simulated is False
+    assert cfg.runner.min_read_fraction == 1.0  # every read of a file, unless dorado filters

@@ -256,7 +256,8 @@ def test_manager_down_when_asking_exits_75(tmp_path, procs):
     cfg = tmp_path / "engine.toml"
     cfg.write_text(f'[manager]\nurl = "http://127.0.0.1:{free_port()}"\n'
                    f'[engine]\ninput_dir = "{tmp_path / "input"}"\n'
-                   f'output_dir = "{tmp_path / "output"}"\nrequest_retries = 2\n')
+                   f'output_dir = "{tmp_path / "output"}"\nrequest_retries = 2\n'
+                   f'[runner]\nkind = "simulate"\n')
     engine = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "1",
                              "--config", str(cfg)], tmp_path / "engine.log")
     procs.append(engine.start())
@@ -293,7 +294,7 @@ def test_malformed_answer_is_one_clear_error(tmp_path, procs, answer, message):
     with ScriptedServer(lambda route, fields: (200, answer)) as srv:
         cfg = tmp_path / "engine.toml"
         cfg.write_text(f'[manager]\nurl = "{srv.url}"\n[engine]\ninput_dir = "{tmp_path}"\n'
-                       f'output_dir = "{tmp_path}"\n')
+                       f'output_dir = "{tmp_path}"\n[runner]\nkind = "simulate"\n')
         engine = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
                                  "--config", str(cfg)], tmp_path / "engine.log")
         procs.append(engine.start())
@@ -458,7 +459,8 @@ def test_parent_gone_while_the_manager_hangs_still_exits_within_5s(tmp_path, chi
 
     with ScriptedServer(hang) as srv:
         cfg = tmp_path / "engine.toml"
-        cfg.write_text(f'[engine]\ninput_dir = "{tmp_path}"\noutput_dir = "{tmp_path}"\n')
+        cfg.write_text(f'[engine]\ninput_dir = "{tmp_path}"\noutput_dir = "{tmp_path}"\n'
+                       f'[runner]\nkind = "simulate"\n')
         child = Child(SpawnSpec(config_path=str(cfg), gpu_index=0, device_index=0,
                                 manager_url=srv.url, engine_id="hang-gpu0"))
         children.append(child)
@@ -500,7 +502,8 @@ def test_first_request_after_an_outage_is_spread(tmp_path, restore_signals, afte
         conf = from_mapping({
             "manager": {"url": srv.url},
             "engine": {"input_dir": str(tmp_path), "output_dir": str(tmp_path),
-                       "polling_interval": 0.05, "work_until_none_left": True}})
+                       "polling_interval": 0.05, "work_until_none_left": True},
+            "runner": {"kind": "simulate"}})
         engine = BCEngine(None, 0, conf=conf, after_outage=after_outage)
         started = time.monotonic()
         assert engine.begin_working() == 0
@@ -512,7 +515,8 @@ def test_first_request_after_an_outage_is_spread(tmp_path, restore_signals, afte
 
 
 def test_engine_state_machine_refuses_illegal_moves(tmp_path):
-    conf = from_mapping({"engine": {"input_dir": str(tmp_path), "output_dir": str(tmp_path)}})
+    conf = from_mapping({"engine": {"input_dir": str(tmp_path), "output_dir": str(tmp_path)},
+                         "runner": {"kind": "simulate"}})
     engine = BCEngine(None, 0, conf=conf)
     try:
         with pytest.raises(RuntimeError, match="STARTING -> REPORTING is not allowed"):

@@ -24,7 +24,8 @@ def bcorch(tmp_path, procs):
     for d in ("in", "out"):
         (tmp_path / d).mkdir()
     config.write_text(f'[manager]\nurl = "http://127.0.0.1:9"\n[engine]\ninput_dir = "{tmp_path / "in"}"\n'
-                      f'output_dir = "{tmp_path / "out"}"\npolling_interval = 0.01\n')
+                      f'output_dir = "{tmp_path / "out"}"\npolling_interval = 0.01\n'
+                      f'[runner]\nkind = "simulate"\n')
     sock = tmp_path / "ctl" / "c.sock"
     b = ManagedProcess([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
                         "--gpus", "virtual:2", "--socket", str(sock)], tmp_path / "bcorch.log")

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import requests
 
-from bcorch.protocol import Batch, JobState, ProtocolError
+from bcorch.protocol import CONFIG_REFUSED, SIMULATED_FIELD, Batch, JobState, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,12 @@ class ManagerRefused(ProtocolError):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
+
+    @property
+    def refuses_configuration(self) -> bool:
+        """The manager refuses what this engine is configured to do (e.g. a simulate runner
+        on a manager without manager.allow_simulated): a configuration error, exit 78."""
+        return self.status == CONFIG_REFUSED
 
 
 def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
@@ -50,10 +56,14 @@ class ManagerClient:
     def __init__(self, url: str, *, token: str = "", connect_timeout: float = 5.0,
                  read_timeout: float = 30.0, retries: int = 3, backoff_base_s: float = 0.5,
                  backoff_cap_s: float = 10.0, cancel: threading.Event | None = None,
-                 logger: logging.Logger | logging.LoggerAdapter | None = None):
+                 logger: logging.Logger | logging.LoggerAdapter | None = None,
+                 simulated: bool = False):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"manager url must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
+        # Sent with /assignwork and /completed (an optional field) so that a manager not
+        # started for simulation refuses simulated basecalls instead of marking files DONE.
+        self.simulated = simulated
         self.timeout = (connect_timeout, read_timeout)
         self.retries = retries
         self.backoff_base_s = backoff_base_s
@@ -71,7 +81,8 @@ class ManagerClient:
         return cls(url or conf.manager.url, token=conf.token,
                    connect_timeout=conf.engine.connect_timeout_s,
                    read_timeout=conf.engine.read_timeout_s,
-                   retries=conf.engine.request_retries, **kwargs)
+                   retries=conf.engine.request_retries,
+                   simulated=conf.runner.kind == "simulate", **kwargs)
 
     def close(self) -> None:
         self.session.close()
@@ -79,8 +90,10 @@ class ManagerClient:
     # -- routes ------------------------------------------------------------------------
 
     def assign_work(self, engine_id: str, batchsize: int, retries: int | None = None) -> Batch:
-        answer = self.call("GET", "/assignwork", {"engineid": engine_id, "batchsize": batchsize},
-                           retries=retries)
+        fields: dict[str, Any] = {"engineid": engine_id, "batchsize": batchsize}
+        if self.simulated:
+            fields[SIMULATED_FIELD] = "true"
+        answer = self.call("GET", "/assignwork", fields, retries=retries)
         return Batch.from_answer(answer)
 
     def keep_alive(self, job_id: str, job_state: JobState, retries: int | None = 0,
@@ -100,6 +113,8 @@ class ManagerClient:
                   timeout: tuple[float, float] | None = None) -> Completion:
         """Report a final state. Plain GET (as the original) unless there is more to say."""
         fields: dict[str, Any] = {"job_id": job_id, "job_state": job_state.value}
+        if self.simulated:
+            fields[SIMULATED_FIELD] = "true"
         if failed_files or reason:
             if failed_files:
                 fields["failed_files"] = dict(failed_files)

@@ -15,10 +15,8 @@ import concurrent.futures
 import logging
 import os
 import random
-import re
 import select
 import signal
-import socket
 import sys
 import threading
 import time
@@ -30,8 +28,10 @@ from .channel import Cmd, EngineState, Msg, SpawnSpec
 from .client import ManagerClient, ManagerRefused, ManagerUnreachable
 from .keepalive import BCKeepAlive, LeaseLost, ReportOutcome
 from .legacy_config import load_any
-from bcorch.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobState, ProtocolError
+from bcorch.protocol import (EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobState,
+                             ProtocolError, is_valid_id)
 from bcorch.config import Config, ConfigError
+from bcorch.ids import engine_id_for
 from .output_check import OutputChecker
 from .runners import Placement, RunHandle, RunResult, make_runner
 
@@ -95,12 +95,6 @@ class _Waker:
                 pass
 
 
-def default_engine_id(gpu_index: int) -> str:
-    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "host"
-    suffix = f"-gpu{gpu_index}"
-    return host[: 64 - len(suffix)] + suffix
-
-
 class BCEngine:
     """Asks the manager for batches and basecalls them on one GPU."""
 
@@ -111,18 +105,18 @@ class BCEngine:
         self.conf = conf if conf is not None else load_any(config_path, node_index)
         if manager_url:
             self.conf.override("manager", url=manager_url)
-        if engine_id:
-            self.conf.override("engine", engine_id=engine_id)
+        if engine_id and not is_valid_id(engine_id):
+            raise ConfigError(f"--engine-id: expected [A-Za-z0-9._-]{{1,64}}, got {engine_id!r}")
         self.node_index = node_index
         self.device_index = node_index if device_index is None else device_index
-        self.engine_id = self.conf.engine.engine_id or default_engine_id(node_index)
+        self.engine_id = engine_id or engine_id_for(node_index, self.conf.engine.engine_id)
         self.log = _EngineLog(logging.getLogger("workers.engine"),
                               {"engine_id": self.engine_id, "gpu": node_index})
         e = self.conf.engine
         self.optimal_request_size = e.optimal_request_size
         self.polling_interval = e.polling_interval
-        self.INPUTDIR = Path(self._dir("input_dir"))
-        self.OUTPUTDIR = Path(self._dir("output_dir"))
+        self.INPUTDIR = self._configured_dir("input_dir")
+        self.OUTPUTDIR = self._configured_dir("output_dir")
         self.bc_script = self.conf.runner.bc_script
         self.bc_model = e.model
         self.PROCESSING_STATE = EngineState.STARTING
@@ -160,11 +154,30 @@ class BCEngine:
         self.last_error = ""
         self.batch_timings: list[dict[str, float]] = []
 
-    def _dir(self, key: str) -> str:
+    def _configured_dir(self, key: str) -> Path | None:
         value = getattr(self.conf.engine, key) or getattr(self.conf.manager, key)
+        return Path(value) if value else None
+
+    def _shared_dir(self, key: str, from_manager: str) -> Path:
+        """This host's path of INPUT_DIR or OUTPUT_DIR for a batch.
+
+        engine.<key> (this host's mount) first, then the directory the manager's answer
+        names, then manager.<key>. A path that does not exist here is a configuration
+        error, so outputs are never written into a directory the manager does not see.
+        """
+        own, configured = getattr(self.conf.engine, key), getattr(self.conf.manager, key)
+        value = own or from_manager or configured
+        what = "INPUT_DIR" if key == "input_dir" else "OUTPUT_DIR"
         if not value:
-            raise ConfigError(f"engine.{key}: required (or manager.{key})")
-        return value
+            raise ConfigError(f"engine.{key}: required (the manager's answer does not say "
+                              f"where its {what} is; set engine.{key} or manager.{key})")
+        path = Path(value)
+        if not path.is_dir():
+            source = (f"engine.{key}" if own else "the manager's answer" if from_manager
+                      else f"manager.{key}")
+            raise ConfigError(f"engine.{key}: {value!r} (from {source}) does not exist on this "
+                              f"host; set engine.{key} to this host's mount of the manager's {what}")
+        return path
 
     # -- state machine ------------------------------------------------------------------
 
@@ -184,7 +197,8 @@ class BCEngine:
         self._install_signal_handlers()
         self._send(Msg.READY, engine_id=self.engine_id, gpu=self.node_index, pid=os.getpid())
         self.log.info("engine started: manager %s, runner %s, input %s, output %s",
-                      self.api_url, self.conf.runner.kind, self.INPUTDIR, self.OUTPUTDIR)
+                      self.api_url, self.conf.runner.kind,
+                      self.INPUTDIR or "as the manager says", self.OUTPUTDIR or "as the manager says")
         reason = ""
         try:
             code, reason = self._loop()
@@ -221,6 +235,8 @@ class BCEngine:
             except ManagerRefused as exc:
                 if exc.status == 401:
                     raise ConfigError(f"manager.token: the manager refused our token ({exc})")
+                if exc.refuses_configuration:  # e.g. simulate runner, manager.allow_simulated
+                    raise ConfigError(str(exc))
                 return self._manager_problem(f"the manager refused our request: {exc}")
             except ProtocolError as exc:
                 return self._manager_problem(f"bad answer from the manager: {exc}")
@@ -280,10 +296,12 @@ class BCEngine:
             on_lease_lost=self._on_lease_lost, logger=self.log)
         timing["keepalive_started"] = time.monotonic()
         self._send(Msg.JOB_START, job_id=batch.jobid, batch_size=batch.batch_size)
-        input_dir = self.INPUTDIR / batch.job_input_dir
-        output_dir = self.OUTPUTDIR / batch.job_output_dir
         self._set_state(EngineState.DRAINING if self._drain else EngineState.WORKING)
         try:
+            self.INPUTDIR = self._shared_dir("input_dir", batch.input_root)
+            self.OUTPUTDIR = self._shared_dir("output_dir", batch.output_root)
+            input_dir = self.INPUTDIR / batch.job_input_dir
+            output_dir = self.OUTPUTDIR / batch.job_output_dir
             if not input_dir.is_dir():
                 raise ConfigError(f"engine.input_dir: the job's input dir {str(input_dir)!r} does "
                                   f"not exist here (is engine.input_dir this host's mount of the "
