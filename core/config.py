@@ -50,6 +50,8 @@ class ManagerConfig:
     max_attempts: int = 3
     scan_interval_s: float = 10.0
     settle_s: float = 30.0
+    incomplete_grace_s: float = 600.0
+    close_on_final_summary: bool = True
     input_closed: bool = False
     threads: int = 16
     allow_simulated: bool = False
@@ -107,6 +109,8 @@ class OrchestratorConfig:
     drain_timeout_s: float = 300.0
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    exit_when_done: bool = True
+    first_contact_timeout_s: float = 120.0
 
 
 @dataclass
@@ -180,6 +184,7 @@ def _check(key: str, value: Any, hint: Any) -> Any:
 _MINIMUMS: dict[str, float] = {
     "manager.port": 0, "manager.batch_size": 1, "manager.report_back_interval": 1,
     "manager.max_attempts": 1, "manager.scan_interval_s": 0.05, "manager.settle_s": 0,
+    "manager.incomplete_grace_s": 0,
     "manager.threads": 1, "manager.lock_refresh_s": 0.1,
     "engine.optimal_request_size": 0, "engine.polling_interval": 0, "engine.busy_pause_s": 0,
     "engine.connect_timeout_s": 0.1, "engine.read_timeout_s": 0.1, "engine.request_retries": 0,
@@ -190,6 +195,7 @@ _MINIMUMS: dict[str, float] = {
     "orchestrator.healthy_reset_s": 0, "orchestrator.max_restarts": 0,
     "orchestrator.restart_window_s": 0, "orchestrator.manager_down_timeout_s": 0,
     "orchestrator.drain_timeout_s": 0, "orchestrator.metrics_port": 0,
+    "orchestrator.first_contact_timeout_s": 0,
 }
 _MAXIMUMS: dict[str, float] = {
     "manager.port": 65535, "runner.port": 65535, "orchestrator.metrics_port": 65535,

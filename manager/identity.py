@@ -48,6 +48,8 @@ def examine(path: str | os.PathLike[str]) -> Examined:
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(SIGNATURE) + _MARKER)
+            if not head:
+                return Examined(Kind.UNKNOWN, why="empty: the settle timer decides")
             if len(head) < len(SIGNATURE) or head[:len(SIGNATURE)] != SIGNATURE:
                 if len(head) < len(SIGNATURE) and SIGNATURE.startswith(head):
                     return Examined(Kind.INCOMPLETE, why="shorter than a POD5 signature")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -27,14 +28,28 @@ from .layout import Layout
 from .metrics import MetricsMiddleware
 from .scanner import Scanner
 from .service import Manager
-from .store import Store
+from .journal import Journal
+from .statedir import default_db_path
+from .store import DatabaseUnusable, Store
 from .watcher import InputWatcher
 
 log = logging.getLogger("bcmanager")
 
 
 def db_path(cfg: ManagerConfig) -> str:
-    return cfg.db or str(Path(cfg.output_dir) / "bcmanager.sqlite")
+    """manager.db, else a file named after OUTPUT_DIR in this host's state directory."""
+    return cfg.db or str(default_db_path(cfg.output_dir))
+
+
+def _open_store(cfg: ManagerConfig) -> Store:
+    path = db_path(cfg)
+    if not cfg.db:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseUnusable(path, f"cannot create its directory ({exc.strerror or exc}); "
+                                         f"set manager.db or --db") from None
+    return Store(path, cfg.max_attempts)
 
 
 class Service:
@@ -43,16 +58,26 @@ class Service:
     def __init__(self, cfg: ManagerConfig, token: str = ""):
         self.cfg = cfg
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        self.store = Store(db_path(cfg), cfg.max_attempts)
-        self.layout = Layout(cfg.input_dir, cfg.output_dir)
-        self.manager = Manager(self.store, self.layout, batch_size=cfg.batch_size,
-                               report_back_interval=cfg.report_back_interval,
-                               input_closed=cfg.input_closed,
-                               allow_simulated=cfg.allow_simulated)
-        self.manager.recover()
-        skip = (cfg.output_dir,) if _inside(cfg.output_dir, cfg.input_dir) else ()
-        self.scanner = Scanner(cfg.input_dir, cfg.settle_s, self.store.add_files,
-                               self.store.known_paths(), skip=skip)
+        self.store = _open_store(cfg)
+        try:
+            self.layout = Layout(cfg.input_dir, cfg.output_dir)
+            self.manager = Manager(self.store, self.layout, batch_size=cfg.batch_size,
+                                   report_back_interval=cfg.report_back_interval,
+                                   input_closed=cfg.input_closed,
+                                   allow_simulated=cfg.allow_simulated,
+                                   journal=Journal(cfg.output_dir),
+                                   incomplete_grace_s=cfg.incomplete_grace_s)
+            self.manager.recover()
+            skip = (cfg.output_dir,) if _inside(cfg.output_dir, cfg.input_dir) else ()
+            self.scanner = Scanner(
+                cfg.input_dir, cfg.settle_s, self.manager.add_found, self.store.known_paths(),
+                skip=skip, grace_s=cfg.incomplete_grace_s, quarantined=self.store.quarantined,
+                input_closed=lambda: self.manager.input_closed,
+                on_final_summary=self._final_summary if cfg.close_on_final_summary else None)
+            self.manager.waiting_files = lambda: len(self.scanner.waiting)
+        except sqlite3.DatabaseError as exc:  # damage found past the first page
+            self.store.close()
+            raise DatabaseUnusable(self.store.path, exc) from None
         self.stop_event = threading.Event()
         self.watcher = InputWatcher(cfg.input_dir, stop=self.stop_event, skip=skip)
         self.app = App(self.manager, token)
@@ -63,6 +88,9 @@ class Service:
         self.port = self.server.port
         self.manager.on_work_may_be_ready(self.server.notify_work)
         self._http: threading.Thread | None = None
+
+    def _final_summary(self, path: str) -> None:
+        self.manager.close_input(f"MinKNOW wrote {path}; manager.close_on_final_summary")
 
     def reap_tick_s(self) -> float:
         """A lease expires within one tick of its deadline."""

@@ -17,14 +17,17 @@ from typing import Any, Callable
 
 from bcorch.protocol import CONFIG_REFUSED, Batch, JobState as WireState, short_job_id
 
+from .identity import Kind, examine
+from .journal import Journal, JournalledFile, identity_of
 from .layout import Layout
 from .leases import Leases
 from .states import FileState, JobState
-from .store import Completion, Job, Store
+from .store import Completion, Found, Job, Placed, Store
 
 log = logging.getLogger("bcmanager")
 
 THROUGHPUT_WINDOW_S = 300.0
+DUPLICATES_SHOWN = 20
 
 _FINAL = {WireState.DONE: JobState.DONE, WireState.FAILED: JobState.FAILED,
           WireState.STOPPED: JobState.STOPPED}
@@ -44,8 +47,13 @@ class Manager:
     def __init__(self, store: Store, layout: Layout, *, batch_size: int,
                  report_back_interval: float, input_closed: bool = False,
                  allow_simulated: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, journal: Journal | None = None,
+                 incomplete_grace_s: float = 600.0):
         self.store = store
+        self.journal = journal
+        self.incomplete_grace_s = incomplete_grace_s
+        self.waiting_files: Callable[[], int] = lambda: 0   # the scanner's not-yet-ready files
+        self._journalled: set[str] = set()   # DONE jobs journalled, moves not yet acknowledged
         self.allow_simulated = allow_simulated
         self.layout = layout
         self.batch_size = batch_size
@@ -58,8 +66,7 @@ class Manager:
         self._engines_seen: dict[str, float] = {}
         self._moved: list[str] = []   # settled jobs not yet acknowledged in the store
         self._work_listeners: list[Callable[[], None]] = []
-        if input_closed and not store.input_closed():
-            store.close_input()
+        self._close_requested = input_closed
         self._input_closed = store.input_closed()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -68,6 +75,10 @@ class Manager:
         """After a start: finish recorded moves, re-create live jobs' dirs, fresh leases."""
         with self._lock:
             self.layout.create_roots()
+            self._rebuild_from_journal()
+            self._input_closed = self.store.input_closed()
+            if self._close_requested:
+                self.close_input("--input-closed")
             self._finish_moves()
             live = self.store.live_jobs()
             for job in live:
@@ -79,6 +90,17 @@ class Manager:
                          self.interval,
                          ", ".join(f"{short_job_id(j.job_id)}@{j.engine_id}" for j in live[:20]))
 
+    def _rebuild_from_journal(self) -> None:
+        """A new (or lost) database learns from the journal what is already DONE."""
+        if self.journal is None or not self.store.is_new() or not self.journal.has_records():
+            return
+        replay = self.journal.replay()
+        done = self.store.rebuild(replay.jobs, replay.input_closed)
+        self._journalled.update(replay.jobs)
+        log.warning("new database: rebuilt from the journal %s: %d files DONE in %d jobs%s; "
+                    "nothing finished is done again", self.journal.path, done, len(replay.jobs),
+                    ", input closed" if replay.input_closed else "")
+
     def flush_moved(self) -> None:
         """Acknowledge finished moves in one transaction (the reaper does it every tick).
 
@@ -87,6 +109,7 @@ class Manager:
         with self._lock:
             moved, self._moved = self._moved, []
             self.store.mark_moved(*moved)
+            self._journalled.difference_update(moved)
 
     def _finish_moves(self) -> None:
         self.flush_moved()
@@ -111,13 +134,56 @@ class Manager:
         for listener in self._work_listeners:
             listener()
 
-    def close_input(self) -> None:
+    def close_input(self, why: str = "") -> None:
         with self._lock:
             if not self._input_closed:
                 self.store.close_input()
                 self._input_closed = True
-                log.info("input closed: no more files will be added")
+                log.info("input closed%s: no more files will be added", f" ({why})" if why else "")
+                if self.journal is not None:
+                    try:
+                        self.journal.record_closed()
+                    except OSError as exc:
+                        log.error("cannot record the closed input in the journal %s: %s",
+                                  self.journal.path, exc)
         self.work_may_be_ready()
+
+    def add_found(self, found: list[Found]) -> Placed:
+        """Store files the scanner found ready, recognising moved files and copies."""
+        root = self.layout.input_dir
+        with self._lock:
+            placed = self.store.add_found(found, lambda rel: os.path.lexists(root / rel))
+        for old, new in placed.moved:
+            log.info("file %s moved to %s (same POD5 file identifier): its state follows it",
+                     old, new)
+        for copy, original in placed.duplicates:
+            log.warning("file %s is a copy of %s (same POD5 file identifier): DUPLICATE, "
+                        "not basecalled again", copy, original)
+        return placed
+
+    def excuse(self, path: str, size: int, mtime: float | None) -> str | None:
+        """Why a failure of this file should not count an attempt, or None.
+
+        While the input is open, a file that changed since it was found, or that cannot
+        be shown complete (no valid POD5 footer) and changed within incomplete_grace_s,
+        is still being written: its failure says nothing about it.
+        """
+        if self._input_closed:
+            return None
+        full = self.layout.input_dir / path
+        try:
+            st = os.stat(full)
+        except OSError:
+            return None
+        if st.st_size != size or (mtime is not None and st.st_mtime != mtime):
+            return "it changed since it was found (still being written)"
+        if examine(full).kind is Kind.COMPLETE:
+            return None
+        age = time.time() - st.st_mtime
+        if age < self.incomplete_grace_s:
+            return (f"it cannot be shown complete and changed {age:.0f} s ago "
+                    f"(under manager.incomplete_grace_s {self.incomplete_grace_s:.0f} s)")
+        return None
 
     def assign(self, engine_id: str, wanted: int, simulated: bool = False) -> Answer:
         if simulated and not self.allow_simulated:
@@ -131,7 +197,8 @@ class Manager:
             if job is None:
                 counts = self.store.snapshot().files
                 nothing_left = (self._input_closed and counts[FileState.PENDING.value] == 0
-                                and counts[FileState.ASSIGNED.value] == 0)
+                                and counts[FileState.ASSIGNED.value] == 0
+                                and self.waiting_files() == 0)
                 return Answer(200, Batch.empty_answer(engine_id, self.interval,
                                                       nothing_left).to_dict())
             try:
@@ -203,7 +270,7 @@ class Manager:
                 reason: str) -> Answer:
         target = _FINAL[state]
         with self._lock:
-            result: Completion = self.store.finish(job_id, target, failed, reason)
+            result: Completion = self.store.finish(job_id, target, failed, reason, self.excuse)
             job = result.job
             if job is None:
                 log.info("job %s: %s for an unknown job: late", short_job_id(job_id), state.value)
@@ -214,6 +281,8 @@ class Manager:
             self.leases.drop(job_id)
             if result.files_done:
                 self._done_log.append((self._clock(), result.files_done, result.bytes_done))
+            if not self._journal_done(job):
+                return self._unjournalled_answer(job)
             self._settle_quietly(job)
         log.info("job %s engine %s: %s (%d files done%s)", short_job_id(job_id), job.engine_id,
                  state.value,
@@ -228,9 +297,38 @@ class Manager:
             self._discard_late(job)
             return Answer(200, {"ok": False, "late": True})
         if job.state is target:
+            if not self._journal_done(job):
+                return self._unjournalled_answer(job)
             return Answer(200, {"ok": True})
         return Answer(409, {"error": f"job {short_job_id(job.job_id)} was already reported {job.state.value}, "
                                      f"not {target.value}"})
+
+    def _journal_done(self, job: Job) -> bool:
+        """Record a DONE job's files in the journal before anything else happens to it.
+
+        False when the journal cannot be written: the completion is not acknowledged
+        and the outputs are not merged (the reaper and the engine's retry try again).
+        """
+        if self.journal is None or job.state is not JobState.DONE or job.job_id in self._journalled:
+            return True
+        if not self.store.unfinished(job.job_id):
+            return True   # journalled and merged long ago
+        files = [JournalledFile(identity_of(fid, path), path, size)
+                 for fid, path, size in self.store.done_files(job.job_id)]
+        try:
+            self.journal.record_done(job.job_id, job.engine_id, files)
+        except OSError as exc:
+            log.error("job %s engine %s: cannot write the journal %s (%s): completion not "
+                      "acknowledged, outputs not merged yet", short_job_id(job.job_id),
+                      job.engine_id, self.journal.path, exc)
+            return False
+        self._journalled.add(job.job_id)
+        return True
+
+    @staticmethod
+    def _unjournalled_answer(job: Job) -> Answer:
+        return Answer(503, {"error": f"job {short_job_id(job.job_id)}: cannot record the "
+                                     f"completion in the journal on the shared filesystem; retry"})
 
     def _discard_late(self, job: Job) -> None:
         try:
@@ -241,6 +339,8 @@ class Manager:
 
     def _settle_quietly(self, job: Job | None) -> None:
         if job is None:
+            return
+        if not self._journal_done(job):
             return
         try:
             self.layout.settle(job)
@@ -282,8 +382,11 @@ class Manager:
             seen = dict(self._engines_seen)
         files_per_s = files_done / window
         left = counters.files["PENDING"] + counters.files["ASSIGNED"]
-        total_files = sum(counters.files.values())
-        total_bytes = sum(counters.bytes.values())
+        copies = FileState.DUPLICATE.value   # not work: shown, never counted as progress
+        total_files = sum(n for state, n in counters.files.items() if state != copies)
+        total_bytes = sum(n for state, n in counters.bytes.items() if state != copies)
+        duplicates = (self.store.files_in_state(FileState.DUPLICATE, DUPLICATES_SHOWN)
+                      if counters.files[copies] else [])
         return {
             "files": counters.files,
             "bytes": counters.bytes,
@@ -300,4 +403,6 @@ class Manager:
             "eta_s": (left / files_per_s) if files_per_s > 0 else None,
             "input_closed": self._input_closed,
             "report_back_interval": self.interval,
+            "duplicates": [{"path": d["path"], "reason": d["reason"]} for d in duplicates],
+            "files_waiting": self.waiting_files(),
         }

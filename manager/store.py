@@ -563,6 +563,13 @@ class Store:
             return FileEvent.FAIL, f"job {job_id}: {why}"
         return FileEvent.RETURN, None
 
+    def unfinished(self, job_id: str) -> bool:
+        """True while the job's filesystem moves are recorded but not acknowledged."""
+        with self._lock:
+            row = self._db.execute("SELECT fs_pending FROM jobs WHERE job_id = ?",
+                                   (job_id,)).fetchone()
+        return bool(row and row[0])
+
     def unfinished_moves(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute(

@@ -26,6 +26,13 @@ def _resource_tracker():
 
 
 @pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory, monkeypatch):
+    """bcmanager's default database lives in the user's state directory: one per test."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
 def no_leftover_processes():
     """Fail a test that leaves a child process of pytest running (and kill it)."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}

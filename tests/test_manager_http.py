@@ -48,7 +48,7 @@ def test_full_round_trip_with_real_pod5_files(procs, tmp_path):
         assert not (inp / f"ASSIGNED_{j}_gpu0").exists()
     assert all((inp / rel).is_file() for rel in written)  # inputs untouched
     st = m.status()
-    assert st["files"] == {"PENDING": 0, "ASSIGNED": 0, "DONE": 7, "QUARANTINED": 0}
+    assert st["files"] == {"PENDING": 0, "ASSIGNED": 0, "DONE": 7, "QUARANTINED": 0, "DUPLICATE": 0}
     assert st["progress"]["bytes_done"] == st["progress"]["bytes_total"] == sum(
         (inp / rel).stat().st_size for rel in written)
     assert st["throughput"]["files_per_s"] > 0 and st["eta_s"] == 0
@@ -110,7 +110,7 @@ def test_completion_is_idempotent_and_conflicts_are_409(procs, tmp_path):
     first = complete(m, job, "DONE", failed_files=failed)
     counts = m.status()["files"]
     assert first == (200, {"ok": True})
-    assert counts == {"PENDING": 1, "ASSIGNED": 0, "DONE": 2, "QUARANTINED": 0}
+    assert counts == {"PENDING": 1, "ASSIGNED": 0, "DONE": 2, "QUARANTINED": 0, "DUPLICATE": 0}
     # repeated (GET form as well) with the same state: same answer, nothing changes
     assert complete(m, job, "DONE", failed_files=failed) == first
     assert m.get("/completed", job_id=job, job_state="DONE") == first
@@ -118,8 +118,8 @@ def test_completion_is_idempotent_and_conflicts_are_409(procs, tmp_path):
     code, body = complete(m, job, "FAILED")
     assert code == 409 and "DONE" in body["error"]
     assert keepalive(m, job) == {"late": True}
-    # the file named as failed comes back alone
-    retry = assign(m)
+    # the file named as failed comes back alone (after its back-off)
+    retry = wait_until(lambda: (b := assign(m))["batch_size"] and b, 10, what="the retry")
     assert retry["batch_size"] == 1 and retry["batch"][0].endswith(batch["batch"][0][5:])
 
 
@@ -132,6 +132,9 @@ def test_bad_file_is_retried_in_smaller_batches_then_quarantined(procs, tmp_path
     sizes_with_bad = []
     for _ in range(50):
         batch = assign(m)
+        if batch["batch_size"] == 0 and m.status()["files"]["PENDING"]:
+            batch = wait_until(lambda: (b := assign(m))["batch_size"] and b, 20,
+                               what="the bad file after its back-off")
         if batch["batch_size"] == 0:
             assert batch["input_closed"]
             break
@@ -145,7 +148,7 @@ def test_bad_file_is_retried_in_smaller_batches_then_quarantined(procs, tmp_path
     assert sizes_with_bad[0] == 8 and sizes_with_bad[-1] == 1
     assert sizes_with_bad == sorted(sizes_with_bad, reverse=True) and len(sizes_with_bad) == 3
     st = m.status()
-    assert st["files"] == {"PENDING": 0, "ASSIGNED": 0, "DONE": 7, "QUARANTINED": 1}
+    assert st["files"] == {"PENDING": 0, "ASSIGNED": 0, "DONE": 7, "QUARANTINED": 1, "DUPLICATE": 0}
     code, listing = m.get("/files", state="QUARANTINED")
     assert code == 200 and [(f["path"], f["attempts"]) for f in listing["files"]] == [(bad, 3)]
     assert "cannot open r5" in listing["files"][0]["reason"]

@@ -7,7 +7,9 @@ import time
 
 from bcorch.manager.layout import Layout
 from bcorch.manager.states import JobState
+from bcorch.manager.statedir import default_db_path
 from bcorch.manager.store import Store
+from bcorch.protocol import short_job_id
 from manager_helpers import assign, complete, keepalive, start_manager, wait_counts, write_files
 from support import wait_until
 
@@ -23,7 +25,7 @@ def test_restart_after_kill_9_keeps_state_and_leases(procs, tmp_path):
     assert complete(m, bad["jobid"], "FAILED", reason="bad") == (200, {"ok": True})  # quarantined
     live = assign(m, "gpu2")
     before = m.status()
-    assert before["files"] == {"PENDING": 3, "ASSIGNED": 3, "DONE": 3, "QUARANTINED": 3}
+    assert before["files"] == {"PENDING": 3, "ASSIGNED": 3, "DONE": 3, "QUARANTINED": 3, "DUPLICATE": 0}
     os.kill(m.pid, signal.SIGKILL)
     m.wait(30)
     killed = time.monotonic()
@@ -34,7 +36,7 @@ def test_restart_after_kill_9_keeps_state_and_leases(procs, tmp_path):
     assert keepalive(again, live["jobid"]) == {"late": False}
     after = again.status()
     assert after["files"] == before["files"] and after["bytes"] == before["bytes"]
-    assert after["jobs"] == {"gpu2": [live["jobid"]]}
+    assert after["jobs"] == {"gpu2": [short_job_id(live["jobid"])]}
     assert (tmp_path / "in" / live["job_input_dir"]).is_dir()
     assert (tmp_path / "out" / "pass" / f"{done['jobid']}_x.fastq").exists()
     # completions recorded before the crash are still answered the same
@@ -45,7 +47,7 @@ def test_restart_after_kill_9_keeps_state_and_leases(procs, tmp_path):
     fresh = assign(again, "gpu3")
     assert fresh["jobid"] not in {done["jobid"], bad["jobid"], live["jobid"]}
     # and the restored lease still expires when its keep-alives stop
-    wait_until(lambda: live["jobid"] not in again.status()["jobs"].get("gpu2", []), 15,
+    wait_until(lambda: short_job_id(live["jobid"]) not in again.status()["jobs"].get("gpu2", []), 15,
                what="restored lease to expire")
     assert keepalive(again, live["jobid"]) == {"late": True}
     wait_counts(again, ASSIGNED=0, PENDING=6, DONE=3, QUARANTINED=3)
@@ -66,7 +68,7 @@ def test_interrupted_completion_is_finished_on_restart(procs, tmp_path):
     m.wait(30)
     # What a manager killed half-way through the DONE completion leaves behind: the outcome
     # committed (with its pending move) and the first of its renames done.
-    store = Store(str(out / "bcmanager.sqlite"), max_attempts=3)
+    store = Store(str(default_db_path(out)), max_attempts=3)
     try:
         assert store.finish(job, JobState.DONE).changed
     finally:
@@ -82,7 +84,7 @@ def test_interrupted_completion_is_finished_on_restart(procs, tmp_path):
     # finished moves are not redone by the next restart
     again.signal(signal.SIGTERM)
     assert again.wait(30) == 0
-    reopened = Store(str(out / "bcmanager.sqlite"), max_attempts=3)
+    reopened = Store(str(default_db_path(out)), max_attempts=3)
     try:
         assert reopened.unfinished_moves() == []
     finally:
@@ -96,7 +98,7 @@ def test_crash_while_assigning_recreates_the_job_dirs(procs, tmp_path):
     wait_counts(m, PENDING=1)
     os.kill(m.pid, signal.SIGKILL)
     m.wait(30)
-    store = Store(str(tmp_path / "out" / "bcmanager.sqlite"), max_attempts=3)
+    store = Store(str(default_db_path(tmp_path / "out")), max_attempts=3)
     try:
         job = store.assign("gpu0", 5)
     finally:

@@ -13,6 +13,7 @@ from bcorch.manager.leases import Leases
 from bcorch.manager.scanner import Scanner, walk_new
 from bcorch.manager.states import (FileEvent, FileState, JobState, TransitionError, file_transition,
                             job_transition)
+from bcorch.manager import store as store_mod
 from bcorch.manager.store import Store, UnknownFailedFile, link_name
 from bcorch.protocol import validate_file_name
 
@@ -91,7 +92,7 @@ def store(tmp_path):
     s.close()
 
 
-def test_assign_finish_and_counts_survive_reopening(tmp_path, store):
+def test_assign_finish_and_counts_survive_reopening(tmp_path, store, monkeypatch):
     assert store.add_files([(f"f{i}.pod5", 10 + i) for i in range(5)]) == 5
     assert store.add_files([("f0.pod5", 10), ("new.pod5", 7)]) == 1
     job = store.assign("gpu0", 3)
@@ -101,12 +102,14 @@ def test_assign_finish_and_counts_survive_reopening(tmp_path, store):
     again = store.finish(job.job_id, JobState.DONE)
     assert not again.changed and again.job.state is JobState.DONE
     snap = store.snapshot()
-    assert snap.files == {"PENDING": 4, "ASSIGNED": 0, "DONE": 2, "QUARANTINED": 0}
+    assert snap.files == {"PENDING": 4, "ASSIGNED": 0, "DONE": 2, "QUARANTINED": 0,
+                          "DUPLICATE": 0}
     store.close()
     reopened = Store(str(tmp_path / "db.sqlite"), max_attempts=3)
     try:
         assert reopened.snapshot().files == snap.files
         assert reopened.snapshot().bytes == snap.bytes
+        monkeypatch.setattr(store_mod, "retry_clock", lambda: time.time() + 1.5)  # past its back-off
         retry = reopened.assign("gpu1", 10)
         # the file named as failed goes first, and alone
         assert [f.path for f in retry.files] == ["f1.pod5"]
@@ -143,9 +146,9 @@ def test_picking_pending_files_uses_the_partial_index(store):
                              "WHERE state = 'PENDING' ORDER BY id LIMIT 10").fetchall()
     assert any("files_pending" in row[-1] for row in plan), plan
     plan = store._db.execute("EXPLAIN QUERY PLAN SELECT id, path, size, attempts, retry_cap FROM "
-                             "files WHERE state = 'PENDING' AND attempts > 0 ORDER BY id LIMIT 10"
+                             "files WHERE state = 'PENDING' AND failures > 0 ORDER BY id LIMIT 10"
                              ).fetchall()
-    assert any("files_retry" in row[-1] for row in plan), plan
+    assert any("files_retried" in row[-1] for row in plan), plan
 
 
 # -- layout ---------------------------------------------------------------------------

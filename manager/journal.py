@@ -1,0 +1,145 @@
+"""The finished-files journal: what is DONE, kept beside the outputs on the shared filesystem.
+
+The database lives on the manager host's local disk (SQLite's WAL is unsafe on NFS and
+Lustre), so it can be lost with its host, or a manager can be started elsewhere with a
+new --db. The journal is what lets such a manager redo nothing: one line of JSON per
+finished job, appended and fsync'd before the completion is acknowledged (and before
+its outputs are merged), naming every file of the job by its identity.
+
+    {"done": JOB, "engine": ENGINE, "t": WALL, "files": [[IDENTITY, PATH, SIZE], ...]}
+    {"closed": true, "t": WALL}
+
+IDENTITY is the POD5 file identifier, or "path:" + PATH for a file that could not be
+identified. The file is only ever appended to (one writer, O_APPEND), which every
+shared filesystem handles; a line torn by a crash is skipped on reading, and the next
+append starts on a fresh line. Repeated records are harmless: reading keeps the last.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+log = logging.getLogger("bcmanager.journal")
+
+FILE_NAME = "bcmanager.journal"
+PATH_PREFIX = "path:"
+
+
+@dataclass(frozen=True)
+class JournalledFile:
+    identity: str
+    path: str
+    size: int
+
+
+@dataclass
+class Replay:
+    """What a journal says: finished jobs with their files, and whether the input was closed."""
+
+    jobs: dict[str, tuple[str, list[JournalledFile]]] = field(default_factory=dict)
+    input_closed: bool = False
+    skipped_lines: int = 0
+
+    @property
+    def files(self) -> int:
+        return sum(len(files) for _, files in self.jobs.values())
+
+
+def identity_of(fid: str | None, path: str) -> str:
+    return fid or PATH_PREFIX + path
+
+
+class Journal:
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / FILE_NAME
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            created = not self.path.exists()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size and _last_byte(self.path) != b"\n":
+                    os.write(fd, b"\n")  # a torn line from a crash stays alone on its line
+                if created:
+                    _fsync_dir(self.path.parent)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
+        return self._fd
+
+    def _append(self, record: dict) -> None:
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        fd = self._open()
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(f"short write to {self.path} ({written} of {len(line)} bytes)")
+        os.fsync(fd)
+
+    def record_done(self, job_id: str, engine_id: str, files: Iterable[JournalledFile]) -> None:
+        """Append a finished job; durable when this returns (raises OSError otherwise)."""
+        self._append({"done": job_id, "engine": engine_id, "t": round(time.time(), 3),
+                      "files": [[f.identity, f.path, f.size] for f in files]})
+
+    def record_closed(self) -> None:
+        self._append({"closed": True, "t": round(time.time(), 3)})
+
+    def has_records(self) -> bool:
+        try:
+            return self.path.stat().st_size > 0
+        except OSError:
+            return False
+
+    def replay(self) -> Replay:
+        out = Replay()
+        try:
+            fh = open(self.path, "rb")
+        except FileNotFoundError:
+            return out
+        with fh:
+            for raw in fh:
+                try:
+                    record = json.loads(raw)
+                    if record.get("closed"):
+                        out.input_closed = True
+                        continue
+                    files = [JournalledFile(str(i), str(p), int(s)) for i, p, s in record["files"]]
+                    out.jobs[str(record["done"])] = (str(record["engine"]), files)
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    if raw.strip():
+                        out.skipped_lines += 1
+        if out.skipped_lines:
+            log.warning("journal %s: %d unreadable lines skipped (a write torn by a crash)",
+                        self.path, out.skipped_lines)
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
