@@ -28,7 +28,8 @@ def _serve_parser() -> argparse.ArgumentParser:
                "  bcmanager status [--json] [--watch [S]]   progress, throughput, engines\n"
                "  bcmanager close-input                     the run has written every file\n\n"
                "exit codes: 0 stopped cleanly, 1 cannot serve (port, files), "
-               "75 manager unreachable (status), 78 configuration error",
+               "75 manager unreachable (status, close-input), 78 configuration error "
+               "(also: a refused token; OUTPUT_DIR served by another manager)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"bcmanager {bcorch.version()}")
     p.add_argument("--config", help="config.toml (defaults when not given)")
@@ -40,6 +41,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="bearer token (or env BCORCH_TOKEN)")
     p.add_argument("--input-closed", action="store_true", default=None,
                    help="the run has finished writing: no file will be added")
+    p.add_argument("--take-over", action="store_true",
+                   help="take OUTPUT_DIR over from a manager on another host whose lock is "
+                        "stale (not refreshed for 6 x manager.lock_refresh_s); never from a "
+                        "live one")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -101,15 +106,21 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"manager.input_dir: no such directory {cfg.manager.input_dir!r}")
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .instance_lock import InstanceLock
     from .server import Service  # the HTTP server and sqlite only when serving
 
+    lock = InstanceLock(cfg.manager.output_dir, cfg.manager.lock_refresh_s)
+    lock.acquire(take_over=args.take_over)  # before the database: one manager per OUTPUT_DIR
     try:
         service = Service(cfg.manager, cfg.token)
     except OSError as exc:
         print(f"bcmanager: cannot serve on {cfg.manager.host}:{cfg.manager.port} "
               f"(--host/--port) or open its files: {exc}", file=sys.stderr)
         return 1
-    return service.serve()
+    lock.start_refreshing(on_lost=lambda _reason: service.stop_event.set())
+    code = service.serve()
+    lock.release()
+    return _fail(lock.lost, EXIT_CONFIG) if lock.lost else code
 
 
 def _request(cfg: Config, route: str, method: str = "GET") -> Any:
@@ -123,6 +134,9 @@ def _request(cfg: Config, route: str, method: str = "GET") -> Any:
             return json.loads(resp.read())
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")[:200]
+        if err.code == 401:
+            raise SystemExit(_fail(f"{url}: the manager refused the token (manager.token, --token "
+                                   f"or BCORCH_TOKEN): HTTP 401", EXIT_CONFIG)) from None
         raise SystemExit(_fail(f"{url}: HTTP {err.code} {detail}", EXIT_PROTOCOL)) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise SystemExit(_fail(f"{url}: manager unreachable ({exc}) (--url)", EXIT_PROTOCOL)) from None

@@ -201,7 +201,7 @@ def test_input_closed_by_command_is_persisted(procs, tmp_path):
     refused = subprocess.run(cli + ["status", "--url", m.url, "--json"], cwd=REPO,
                              capture_output=True, text=True, timeout=60,
                              env={k: v for k, v in os.environ.items() if k != "BCORCH_TOKEN"})
-    assert refused.returncode == 75 and "401" in refused.stderr
+    assert refused.returncode == 78 and "401" in refused.stderr  # a configuration error
     m.signal(15)
     assert m.wait(30) == 0
     again = start_manager(procs, tmp_path, token="s3cret", port=m.port)

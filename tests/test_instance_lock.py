@@ -1,0 +1,121 @@
+"""One manager per OUTPUT_DIR (issue 11, hole 6): a second manager on the same state exits 78
+naming the holder; the lock works across hosts through a lease file on the shared filesystem.
+Real bcmanager processes; another host is played by writing its lock file."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+
+import sys
+
+from bcorch.manager.instance_lock import LOCK_NAME
+from support import ManagedProcess, ManagerProcess, free_port, wait_until
+
+
+def _dirs(tmp_path):
+    for d in ("in", "out"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    return tmp_path / "in", tmp_path / "out"
+
+
+def _manager(tmp_path, procs, *, refresh_s: float | None = None, extra=()) -> ManagerProcess:
+    inp, out = _dirs(tmp_path)
+    port = free_port()
+    config = None
+    if refresh_s is not None:
+        config = tmp_path / f"manager-{port}.toml"
+        config.write_text(f"[manager]\nsettle_s = 0.0\nscan_interval_s = 0.2\n"
+                          f"lock_refresh_s = {refresh_s}\n")
+    m = ManagerProcess(tmp_path, inp, out, port=port, config=config, extra=extra)
+    procs.append(m)
+    return m
+
+
+def _second(tmp_path, procs, *extra: str) -> ManagedProcess:
+    """A second bcmanager on the same directories (another port), not waited for."""
+    inp, out = _dirs(tmp_path)
+    p = ManagedProcess([sys.executable, "-m", "bcorch.manager", "--input-dir", str(inp),
+                        "--output-dir", str(out), "--port", str(free_port()), *extra],
+                       tmp_path / f"second-{len(procs)}.log")
+    procs.append(p)
+    return p.start()
+
+
+def _lock(tmp_path) -> dict:
+    return json.loads((tmp_path / "out" / LOCK_NAME).read_text())
+
+
+def _foreign_lock(tmp_path, age_s: float, refresh_s: float = 10.0) -> None:
+    """The lock of a manager on another host, last refreshed age_s ago (file-server time)."""
+    path = _dirs(tmp_path)[1] / LOCK_NAME
+    now = time.time()
+    path.write_text(json.dumps({"host": "other-node", "pid": 4242, "pid_started": now - 3600,
+                                "instance": "feedfacecafebeef", "started": now - 3600,
+                                "refreshed": now - age_s, "refresh_s": refresh_s}))
+    os.utime(path, (now - age_s, now - age_s))
+
+
+def test_second_manager_on_the_same_output_dir_exits_78_naming_the_holder(tmp_path, procs):
+    first = _manager(tmp_path, procs).start()
+    second = _second(tmp_path, procs)
+    assert second.wait(30) == 78
+    lines = second.log().strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert f"host {socket.gethostname()} pid {first.pid}" in lines[0], lines[0]
+    assert first.status()["files"] is not None  # the holder still serves
+
+
+def test_a_manager_killed_with_9_is_replaced_on_its_host_at_once(tmp_path, procs):
+    first = _manager(tmp_path, procs).start()
+    assert _lock(tmp_path)["pid"] == first.pid
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    again = _manager(tmp_path, procs).start()  # no stale wait: the holder's pid is gone
+    assert _lock(tmp_path)["pid"] == again.pid
+    assert "gone" in again.log()
+
+
+def test_clean_exit_releases_the_lock(tmp_path, procs):
+    m = _manager(tmp_path, procs).start()
+    assert (tmp_path / "out" / LOCK_NAME).exists()
+    m.signal(signal.SIGTERM)
+    assert m.wait(30) == 0
+    assert not (tmp_path / "out" / LOCK_NAME).exists()
+    assert not list((tmp_path / "out").glob(LOCK_NAME + ".*"))  # no temp files left
+
+
+def test_fresh_lock_of_another_host_is_refused_even_with_take_over(tmp_path, procs):
+    _foreign_lock(tmp_path, age_s=5)
+    for extra in ((), ("--take-over",)):
+        p = _second(tmp_path, procs, *extra)
+        assert p.wait(30) == 78, p.log()
+        line = p.log().strip()
+        assert "\n" not in line and "host other-node pid 4242" in line, line
+        ago = re.search(r"lock refreshed (\d+) s ago", line)
+        assert ago and 5 <= int(ago.group(1)) < 60, line
+    assert _lock(tmp_path)["host"] == "other-node"
+
+
+def test_stale_lock_of_another_host_needs_take_over(tmp_path, procs):
+    _foreign_lock(tmp_path, age_s=600)  # 6 x 10 s without a refresh: stale
+    refused = _second(tmp_path, procs)
+    assert refused.wait(30) == 78
+    assert "stale" in refused.log() and "--take-over" in refused.log(), refused.log()
+    taker = _manager(tmp_path, procs, extra=["--take-over"]).start()
+    lock = _lock(tmp_path)
+    assert (lock["host"], lock["pid"]) == (socket.gethostname(), taker.pid)
+    assert "taking it over from host other-node pid 4242" in taker.log()
+
+
+def test_holder_refreshes_and_stops_when_another_manager_took_over(tmp_path, procs):
+    m = _manager(tmp_path, procs, refresh_s=0.2).start()
+    first = _lock(tmp_path)["refreshed"]
+    wait_until(lambda: _lock(tmp_path)["refreshed"] > first, 10, what="a lock refresh")
+    _foreign_lock(tmp_path, age_s=0)  # another host took it (--take-over) meanwhile
+    assert m.wait(30) == 78
+    assert "now held by host other-node pid 4242" in m.log()
+    assert _lock(tmp_path)["host"] == "other-node"  # not removed by the loser
