@@ -54,7 +54,7 @@ def test_keep_leaves_the_workspace_with_its_outputs(tmp_path):
     assert f"workspace kept in {work}" in result.stdout
     assert len(list((work / "input").rglob("*.pod5"))) == 3
     assert list((work / "output" / "pass").glob("*.fastq"))
-    assert (work / "output" / "bcmanager.sqlite").exists()
+    assert (work / "bcmanager.sqlite").exists() and (work / "bcorch.toml").exists()
 
 
 def test_bad_arguments_are_one_line_errors():
@@ -81,7 +81,7 @@ def test_ctrl_c_stops_everything_and_keeps_the_workspace(tmp_path, procs):
     assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
     assert "interrupted" in demo.log() and f"workspace kept in {work}" in demo.log()
     import sqlite3
-    with sqlite3.connect(work / "output" / "bcmanager.sqlite") as db:
+    with sqlite3.connect(work / "bcmanager.sqlite") as db:
         states = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
     assert states.get("LIVE", 0) == 0, f"every batch was reported back: {states}"
     assert states.get("STOPPED", 0) >= 1, states

@@ -1,0 +1,241 @@
+"""A manager and bcorch on this machine as real subprocesses: the demo, the benchmarks, the tests.
+
+`LocalCluster(workdir, gpus=...)` writes one config file (simulation by default, see
+bcorch.config_writer), starts `bcmanager` on a free loopback port and `bcorch --gpus
+virtual:N`, and stops both. Every child runs in its own session with its output in a log
+file; every wait is bounded; `close()` leaves nothing running.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from bcorch.config_writer import write_config
+
+from .control import ControlError, request
+
+STOP_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.05) -> Any:
+    """condition()'s first truthy value; TimeoutError naming `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def get_json(url: str, timeout: float = 2.0) -> dict | None:
+    """The JSON answer of a GET, or None when there is no (valid) answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+
+
+def manager_argv(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bcorch.manager", "--config", str(config), *extra]
+
+
+def bcorch_argv(config: Path, gpus: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
+            "--gpus", f"virtual:{gpus}", *extra]
+
+
+class LocalProcess:
+    """A child process in its own session, its stdout and stderr appended to a log file."""
+
+    def __init__(self, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None):
+        self.argv = list(argv)
+        self.log_path = Path(log_path)
+        self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "LocalProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd,
+                                         start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.wait(timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        if self.running():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S, now: bool = False) -> int | None:
+        """SIGTERM (bcorch drains; with now=True a second SIGTERM: stop at once), then SIGKILL
+        to the whole session if it has not ended within timeout. Returns the exit code."""
+        if not self.running():
+            return self.returncode
+        self.signal(signal.SIGTERM)
+        if now:
+            try:
+                self.wait(0.2)  # two distinct signals, so bcorch sees a second one
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_session()
+            return self.wait(10)
+
+    def kill_session(self) -> None:
+        """SIGKILL to every process of the child's session (its process group)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        """Kill the child and everything it started, now (a clean-up, not a drain)."""
+        if self.proc is None:
+            return
+        _kill_tree(self.proc.pid)
+        self.kill_session()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - the kernel did not reap
+            pass
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL pid and its descendants, even those that left its session."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+class LocalCluster:
+    """One manager and one bcorch over `gpus` virtual GPUs, with their files in `workdir`.
+
+    `manager`, `engine`, `runner` and `orchestrator` are config sections merged over the
+    cluster's defaults (a fast local run of the simulate runner).
+    """
+
+    def __init__(self, workdir: Path, *, gpus: int = 1, input_dir: Path | None = None,
+                 output_dir: Path | None = None, port: int | None = None,
+                 manager: Mapping[str, Any] | None = None, engine: Mapping[str, Any] | None = None,
+                 runner: Mapping[str, Any] | None = None,
+                 orchestrator: Mapping[str, Any] | None = None):
+        self.workdir = Path(workdir)
+        self.gpus = gpus
+        self.input_dir = Path(input_dir) if input_dir else self.workdir / "input"
+        self.output_dir = Path(output_dir) if output_dir else self.workdir / "output"
+        for d in (self.input_dir, self.output_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = self.workdir / "bcmanager.sqlite"  # in the workspace, not ~/.local/state
+        self.socket = self.workdir / "control" / "control.sock"
+        self.config = write_config(
+            self.workdir / "bcorch.toml",
+            manager={"url": self.url, "port": self.port, "input_dir": str(self.input_dir),
+                     "output_dir": str(self.output_dir), "db": str(self.db), "settle_s": 0.0,
+                     "scan_interval_s": 0.2, **(manager or {})},
+            engine={"polling_interval": 0.01, "work_until_none_left": True, **(engine or {})},
+            runner={"stop_grace_s": 2.0, **(runner or {})},
+            orchestrator={"hang_timeout_s": 30.0, "drain_timeout_s": 30.0,
+                          "control_socket": str(self.socket), **(orchestrator or {})})
+        self.manager: LocalProcess | None = None
+        self.bcorch: LocalProcess | None = None
+
+    def start_manager(self, *extra: str, input_closed: bool = True, timeout: float = 60.0,
+                      wait_files: int | None = None) -> float:
+        """Start bcmanager; return the monotonic time it first answered /heartbeat."""
+        argv = manager_argv(self.config, *extra, *(["--input-closed"] if input_closed else []))
+        self.manager = LocalProcess(argv, self.workdir / "manager.log").start()
+
+        def up() -> bool:
+            if not self.manager.running():
+                raise RuntimeError(f"the manager exited with {self.manager.returncode}; "
+                                   f"see {self.manager.log_path}")
+            return get_json(self.url + "/heartbeat", timeout=0.5) is not None
+
+        wait_for(up, timeout, f"the manager on {self.url}", interval=0.02)
+        answered = time.monotonic()
+        if wait_files:
+            wait_for(lambda: sum((self.status() or {}).get("files", {}).values()) >= wait_files,
+                     120, f"the manager to find {wait_files} files", interval=0.1)
+        return answered
+
+    def start_bcorch(self, *extra: str) -> LocalProcess:
+        self.bcorch = LocalProcess(bcorch_argv(self.config, self.gpus, *extra),
+                                   self.workdir / "bcorch.log").start()
+        return self.bcorch
+
+    def status(self) -> dict | None:
+        """The manager's /status, or None while it does not answer."""
+        return get_json(self.url + "/status")
+
+    def slots(self) -> list[dict]:
+        """bcorch's GPU slots from its control pipe ([] while it does not answer)."""
+        try:
+            reply = request(self.socket, {"cmd": "status"}, timeout=2.0)
+        except (ControlError, OSError):
+            return []
+        return reply.get("slots", []) if reply.get("ok") else []
+
+    def all_done(self, total: int) -> bool:
+        files = (self.status() or {}).get("files", {})
+        return files.get("DONE", 0) + files.get("QUARANTINED", 0) >= total
+
+    def close(self, now: bool = False) -> None:
+        """Stop bcorch (a drain; at once with now=True), then the manager."""
+        for proc, immediately in ((self.bcorch, now), (self.manager, False)):
+            if proc is not None:
+                proc.stop(now=immediately)
