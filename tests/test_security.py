@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def test_manager_binds_loopback_unless_told_otherwise(tmp_path, procs):
 def bcorch_config(tmp_path):
     config = tmp_path / "bcorch.toml"
     _write_toml(config, {"manager": {"url": "http://127.0.0.1:9"},
-                         "engine": {"polling_interval": 0.01}})
+                         "engine": {"polling_interval": 0.01},
+                         "runner": {"kind": "simulate"}})
     return config
 
 
@@ -168,3 +170,63 @@ def test_runner_arguments_never_go_through_a_shell(tmp_path, procs):
     argv = json.loads(argv_file.read_text())
     assert argv[2] == model, argv
     assert not marker.exists() and not marker2.exists()
+
+
+# -- the job id is the lease's capability (issue 11, hole 4) ------------------------------------
+
+def _two_leases(tmp_path, procs):
+    """A manager with two files out on two engines' leases: (manager, victim job, thief job)."""
+    from manager_helpers import assign
+    write_dataset(tmp_path / "in", 2, reads_per_file=2, samples_per_read=1000)
+    m = _manager(tmp_path, procs, batch_size=1, input_closed=True, token=TOKEN).start()
+    wait_until(lambda: m.status()["files"]["PENDING"] == 2, 30, what="files found")
+    victim, thief = assign(m, "victim-gpu0", 1), assign(m, "thief-gpu0", 1)
+    return m, victim["jobid"], thief["jobid"]
+
+
+def test_job_ids_hold_64_random_bits_and_only_a_prefix_is_shown(tmp_path, procs):
+    m, victim, _ = _two_leases(tmp_path, procs)
+    seq, random_part = victim.split("-", 1)
+    assert re.fullmatch(r"j[0-9]{6,}", seq) and re.fullmatch(r"[0-9a-f]{20}", random_part), victim
+    code, status = m.get("/status")
+    shown = status["jobs"]["victim-gpu0"]
+    assert shown == [victim[:12]], shown
+    hidden = victim[len(shown[0]):]
+    assert re.fullmatch(r"[0-9a-f]{16,}", hidden), hidden  # at least 64 bits nobody is shown
+    code, metrics = m.get("/metrics")
+    for text in (json.dumps(status), metrics, m.log()):
+        assert victim not in text
+    code, answer = m.post("/completed", {"job_id": shown[0], "job_state": "DONE"})
+    assert answer == {"ok": False, "late": True}  # the prefix completes nothing
+    assert m.status()["files"]["ASSIGNED"] == 2
+
+
+def test_a_listed_job_id_does_not_complete_another_engines_job(tmp_path, procs):
+    """Before: /status listed full job ids and anyone with the token could complete them."""
+    m, victim, thief_job = _two_leases(tmp_path, procs)
+    listed = [j for jobs in m.status()["jobs"].values() for j in jobs]
+    for job in listed:
+        code, answer = m.post("/completed", {"job_id": job, "job_state": "DONE"})
+        assert (code, answer) == (200, {"ok": False, "late": True}), (job, answer)
+    files = m.status()["files"]
+    assert files["ASSIGNED"] == 2 and files["DONE"] == 0
+
+
+def test_engineid_on_keepalive_and_completed_must_be_the_holder(tmp_path, procs):
+    m, victim, thief_job = _two_leases(tmp_path, procs)
+    # Another engine that knows the id (say, from a log) and names itself is told "late".
+    assert m.get("/keepalive", job_id=victim, job_state="PROCESSING",
+                 engineid="thief-gpu0") == (200, {"late": True})
+    assert m.post("/completed", {"job_id": victim, "job_state": "DONE",
+                                 "engineid": "thief-gpu0"}) == (200, {"ok": False, "late": True})
+    assert m.status()["files"]["DONE"] == 0
+    # The holder naming itself, and the original engine naming no one, still work.
+    assert m.get("/keepalive", job_id=victim, job_state="PROCESSING",
+                 engineid="victim-gpu0") == (200, {"late": False})
+    assert m.post("/completed", {"job_id": victim, "job_state": "STOPPED",
+                                 "engineid": "victim-gpu0"}) == (200, {"ok": True})
+    assert m.get("/keepalive", job_id=thief_job, job_state="PROCESSING") == (200, {"late": False})
+    assert m.get("/completed", job_id=thief_job, job_state="STOPPED") == (200, {"ok": True})
+    assert "thief-gpu0, but engine victim-gpu0 holds it" in m.log()
+    assert m.get("/keepalive", job_id=victim, job_state="PROCESSING",
+                 engineid="bad/name")[0] == 400
