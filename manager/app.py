@@ -28,6 +28,8 @@ log = logging.getLogger("bcmanager.http")
 MAX_BODY = 1 << 20
 MAX_REASON = 1000
 MAX_LIST_LIMIT = 100_000
+MAX_WAIT_S = 30
+HOLD_KEY = "bcorch.hold_s"   # environ: the server may hold this answer that long (Held)
 _INT_RE = re.compile(r"[0-9]{1,7}")
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
@@ -49,6 +51,16 @@ class RawAnswer:
 
     payload: bytes
     content_type: str
+
+
+@dataclass(frozen=True)
+class Held:
+    """An empty /assignwork answer that the server may hold up to `seconds`, asking the app
+    again whenever work may be ready (a long poll; manager.asgi). A server that cannot hold
+    requests sends the answer at once."""
+
+    answer: Answer
+    seconds: float
 
 
 class Params:
@@ -150,6 +162,9 @@ class App:
         path = environ.get("PATH_INFO", "") or "/"
         try:
             answer = self._dispatch(environ, method, path)
+            if isinstance(answer, Held):
+                environ[HOLD_KEY] = answer.seconds
+                answer = answer.answer
             if isinstance(answer, RawAnswer):
                 payload = b"" if method == "HEAD" else answer.payload
                 start_response("200 OK", [("Content-Type", answer.content_type),
@@ -169,7 +184,7 @@ class App:
                         ("Content-Length", str(len(payload))), *headers])
         return [payload]
 
-    def _dispatch(self, environ: dict, method: str, path: str) -> Answer | RawAnswer:
+    def _dispatch(self, environ: dict, method: str, path: str) -> Answer | RawAnswer | Held:
         if len(path) > 1 and path.endswith("/"):
             path = path.rstrip("/")
         route = self.routes.get(path)
@@ -230,7 +245,13 @@ class App:
         engine_id = _checked(validate_id, params.one("engineid"), "engineid")
         size = params.one("batchsize", required=False)
         wanted = 0 if size is None else _int_param(size, "batchsize", 0, MAX_BATCH_SIZE)
-        return self.manager.assign(engine_id, wanted, simulated=_simulated(params))
+        wait = params.one("wait_s", required=False)
+        wait_s = 0 if wait is None else _int_param(wait, "wait_s", 0, MAX_WAIT_S)
+        answer = self.manager.assign(engine_id, wanted, simulated=_simulated(params))
+        if wait_s and answer.status == 200 and answer.body.get("batch_size") == 0 \
+                and not answer.body.get("input_closed"):  # input_closed here: nothing left
+            return Held(answer, wait_s)
+        return answer
 
     def keepalive(self, params: Params) -> Answer:
         job_id = _checked(validate_id, params.one("job_id"), "job_id")
