@@ -230,3 +230,17 @@ def test_engineid_on_keepalive_and_completed_must_be_the_holder(tmp_path, procs)
     assert "thief-gpu0, but engine victim-gpu0 holds it" in m.log()
     assert m.get("/keepalive", job_id=victim, job_state="PROCESSING",
                  engineid="bad/name")[0] == 400
+
+
+def test_a_refused_token_is_a_configuration_error_in_bcmanager_commands(tmp_path, procs):
+    m = _manager(tmp_path, procs, token=TOKEN).start()
+    env = {k: v for k, v in os.environ.items() if k != "BCORCH_TOKEN"}
+    for command in (["status"], ["status", "--json"], ["close-input"]):
+        out = subprocess.run([sys.executable, "-m", "bcorch.manager", *command, "--url", m.url,
+                              "--token", "a-wrong-guess"], cwd=REPO, capture_output=True,
+                             text=True, timeout=60, env=env)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 78, (command, out.returncode, out.stderr)
+        assert len(lines) == 1 and "refused the token" in lines[0] and "manager.token" in lines[0]
+        assert "a-wrong-guess" not in out.stderr
+    assert m.status()["input_closed"] is False
