@@ -114,8 +114,13 @@ def test_the_readme_real_run_commands_basecall_every_read_once(procs, tmp_path):
     closed = subprocess.run(["bash", "-c", close], env=env, capture_output=True, text=True,
                             timeout=60)
     assert closed.returncode == 0, closed.stderr
-    wait_until(lambda: host.proc.poll() is None and files()["DONE"] == len(written), 180,
-               what=f"every file DONE\n{host.log()}\n{manager.log()}")
+
+    def all_done() -> bool:
+        if host.proc.poll() is not None and files()["DONE"] < len(written):
+            raise AssertionError(f"bcorch exited {host.proc.returncode} before the run was "
+                                 f"done:\n{host.log()[-3000:]}")
+        return files()["DONE"] == len(written)
+    wait_until(all_done, 180, what="every file DONE (see bcorch.log, manager.log)")
 
     watcher = ManagedProcess(["bash", "-c", "exec " + status], tmp_path / "status.log", env=env)
     procs.append(watcher.start())
