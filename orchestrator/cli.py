@@ -3,6 +3,7 @@
     bcorch [--config F] [--gpus SPEC] [--manager-url U] [--socket S] [--log-level L]
     bcorch engine --gpu N [--config F] [--manager-url U]      (one engine, no supervisor)
     bcorch status [--json] | drain [--gpu N] | resume [--gpu N] | restart --gpu N | stop
+    bcorch socket                                             (the control socket's path)
     bcorch gpus [--json] [--gpus SPEC]
     bcorch demo [--files N] [--gpus N] [--keep]              (orchestrator/demo.py)
     bcorch status --watch [S]                                 (redraw every S seconds)
@@ -24,22 +25,21 @@ from typing import Any, Callable
 from bcorch.protocol import EXIT_CONFIG
 from bcorch.config import Config, ConfigError, load
 
-CONTROL_COMMANDS = ("status", "drain", "resume", "restart", "stop")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-COMMANDS_HELP = """commands (each has its own --help):
-  bcorch [flags]                  supervise one engine per GPU (this page)
-  bcorch engine --gpu N           run one engine in the foreground, no supervisor
-  bcorch status [--json] [--watch [S]]
-                                  the host and each GPU slot, through the control pipe
-  bcorch drain|resume [--gpu N]   finish current batches and take no more / back to work
-  bcorch restart --gpu N          graceful restart of one engine
-  bcorch stop                     the whole host drains and exits
-  bcorch gpus [--json]            the GPUs NVML sees, with their health
-  bcorch demo [--files N] [--gpus N] [--keep]
-                                  the whole job on this machine, no GPU needed
+from .commands import COMMANDS, GpuArg, usage_line
 
-exit codes: 0 done or drained, 75 manager unreachable (policy drain),
-78 configuration error, 1 a control command failed."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+COMMANDS_HELP = "\n".join([
+    "commands (each has its own --help):",
+    "  bcorch [flags]                  supervise one engine per GPU (this page)",
+    "  bcorch engine --gpu N           run one engine in the foreground, no supervisor",
+    *(f"  {usage_line(c):<31} {c.help}" for c in COMMANDS.values()),
+    "  bcorch socket                   print the control socket's path (for socat, nc -U)",
+    "  bcorch gpus [--json]            the GPUs NVML sees, with their health",
+    "  bcorch demo [--files N] [--gpus N] [--keep]",
+    "                                  the whole job on this machine, no GPU needed",
+    "",
+    "exit codes: 0 done, drained or the run complete; 75 manager unreachable (never reached,",
+    "or policy drain); 78 configuration error; 1 a control command failed."])
 
 
 class UsageError(ConfigError):
@@ -77,8 +77,10 @@ def _dispatch(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int
             return cmd_gpus(argv[1:])
         if argv and argv[0] == "demo":
             return cmd_demo(argv[1:])
-        if argv and argv[0] in CONTROL_COMMANDS:
+        if argv and argv[0] in COMMANDS:
             return cmd_control(argv[0], argv[1:])
+        if argv and argv[0] == "socket":
+            return cmd_socket(argv[1:])
         return cmd_run(argv, target)
     except ConfigError as exc:
         print(f"bcorch: {exc}", file=sys.stderr)
@@ -109,11 +111,14 @@ def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
     p.add_argument("--gpus", help="all | 0,2 | GPU-<uuid>,... | virtual:N")
     p.add_argument("--manager-url", help="the manager's URL (overrides manager.url)")
     p.add_argument("--socket", help="control socket path (overrides orchestrator.control_socket)")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="keep serving after the run is complete (orchestrator.exit_when_done = false)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     args = p.parse_args(argv)
     _check_url(args.manager_url)
     config = _load(args.config)
-    config.override("orchestrator", gpus=args.gpus, control_socket=args.socket)
+    config.override("orchestrator", gpus=args.gpus, control_socket=args.socket,
+                    exit_when_done=False if args.keep_serving else None)
     config.override("manager", url=args.manager_url)
     _check_url(config.manager.url)
     gpus = select_gpus(config.orchestrator.gpus)
@@ -129,16 +134,17 @@ def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
 
 
 def cmd_control(cmd: str, argv: list[str]) -> int:
-    from .control import socket_path
     from .status_view import render_status
 
-    p = _Parser(prog=f"bcorch {cmd}", description=CONTROL_HELP[cmd])
+    command = COMMANDS[cmd]
+    p = _Parser(prog=f"bcorch {cmd}", description=command.help)
     p.add_argument("--socket", help="control socket path")
     p.add_argument("--config", help="config.toml (for orchestrator.control_socket)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
-    if cmd in ("drain", "resume", "restart"):
-        p.add_argument("--gpu", type=int, required=(cmd == "restart"),
-                       help="host GPU index (default: every GPU)")
+    if command.gpu is not GpuArg.NONE:
+        required = command.gpu is GpuArg.REQUIRED
+        p.add_argument("--gpu", type=int, required=required,
+                       help="host GPU index" + ("" if required else " (default: every GPU)"))
     if cmd == "status":
         p.add_argument("--json", action="store_true", help="print the raw reply")
         p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="S",
@@ -149,8 +155,7 @@ def cmd_control(cmd: str, argv: list[str]) -> int:
         raise UsageError(f"bcorch status: --watch must be at least 0.1 seconds, got {args.watch}")
     if getattr(args, "gpu", None) is not None and args.gpu < 0:
         raise UsageError(f"bcorch {cmd}: --gpu must be a GPU index (0 or more), got {args.gpu}")
-    path = Path(args.socket) if args.socket else socket_path(
-        _load(args.config).orchestrator.control_socket)
+    path = _client_socket(args.socket, args.config)
     message: dict[str, Any] = {"cmd": cmd}
     if getattr(args, "gpu", None) is not None:
         message["gpu"] = args.gpu
@@ -169,13 +174,19 @@ def cmd_control(cmd: str, argv: list[str]) -> int:
     return 0
 
 
-CONTROL_HELP = {
-    "status": "Show the host and each GPU slot (state, job, restarts, GPU health).",
-    "drain": "Finish the current batch and take no more (one GPU, or all).",
-    "resume": "Back to work after a drain; also clears FAILED.",
-    "restart": "Gracefully restart one engine (drain, then start again).",
-    "stop": "The whole host drains and bcorch exits.",
-}
+def _client_socket(flag: str | None, config_path: str | None) -> Path:
+    from .control import find_socket
+    return find_socket(flag or _load(config_path).orchestrator.control_socket)
+
+
+def cmd_socket(argv: list[str]) -> int:
+    p = _Parser(prog="bcorch socket", description="Print the path of the control socket that "
+                "bcorch status would use, for socat and nc -U.")
+    p.add_argument("--socket", help="control socket path")
+    p.add_argument("--config", help="config.toml (for orchestrator.control_socket)")
+    args = p.parse_args(argv)
+    print(_client_socket(args.socket, args.config))
+    return 0
 
 
 def _ask(cmd: str, path: Path, message: dict, timeout: float) -> dict | None:

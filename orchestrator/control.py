@@ -27,27 +27,60 @@ from typing import Any, Callable
 
 from bcorch.config import ConfigError
 
+from .commands import COMMANDS, GpuArg
+
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
 MAX_CLIENTS = 256  # past this, the client idle longest makes room for the new one
 IDLE_TIMEOUT_S = 10.0
-COMMANDS = ("status", "drain", "resume", "restart", "stop")
 
 
 class ControlError(Exception):
     """A client-side failure; str() is one line for the operator."""
 
 
-def default_socket_path() -> Path:
+def _socket_dirs() -> list[Path]:
+    """Where bcorch may put its socket: $XDG_RUNTIME_DIR/bcorch, else /tmp/bcorch-<uid>."""
+    dirs = []
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
-        return Path(runtime) / "bcorch" / "control.sock"
-    return Path(f"/tmp/bcorch-{os.getuid()}") / "control.sock"
+        dirs.append(Path(runtime) / "bcorch")
+    dirs.append(Path(f"/tmp/bcorch-{os.getuid()}"))
+    return dirs
+
+
+def _socket_names() -> list[str]:
+    """control-<job>.sock inside a Slurm job (every step of the job sees SLURM_JOB_ID, so
+    `srun --jobid=<id> bcorch status` finds it; two jobs on one node do not collide)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    return ([f"control-{job}.sock"] if job.isdigit() else []) + ["control.sock"]
+
+
+def default_socket_path() -> Path:
+    return _socket_dirs()[0] / _socket_names()[0]
 
 
 def socket_path(configured: str) -> Path:
+    """The socket bcorch listens on."""
     return Path(configured).expanduser() if configured else default_socket_path()
+
+
+def find_socket(configured: str = "") -> Path:
+    """The socket a control command talks to: the configured one, else the first socket
+    found where bcorch may have put it (a job step's XDG_RUNTIME_DIR can differ from the
+    one bcorch started with), else the default."""
+    if configured:
+        return Path(configured).expanduser()
+    for directory in _socket_dirs():
+        for name in _socket_names():
+            candidate = directory / name
+            try:
+                if stat.S_ISSOCK(candidate.lstat().st_mode):
+                    return candidate
+            except OSError:
+                continue
+    return default_socket_path()
 
 
 def prepare_directory(path: Path) -> None:
@@ -81,13 +114,13 @@ def parse_request(line: bytes) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise ValueError("request must be a JSON object")
     cmd = request.get("cmd")
-    if cmd not in COMMANDS:
+    if not isinstance(cmd, str) or cmd not in COMMANDS:
         raise ValueError(f"unknown command {str(cmd)[:40]!r} (expected one of {', '.join(COMMANDS)})")
     gpu = request.get("gpu")
     if gpu is not None and (not isinstance(gpu, int) or isinstance(gpu, bool) or gpu < 0):
         raise ValueError(f"gpu must be a non-negative integer, got {str(gpu)[:40]!r}")
-    if cmd == "restart" and gpu is None:
-        raise ValueError("restart needs a gpu")
+    if gpu is None and COMMANDS[cmd].gpu is GpuArg.REQUIRED:
+        raise ValueError(f"{cmd} needs a gpu")
     return request
 
 

@@ -3,7 +3,8 @@
 `ManagerWatch` is plain state the loop owns (up, or down since when; when to probe
 next, with a delay of 1 s doubling to 10 s). `probe_async` asks `<url>/heartbeat`
 from a short-lived thread with a bounded timeout and hands the answer back through
-a callback (which only records an event for the loop).
+a callback (which only records an event for the loop). `RunWatch` asks `/status` in the
+same way, to learn whether the manager was ever reached and whether the run is complete.
 """
 from __future__ import annotations
 
@@ -101,6 +102,80 @@ def probe_once(url: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return False, f"/heartbeat: {reason}"[:200]
+
+
+RUN_POLL_S = 5.0
+
+
+def run_complete(status: dict) -> bool:
+    """The manager's /status says the run is over: the input is closed and no file is
+    PENDING or ASSIGNED (every one is DONE, QUARANTINED or a DUPLICATE of one). This is the
+    rule by which the manager tells an engine that nothing is left. A manager that says
+    `complete` itself is taken at its word."""
+    if isinstance(status.get("complete"), bool):
+        return status["complete"]
+    files = status.get("files")
+    if status.get("input_closed") is not True or not isinstance(files, dict):
+        return False
+    return files.get("PENDING", 0) == 0 and files.get("ASSIGNED", 0) == 0
+
+
+@dataclass
+class RunWatch:
+    """The run as /status shows it: has bcorch ever reached the manager, and is the run over.
+
+    Polled every RUN_POLL_S from the start. It never marks the manager down (that is the
+    engines' and the probe's call); it only answers two questions for the loop.
+    """
+
+    url: str
+    token: str
+    started_at: float
+    next_poll_at: float | None = None
+    polling: bool = False
+    reached: bool = False
+    complete: bool = False
+    last_error: str = "no answer yet"
+
+    def __post_init__(self) -> None:
+        if self.next_poll_at is None:
+            self.next_poll_at = self.started_at
+
+    def poll_due(self, now: float) -> bool:
+        return not self.polling and self.next_poll_at is not None and now >= self.next_poll_at
+
+    def on_answer(self, reached: bool, complete: bool, detail: str, now: float,
+                  keep_polling: bool) -> None:
+        self.polling = False
+        self.reached = self.reached or reached
+        self.complete = complete
+        self.last_error = "" if reached else detail
+        self.next_poll_at = now + RUN_POLL_S if keep_polling or not self.reached else None
+
+
+def fetch_status(url: str, token: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, bool, str]:
+    """(reached, complete, detail) for GET <url>/status: reached = the manager answered."""
+    request = urllib.request.Request(url.rstrip("/") + "/status")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        return True, False, f"/status answered HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return False, False, f"/status: {reason}"[:200]
+    try:
+        status = json.loads(body)
+    except ValueError:
+        return True, False, "/status answered something that is not JSON"
+    return True, isinstance(status, dict) and run_complete(status), "ok"
+
+
+def fetch_status_async(url: str, token: str, done: Callable[[bool, bool, str], None]) -> None:
+    threading.Thread(target=lambda: done(*fetch_status(url, token)),
+                     name="bcorch-run-watch", daemon=True).start()
 
 
 def probe_async(url: str, done: Callable[[bool, str], None]) -> None:

@@ -8,7 +8,8 @@ at every start, so a test can change a GPU's behaviour and then `bcorch resume` 
 
 Modes: good (READY, heartbeats, obeys drain/stop/resume), child (good, plus a fake
 basecaller child in its own session), crash (READY, then exit 3), done (READY, exit 0), exit78, exit75,
-silent (never says anything).
+silent (never says anything). The heartbeat's last_error carries the spec's manager_url,
+so a test can see which manager an engine was started for.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def fake_engine(conn, spec: channel.SpawnSpec) -> None:
                 Msg.HEARTBEAT, engine_id=spec.engine_id, state="DRAINING" if draining_since else "WORKING",
                 job_id=f"job{done}", batch_size=4, batch_elapsed_s=0.5, files_done=done,
                 basecaller_pid=basecaller.pid if basecaller else None, batches_done=done,
-                files_failed=0, last_error="", cuda=os.environ.get("CUDA_VISIBLE_DEVICES")))
+                files_failed=0, last_error=f"manager_url={spec.manager_url}", cuda=os.environ.get("CUDA_VISIBLE_DEVICES")))
             done += 1
             if draining_since is not None and time.monotonic() - draining_since >= drain_s:
                 channel.send(conn, message(Msg.EXITING, code=0, reason="drained"))
@@ -107,19 +108,27 @@ class FakeBcorch(ManagedProcess):
     """bcorch (this file as a script) with fake engines, a temp config and its own socket."""
 
     def __init__(self, tmp: Path, gpus: int = 2, modes: dict | None = None,
-                 orchestrator: dict | None = None, extra: list[str] = ()):
+                 orchestrator: dict | None = None, extra: list[str] = (),
+                 manager: dict | None = None):
         self.tmp = tmp
         self.socket = tmp / "ctl" / "c.sock"
         self.modes_path = tmp / "modes.json"
         self.set_modes(modes or {})
+        # No manager listens: first_contact_timeout_s = 0 keeps bcorch from giving up on it.
         settings = {"hang_timeout_s": 3.0, "healthy_reset_s": 600.0, "drain_timeout_s": 20.0,
+                    "first_contact_timeout_s": 0,
                     **(orchestrator or {})}
         self.config = tmp / "bcorch.toml"
-        self.config.write_text("[orchestrator]\n" + "".join(
-            f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+        self.settings = settings
+        self.write_config(orchestrator=settings, manager=manager or {})
         argv = [sys.executable, str(HERE / "test_orch_fakes.py"), "--config", str(self.config),
                 "--gpus", f"virtual:{gpus}", "--socket", str(self.socket), *extra]
         super().__init__(argv, tmp / "bcorch.log", env={"FAKE_MODES": str(self.modes_path)})
+
+    def write_config(self, **sections: dict) -> None:
+        self.config.write_text("".join(
+            f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+            for name, values in sections.items()))
 
     def set_modes(self, modes: dict) -> None:
         self.modes_path.write_text(json.dumps(modes))
