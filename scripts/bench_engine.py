@@ -103,11 +103,11 @@ def bench_overhead(tmp: Path, batches: int) -> dict:
     finally:
         _stop(proc)
     parts = {
-        "request": [t["received"] - t["requested"] for t in engine.batch_timings],
-        "keepalive_start": [t["keepalive_started"] - t["received"] for t in engine.batch_timings],
-        "runner_start": [t["runner_started"] - t["keepalive_started"] for t in engine.batch_timings],
-        "completion": [t["reported"] - t["basecaller_ended"] for t in engine.batch_timings],
-        "total_overhead": [t["overhead_s"] for t in engine.batch_timings],
+        "request": [t.received - t.requested for t in engine.batch_timings],
+        "keepalive_start": [t.keepalive_started - t.received for t in engine.batch_timings],
+        "runner_start": [t.runner_started - t.keepalive_started for t in engine.batch_timings],
+        "completion": [t.reported - t.basecaller_ended for t in engine.batch_timings],
+        "total_overhead": [t.overhead_s for t in engine.batch_timings],
     }
     return {name: {"median_ms": statistics.median(v) * 1000,
                    "p90_ms": sorted(v)[int(0.9 * (len(v) - 1))] * 1000,

@@ -59,7 +59,7 @@ class Site:
         sections = {
             "manager": {"url": url or self.manager.url},
             "engine": {"input_dir": str(self.input_dir), "output_dir": str(self.output_dir),
-                       "engine_id": "test-gpu0", "polling_interval": 0.005,
+                       "engine_id": "test", "polling_interval": 0.005,
                        "request_retries": 1, "connect_timeout_s": 1.0, "read_timeout_s": 5.0,
                        **(engine or {})},
             "runner": {"kind": "simulate", "samples_per_s": 5e6, "stop_grace_s": 2.0,
@@ -166,7 +166,7 @@ def test_back_to_back_batches_without_pause(tmp_path, procs, restore_signals):
     conf = from_mapping({
         "manager": {"url": site.manager.url},
         "engine": {"input_dir": str(site.input_dir), "output_dir": str(site.output_dir),
-                   "engine_id": "b2b-gpu0", "polling_interval": 10.0, "busy_pause_s": 0.0,
+                   "engine_id": "b2b", "polling_interval": 10.0, "busy_pause_s": 0.0,
                    "work_until_none_left": True},
         "runner": {"kind": "simulate", "samples_per_s": 5e6}})
     engine = BCEngine(None, 0, conf=conf)
@@ -175,9 +175,9 @@ def test_back_to_back_batches_without_pause(tmp_path, procs, restore_signals):
     assert time.monotonic() - started < 60  # never waited the 10-minute polling interval
     timings = engine.batch_timings
     assert len(timings) == 4 and engine.batches_done == 4 and engine.files_done == 4
-    gaps = [nxt["requested"] - prev["reported"] for prev, nxt in zip(timings, timings[1:])]
+    gaps = [nxt.requested - prev.reported for prev, nxt in zip(timings, timings[1:])]
     assert all(0 <= g < 0.25 for g in gaps), gaps
-    assert all(t["overhead_s"] < 1.0 for t in timings)
+    assert all(t.overhead_s < 1.0 for t in timings)
 
 
 def test_script_runner_failure_is_reported_and_retried(tmp_path, procs):
@@ -317,7 +317,7 @@ def test_drain_from_parent_finishes_the_batch_then_exits_0(tmp_path, procs, chil
     child = Child(spec(site, site.config(runner={"samples_per_s": 20_000})))
     children.append(child)
     ready = child.wait_for("ready")
-    assert ready["gpu"] == 3 and ready["engine_id"] == "test-gpu0"
+    assert ready["gpu"] == 3 and ready["engine_id"] == "test-gpu3"
     start = child.wait_for("job_start")
     beat = child.wait_for("heartbeat", state="WORKING")
     assert beat["job_id"] == start["job_id"] and beat["basecaller_pid"]

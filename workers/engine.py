@@ -6,12 +6,17 @@ completion -> next. The main thread never blocks in one long call: it waits in
 select() on the basecaller's pidfd, the parent pipe and a self-pipe (signals,
 lease loss), at most until the next heartbeat is due.
 
+What the engine means to do next (work, drain, stop) and why is one `Intent`
+(workers/intent.py), changed only in `BCEngine._intend`; the pipe to the
+orchestrator is a `ParentPipe` (workers/parent_pipe.py).
+
 Exit codes: 0 drained / stopped / nothing left; 75 manager unreachable or lease
 lost; 78 configuration error.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import random
@@ -25,6 +30,7 @@ from typing import Any
 
 from . import channel
 from .channel import Cmd, EngineState, Msg, SpawnSpec
+from .intent import Cause, Goal, Intent
 from .client import ManagerClient, ManagerRefused, ManagerUnreachable
 from .keepalive import BCKeepAlive, LeaseLost, ReportOutcome
 from .legacy_config import load_any
@@ -33,29 +39,45 @@ from bcorch.protocol import (EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobStat
 from bcorch.config import Config, ConfigError
 from bcorch.ids import engine_id_for
 from .output_check import OutputChecker
+from .parent_pipe import ParentPipe
 from .runners import Placement, RunHandle, RunResult, make_runner
 
 AFTER_OUTAGE_ENV = "BCORCH_AFTER_OUTAGE"
-PARENT_GONE_EXIT_S = 4.0     # the orchestrator died: be gone well within 5 s
 AFTER_OUTAGE_CAP_S = 30.0
 ABANDON_REQUEST_S = 2.0      # a stop waits this long at most for an /assignwork in flight
+PARENT_GONE_GRACE_S = 2.0    # the orchestrator died: TERM -> KILL of the basecaller at most this
 
 TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     EngineState.STARTING: frozenset({EngineState.REQUESTING, EngineState.WAITING,
                                      EngineState.STOPPING}),
-    EngineState.REQUESTING: frozenset({EngineState.WORKING, EngineState.DRAINING,
-                                       EngineState.WAITING,
+    EngineState.REQUESTING: frozenset({EngineState.WORKING, EngineState.WAITING,
                                        EngineState.MANAGER_DOWN, EngineState.STOPPING}),
-    EngineState.WORKING: frozenset({EngineState.DRAINING, EngineState.REPORTING,
-                                    EngineState.STOPPING}),
-    EngineState.DRAINING: frozenset({EngineState.WORKING, EngineState.REPORTING,
-                                     EngineState.STOPPING}),
+    EngineState.WORKING: frozenset({EngineState.REPORTING, EngineState.STOPPING}),
     EngineState.REPORTING: frozenset({EngineState.REQUESTING, EngineState.WAITING,
                                       EngineState.STOPPING}),
     EngineState.WAITING: frozenset({EngineState.REQUESTING, EngineState.STOPPING}),
     EngineState.MANAGER_DOWN: frozenset({EngineState.REQUESTING, EngineState.STOPPING}),
     EngineState.STOPPING: frozenset(),
 }
+
+
+@dataclasses.dataclass
+class BatchTiming:
+    """When one batch passed each step (time.monotonic()); what the engine itself costs."""
+
+    requested: float
+    received: float
+    keepalive_started: float = 0.0
+    runner_started: float = 0.0
+    basecaller_ended: float = 0.0
+    reported: float = 0.0
+
+    @property
+    def overhead_s(self) -> float:
+        """Asking, lease and runner start, plus the report: the batch time that is not
+        basecalling."""
+        return ((self.runner_started - self.requested)
+                + (self.reported - self.basecaller_ended))
 
 
 class _EngineLog(logging.LoggerAdapter):
@@ -95,6 +117,19 @@ class _Waker:
                 pass
 
 
+_INTENT_LOG = {
+    Cause.START: "{reason}",
+    Cause.DRAIN_COMMAND: "drain requested: finishing the current batch",
+    Cause.RESUME_COMMAND: "resume: drain cancelled",
+    Cause.STOP_COMMAND: "{reason}",
+    Cause.SIGNAL: "signal received: finishing the current batch, then exiting "
+                  "(send it again to stop now)",
+    Cause.SIGNAL_AGAIN: "{reason}: stopping now",
+    Cause.PARENT_GONE: "{reason}",
+    Cause.NOTHING_LEFT: "{reason}",
+}
+
+
 class BCEngine:
     """Asks the manager for batches and basecalls them on one GPU."""
 
@@ -117,11 +152,9 @@ class BCEngine:
         self.polling_interval = e.polling_interval
         self.INPUTDIR = self._configured_dir("input_dir")
         self.OUTPUTDIR = self._configured_dir("output_dir")
-        self.bc_script = self.conf.runner.bc_script
         self.bc_model = e.model
         self.PROCESSING_STATE = EngineState.STARTING
         self.api_url = self.conf.manager.url
-        self.shutdown = False
         self.work_until_none_left = e.work_until_none_left
         if not self.api_url.startswith(("http://", "https://")):
             raise ConfigError(f"manager.url: expected http://HOST:PORT, got {self.api_url!r}")
@@ -131,18 +164,15 @@ class BCEngine:
         self._cancel = threading.Event()
         self.client = ManagerClient.from_config(self.conf, self.api_url, cancel=self._cancel,
                                                 logger=self.log)
-        self.conn = conn
-        self._parent_pid = os.getppid()
+        self.parent = ParentPipe(conn, self.log)
         self._after_outage = (os.environ.get(AFTER_OUTAGE_ENV, "") not in ("", "0")
                               if after_outage is None else after_outage)
         self._waker = _Waker()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="request")
-        self._drain = False
-        self._stop = False
-        self._stop_reason = ""
-        self._parent_gone = False
-        self._signals = 0
+        self.intent = Intent()
+        self._signals = 0          # written only by the signal handler
         self._signals_seen = 0
+        self._last_signal = ""
         self._next_heartbeat = 0.0
         self._batch: Batch | None = None
         self._batch_started = 0.0
@@ -152,7 +182,18 @@ class BCEngine:
         self.files_done = 0
         self.files_failed = 0
         self.last_error = ""
-        self.batch_timings: list[dict[str, float]] = []
+        self.batch_timings: list[BatchTiming] = []
+
+    @property
+    def bc_script(self) -> str:
+        """The seed's name for the script runner's script (runner.bc_script; "" unless
+        runner.kind is "script")."""
+        return self.conf.runner.bc_script
+
+    @property
+    def shutdown(self) -> bool:
+        """The seed's flag: True once this engine means to end its loop (drain or stop)."""
+        return not self.intent.working
 
     def _configured_dir(self, key: str) -> Path | None:
         value = getattr(self.conf.engine, key) or getattr(self.conf.manager, key)
@@ -190,12 +231,29 @@ class BCEngine:
         self.PROCESSING_STATE = new
         self.log.debug("state %s -> %s", old.value, new.value)
 
+    def _intend(self, goal: Goal, cause: Cause, reason: str = "") -> None:
+        """The one place where the intent changes."""
+        new = self.intent.change(goal, cause, reason)
+        if new is None:
+            return
+        self.intent = new
+        self.log.info("%s", _INTENT_LOG[new.cause].format(reason=new.reason))
+        if new.stopping:
+            self._cancel.set()
+            self._waker.wake()
+
+    def _reported_state(self) -> EngineState:
+        """The state the heartbeat shows: a batch being worked on under a drain is DRAINING."""
+        if self.PROCESSING_STATE is EngineState.WORKING and self.intent.goal is Goal.DRAIN:
+            return EngineState.DRAINING
+        return self.PROCESSING_STATE
+
     # -- the loop -----------------------------------------------------------------------
 
     def begin_working(self) -> int:
         """Run until drained, stopped, nothing left or the manager is lost; the exit code."""
         self._install_signal_handlers()
-        self._send(Msg.READY, engine_id=self.engine_id, gpu=self.node_index, pid=os.getpid())
+        self.parent.send(Msg.READY, engine_id=self.engine_id, gpu=self.node_index, pid=os.getpid())
         self.log.info("engine started: manager %s, runner %s, input %s, output %s",
                       self.api_url, self.conf.runner.kind,
                       self.INPUTDIR or "as the manager says", self.OUTPUTDIR or "as the manager says")
@@ -210,7 +268,7 @@ class BCEngine:
         if self.PROCESSING_STATE is not EngineState.STOPPING:
             self._set_state(EngineState.STOPPING)
         self.log.info("engine exits with %d (%s)", code, reason)
-        self._send(Msg.EXITING, code=code, reason=reason)
+        self.parent.send(Msg.EXITING, code=code, reason=reason)
         return code
 
     def _loop(self) -> tuple[int, str]:
@@ -221,16 +279,16 @@ class BCEngine:
             self._pause(delay)
         while True:
             self._service()
-            if self._stop or self._drain or self.shutdown:
-                return EXIT_OK, self._stop_reason or ("drained" if self._drain else "shutdown")
+            if not self.intent.working:
+                return EXIT_OK, self.intent.exit_reason
             self._set_state(EngineState.REQUESTING)
             start = time.monotonic()
             try:
                 batch = self._request_a_batch(self.api_url, self.engine_id,
                                               self.optimal_request_size)
             except ManagerUnreachable as exc:
-                if self._stop:  # the retries were cut short by the stop itself
-                    return EXIT_OK, self._stop_reason
+                if self.intent.stopping:  # the retries were cut short by the stop itself
+                    return EXIT_OK, self.intent.reason
                 return self._manager_problem(f"manager unreachable: {exc}")
             except ManagerRefused as exc:
                 if exc.status == 401:
@@ -245,9 +303,9 @@ class BCEngine:
                 continue
             if batch.empty:
                 if self.work_until_none_left and batch.input_closed is not False:
-                    self.shutdown = True
+                    self._intend(Goal.DRAIN, Cause.NOTHING_LEFT)
                     self._set_state(EngineState.STOPPING)
-                    return EXIT_OK, "nothing left to basecall"
+                    return EXIT_OK, self.intent.exit_reason
                 self._set_state(EngineState.WAITING)
                 self._sleep_before_next_batch(start, end, had_work=False)
                 continue
@@ -258,15 +316,20 @@ class BCEngine:
 
     def _request_a_batch(self, api_url: str, engine_id: str,
                          optimal_request_size: int) -> Batch | None:
-        """Ask for a batch without blocking the loop; None when a stop came meanwhile."""
-        client = self.client if api_url == self.client.url else ManagerClient.from_config(
-            self.conf, api_url, cancel=self._cancel, logger=self.log)
+        """Ask for a batch without blocking the loop; None when a stop came meanwhile.
+
+        api_url is the seed's parameter: it must be this engine's manager (self.api_url),
+        whose client keeps its connection between requests.
+        """
+        client = self.client
+        if api_url.rstrip("/") != client.url:
+            raise ValueError(f"_request_a_batch: {api_url!r} is not this engine's manager "
+                             f"{client.url!r}")
         future = self._executor.submit(client.assign_work, engine_id, optimal_request_size)
         future.add_done_callback(lambda _f: self._waker.wake())
         stop_seen: float | None = None
         while not future.done():
-            if self._stop:
-                self._cancel.set()
+            if self.intent.stopping:
                 stop_seen = stop_seen or time.monotonic()
                 if time.monotonic() - stop_seen > ABANDON_REQUEST_S:
                     # Do not outwait a hung manager: a batch it may still assign expires there.
@@ -274,10 +337,10 @@ class BCEngine:
                     return None
             self._wait(0.2 if stop_seen else 1.0)
         batch = future.result()
-        if self._stop and not batch.empty:
+        if self.intent.stopping and not batch.empty:
             self.log.info("stop requested while asking: returning job %s as STOPPED", batch.jobid)
             try:
-                client.completed(batch.jobid, JobState.STOPPED, reason=self._stop_reason,
+                client.completed(batch.jobid, JobState.STOPPED, reason=self.intent.reason,
                                  retries=1, timeout=(1.0, 2.0))
             except (ManagerUnreachable, ProtocolError) as exc:
                 self.log.warning("could not return job %s: %s", batch.jobid, exc)
@@ -289,14 +352,14 @@ class BCEngine:
 
     def _run_batch(self, batch: Batch, requested_at: float) -> tuple[int, str] | None:
         """One batch from lease to report; an (exit code, reason) to end the loop, else None."""
-        timing = {"requested": requested_at, "received": time.monotonic()}
+        timing = BatchTiming(requested=requested_at, received=time.monotonic())
         self._batch, self._batch_started = batch, time.monotonic()
         self._keepalive = BCKeepAlive.started_instance(
             batch, JobState.PROCESSING, self.conf, client=self.client,
             on_lease_lost=self._on_lease_lost, logger=self.log)
-        timing["keepalive_started"] = time.monotonic()
-        self._send(Msg.JOB_START, job_id=batch.jobid, batch_size=batch.batch_size)
-        self._set_state(EngineState.DRAINING if self._drain else EngineState.WORKING)
+        timing.keepalive_started = time.monotonic()
+        self.parent.send(Msg.JOB_START, job_id=batch.jobid, batch_size=batch.batch_size)
+        self._set_state(EngineState.WORKING)
         try:
             self.INPUTDIR = self._shared_dir("input_dir", batch.input_root)
             self.OUTPUTDIR = self._shared_dir("output_dir", batch.output_root)
@@ -319,12 +382,12 @@ class BCEngine:
         return self._report(result, timing)
 
     def _basecalling_work(self, input_dir: Path, output_dir: Path, model: str,
-                          timing: dict[str, float] | None = None) -> RunResult:
+                          timing: BatchTiming | None = None) -> RunResult:
         """Run the basecaller on one batch, polling it; raises LeaseLost."""
         assert self._batch is not None and self._keepalive is not None
-        timing = timing if timing is not None else {}
+        timing = timing or BatchTiming(requested=time.monotonic(), received=time.monotonic())
         self._handle = handle = self.runner.start(input_dir, output_dir, model, self._batch.batch)
-        timing["runner_started"] = time.monotonic()
+        timing.runner_started = time.monotonic()
         self.log.info("job %s: basecaller pid %d started (log %s)", self._batch.jobid,
                       handle.pid, handle.log_path)
         if self._keepalive.BCManager_PB:  # lost before the handle existed
@@ -340,23 +403,23 @@ class BCEngine:
             if self._keepalive.BCManager_PB:
                 handle.stop(self._grace())
                 self._keepalive.shutdown_if_broken_keepalive()
-            if self._stop:
+            if self.intent.stopping:
                 if stop_deadline is None:
                     self._set_state(EngineState.STOPPING)
-                    self.log.info("stopping basecaller pid %d (%s)", handle.pid, self._stop_reason)
+                    self.log.info("stopping basecaller pid %d (%s)", handle.pid, self.intent.reason)
                     handle.terminate()
                     stop_deadline = time.monotonic() + self._grace()
                 elif time.monotonic() >= stop_deadline:
-                    result = handle.stop(0.0, self._stop_reason)
+                    result = handle.stop(0.0, self.intent.reason)
                     break
             self._wait(tick if stop_deadline is None else min(tick, 0.1), fds)
-        timing["basecaller_ended"] = time.monotonic()
+        timing.basecaller_ended = time.monotonic()
         self._keepalive.shutdown_if_broken_keepalive()
         if self._stopped_by_our_side(result):
             result = RunResult(JobState.STOPPED, result.returncode, reason=(
                 f"basecaller {result.reason or 'stopped'} while this engine was being stopped"))
-        if result.state is JobState.STOPPED and self._stop_reason:
-            result.reason = self._stop_reason
+        if result.state is JobState.STOPPED and self.intent.stopping:
+            result.reason = self.intent.reason
         return result
 
     def _stopped_by_our_side(self, result: RunResult) -> bool:
@@ -367,9 +430,9 @@ class BCEngine:
         """
         killed = result.returncode in (-signal.SIGTERM, -signal.SIGKILL)
         return (result.state is JobState.FAILED and killed
-                and (self._signals > 0 or self._parent_gone))
+                and (self._signals > 0 or bool(self.parent.gone)))
 
-    def _report(self, result: RunResult, timing: dict[str, float]) -> tuple[int, str] | None:
+    def _report(self, result: RunResult, timing: BatchTiming) -> tuple[int, str] | None:
         assert self._batch is not None and self._keepalive is not None
         batch, keepalive = self._batch, self._keepalive
         if self.PROCESSING_STATE is not EngineState.STOPPING:
@@ -380,26 +443,28 @@ class BCEngine:
             self.log.warning("job %s: %d file(s) failed: %s", batch.jobid,
                              len(result.failed_files),
                              "; ".join(f"{k}: {v}" for k, v in list(result.failed_files.items())[:3]))
-        deadline = time.monotonic() + self._grace() if self._parent_gone else None
+        deadline = time.monotonic() + self._grace() if self.parent.gone else None
         keepalive.finish(result.state, result.failed_files, result.reason, deadline)
         while keepalive.is_alive():
             keepalive.join(timeout=max(0.0, min(0.2, self._next_heartbeat - time.monotonic())))
             self._service()
-        timing["reported"] = time.monotonic()
+        timing.reported = time.monotonic()
         self._handle = None
         if keepalive.outcome is not ReportOutcome.OK:
             return self._end_batch_lost(keepalive.lost_reason)
         self._record(batch, result, timing)
-        self._send(Msg.JOB_END, job_id=batch.jobid, state=result.state.value,
-                   files_failed=len(result.failed_files))
+        self.parent.send(Msg.JOB_END, job_id=batch.jobid, state=result.state.value,
+                         files_failed=len(result.failed_files))
         self._batch = self._keepalive = None
-        if result.state is JobState.STOPPED or self._stop:
-            return EXIT_OK, self._stop_reason or "stopped"
-        if self._drain:
-            return EXIT_OK, "drained"
+        if self.intent.stopping:
+            return EXIT_OK, self.intent.reason
+        if result.state is JobState.STOPPED:
+            return EXIT_OK, "stopped"
+        if not self.intent.working:
+            return EXIT_OK, self.intent.exit_reason
         return None
 
-    def _record(self, batch: Batch, result: RunResult, timing: dict[str, float]) -> None:
+    def _record(self, batch: Batch, result: RunResult, timing: BatchTiming) -> None:
         failed = len(result.failed_files) if result.state is not JobState.FAILED else batch.batch_size
         if result.state is not JobState.STOPPED:
             self.batches_done += 1
@@ -407,12 +472,9 @@ class BCEngine:
             self.files_failed += failed
         if result.state is JobState.FAILED:
             self.last_error = f"job {batch.jobid}: {result.reason}"
-        if "runner_started" in timing and "basecaller_ended" in timing:
-            overhead = ((timing["runner_started"] - timing["requested"])
-                        + (timing["reported"] - timing["basecaller_ended"]))
-            timing["overhead_s"] = overhead
+        if timing.runner_started and timing.basecaller_ended:
             self.batch_timings.append(timing)
-            self.log.debug("job %s: engine overhead %.1f ms", batch.jobid, overhead * 1000)
+            self.log.debug("job %s: engine overhead %.1f ms", batch.jobid, timing.overhead_s * 1000)
         self.log.info("job %s %s (%d file(s), %d failed) in %.2fs", batch.jobid,
                       result.state.value, batch.batch_size, failed,
                       time.monotonic() - self._batch_started)
@@ -424,8 +486,8 @@ class BCEngine:
         if self._keepalive is not None:
             self._keepalive.join(timeout=self.conf.engine.read_timeout_s + 5)
         self.last_error = f"job {self._batch.jobid}: lease lost: {reason}"
-        self._send(Msg.JOB_END, job_id=self._batch.jobid, state="LEASE_LOST",
-                   files_failed=0, reason=reason)
+        self.parent.send(Msg.JOB_END, job_id=self._batch.jobid, state="LEASE_LOST",
+                         files_failed=0, reason=reason)
         self._batch = self._keepalive = self._handle = None
         return self._manager_problem(f"lease lost: {reason}")
 
@@ -434,7 +496,7 @@ class BCEngine:
         self.log.error("%s", reason)
         if EngineState.MANAGER_DOWN in TRANSITIONS[self.PROCESSING_STATE]:
             self._set_state(EngineState.MANAGER_DOWN)
-        self._send(Msg.MANAGER_PROBLEM, reason=reason)
+        self.parent.send(Msg.MANAGER_PROBLEM, reason=reason)
         return EXIT_PROTOCOL, reason
 
     def _sleep_before_next_batch(self, start: float, end: float, had_work: bool = True) -> None:
@@ -450,7 +512,7 @@ class BCEngine:
 
     def _pause(self, seconds: float) -> None:
         deadline = time.monotonic() + max(0.0, seconds)
-        while not (self._stop or self._drain):
+        while self.intent.working:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -462,11 +524,9 @@ class BCEngine:
         """Sleep until something happens (fd readable, wake-up) or timeout; then service."""
         timeout = max(0.0, min(timeout, self._next_heartbeat - time.monotonic()))
         rlist = [self._waker.r, *(fds or [])]
-        if self.conn is not None and not self._parent_gone:
-            try:
-                rlist.append(self.conn.fileno())
-            except (OSError, ValueError):
-                self._on_parent_gone("the pipe to the parent is closed")
+        parent_fd = self.parent.fileno()
+        if parent_fd is not None:
+            rlist.append(parent_fd)
         try:
             ready, _, _ = select.select(rlist, [], [], timeout)
         except (OSError, ValueError):
@@ -476,61 +536,33 @@ class BCEngine:
         self._service()
 
     def _service(self) -> None:
-        if self._signals != self._signals_seen:
-            self._signals_seen = self._signals
-            if self._stop:
-                self.log.info("%s: stopping now", self._stop_reason)
-            else:
-                self.log.info("signal received: finishing the current batch, then exiting "
-                              "(send it again to stop now)")
-                if self.PROCESSING_STATE is EngineState.WORKING:
-                    self._set_state(EngineState.DRAINING)
-        self._read_commands()
-        if self.conn is not None and not self._parent_gone and os.getppid() != self._parent_pid:
-            self._on_parent_gone("the parent process is gone")
+        """Act on what was recorded meanwhile: signals, parent commands, a parent gone; beat."""
+        self._take_signals()
+        for cmd in self.parent.receive():
+            self._on_command(cmd)
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + channel.HEARTBEAT_INTERVAL_S
             self._heartbeat()
+        if self.parent.gone:
+            self._intend(Goal.STOP, Cause.PARENT_GONE, f"{self.parent.gone}: stopping")
 
-    def _read_commands(self) -> None:
-        if self.conn is None or self._parent_gone:
-            return
-        try:
-            while self.conn.poll(0):
-                self._on_command(self.conn.recv())
-        except (EOFError, OSError, ValueError):
-            self._on_parent_gone("the pipe to the parent is closed")
+    def _take_signals(self) -> None:
+        while self._signals_seen < self._signals:
+            self._signals_seen += 1
+            if self._signals_seen == 1:
+                self._intend(Goal.DRAIN, Cause.SIGNAL)
+            else:
+                self._intend(Goal.STOP, Cause.SIGNAL_AGAIN,
+                             f"signal {self._last_signal} received twice")
 
-    def _on_command(self, msg: Any) -> None:
-        cmd = msg.get("cmd") if isinstance(msg, dict) else None
-        if cmd == Cmd.DRAIN.value:
-            self.log.info("drain requested: finishing the current batch")
-            self._drain = True
-            if self.PROCESSING_STATE is EngineState.WORKING:
-                self._set_state(EngineState.DRAINING)
-        elif cmd == Cmd.RESUME.value:
-            if self._drain:
-                self.log.info("resume: drain cancelled")
-            self._drain = False
-            if self.PROCESSING_STATE is EngineState.DRAINING:
-                self._set_state(EngineState.WORKING)
-        elif cmd == Cmd.STOP.value:
-            self._request_stop("stop requested by the parent")
-        else:
-            self.log.warning("ignoring unknown message from the parent: %r", msg)
-
-    def _request_stop(self, reason: str) -> None:
-        if not self._stop:
-            self.log.info("%s", reason)
-            self._stop_reason = reason
-        self._stop = True
-        self._cancel.set()
-        self._waker.wake()
-
-    def _on_parent_gone(self, reason: str) -> None:
-        self._parent_gone = True
-        self._request_stop(f"{reason}: stopping")
+    def _on_command(self, cmd: Cmd) -> None:
+        if cmd is Cmd.DRAIN:
+            self._intend(Goal.DRAIN, Cause.DRAIN_COMMAND)
+        elif cmd is Cmd.RESUME:
+            self._intend(Goal.WORK, Cause.RESUME_COMMAND)
+        elif cmd is Cmd.STOP:
+            self._intend(Goal.STOP, Cause.STOP_COMMAND)
 
     def _on_lease_lost(self, reason: str) -> None:
         """Called by the keep-alive thread: stop the basecaller the moment the lease is lost."""
@@ -540,27 +572,21 @@ class BCEngine:
         self._waker.wake()
 
     def _heartbeat(self) -> None:
-        if self.conn is None or self._parent_gone:
+        if not self.parent.connected:
             return
         batch, handle = self._batch, self._handle
-        ok = channel.send(self.conn, channel.heartbeat(
-            engine_id=self.engine_id, state=self.PROCESSING_STATE,
+        self.parent.send_heartbeat(channel.heartbeat(
+            engine_id=self.engine_id, state=self._reported_state(),
             job_id=batch.jobid if batch else None,
             batch_size=batch.batch_size if batch else 0,
             batch_elapsed_s=round(time.monotonic() - self._batch_started, 3) if batch else 0.0,
             basecaller_pid=handle.pid if handle is not None and handle.result is None else None,
             batches_done=self.batches_done, files_done=self.files_done,
             files_failed=self.files_failed, last_error=self.last_error))
-        if not ok:
-            self._on_parent_gone("the pipe to the parent is closed")
-
-    def _send(self, kind: Msg, **fields: Any) -> None:
-        if self.conn is not None and not self._parent_gone:
-            channel.send(self.conn, channel.message(kind, **fields))
 
     def _grace(self) -> float:
         grace = self.conf.runner.stop_grace_s
-        return min(grace, 2.0) if self._parent_gone else grace
+        return min(grace, PARENT_GONE_GRACE_S) if self.parent.gone else grace
 
     # -- signals and cleanup -------------------------------------------------------------
 
@@ -568,20 +594,15 @@ class BCEngine:
         if threading.current_thread() is not threading.main_thread():
             return
         signal.signal(signal.SIGTERM, self._on_signal)
-        if self.conn is None:
+        if self.parent.conn is None:
             signal.signal(signal.SIGINT, self._on_signal)
         else:  # Ctrl-C reaches the whole process group: the orchestrator decides for us
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        # Only record and wake; the loop does the work.
+        # Only record and wake; the loop decides (_take_signals).
+        self._last_signal = signal.Signals(signum).name
         self._signals += 1
-        if self._signals == 1:
-            self._drain = True
-        else:
-            self._stop = True
-            self._stop_reason = f"signal {signal.Signals(signum).name} received twice"
-            self._cancel.set()
         self._waker.wake()
 
     def _cleanup(self) -> None:
