@@ -14,69 +14,30 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_cluster import write_json  # noqa: E402
+from bcorch.config_writer import write_config  # noqa: E402
+from bcorch.orchestrator.local_cluster import LocalCluster, LocalProcess  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_manager(tmp: Path, input_dir: Path, output_dir: Path, closed: bool):
-    port = _free_port()
-    cfg = tmp / "manager.toml"
-    cfg.write_text("[manager]\nsettle_s = 0\nscan_interval_s = 0.2\nbatch_size = 1\n")
-    argv = [sys.executable, "-m", "bcorch.manager", "--config", str(cfg), "--input-dir", str(input_dir),
-            "--output-dir", str(output_dir), "--port", str(port)] + (["--input-closed"] if closed else [])
-    log = open(tmp / "manager.log", "ab")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"manager exited with {proc.returncode}; see {tmp / 'manager.log'}")
-        try:
-            with urllib.request.urlopen(url + "/status", timeout=1) as resp:
-                status = json.loads(resp.read())
-            return proc, url, status
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("manager did not answer within 30 s")
-
-
-def _wait_files(url: str, n: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(url + "/status", timeout=5) as resp:
-            if sum(json.loads(resp.read())["files"].values()) >= n:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"manager did not find {n} files")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+def _start_manager(tmp: Path, input_dir: Path, output_dir: Path, closed: bool,
+                   wait_files: int = 0) -> LocalCluster:
+    """The manager alone (the engines here are not bcorch's), with one-file batches."""
+    cluster = LocalCluster(tmp / ("manager-closed" if closed else "manager-open"),
+                           input_dir=input_dir, output_dir=output_dir, manager={"batch_size": 1})
+    cluster.start_manager(input_closed=closed, timeout=30, wait_files=wait_files)
+    return cluster
 
 
 def bench_overhead(tmp: Path, batches: int) -> dict:
@@ -87,11 +48,10 @@ def bench_overhead(tmp: Path, batches: int) -> dict:
     input_dir, output_dir = tmp / "in", tmp / "out"
     output_dir.mkdir(parents=True)
     write_dataset(input_dir, batches, reads_per_file=1, samples_per_read=4000)
-    proc, url, _ = _start_manager(tmp, input_dir, output_dir, closed=True)
+    cluster = _start_manager(tmp, input_dir, output_dir, closed=True, wait_files=batches)
     try:
-        _wait_files(url, batches)
         conf = from_mapping({
-            "manager": {"url": url},
+            "manager": {"url": cluster.url},
             "engine": {"input_dir": str(input_dir), "output_dir": str(output_dir),
                        "engine_id": "bench-gpu0", "work_until_none_left": True,
                        "optimal_request_size": 1},
@@ -101,7 +61,7 @@ def bench_overhead(tmp: Path, batches: int) -> dict:
         if code != 0:
             raise RuntimeError(f"engine exited with {code}")
     finally:
-        _stop(proc)
+        cluster.close()
     parts = {
         "request": [t.received - t.requested for t in engine.batch_timings],
         "keepalive_start": [t.keepalive_started - t.received for t in engine.batch_timings],
@@ -120,15 +80,14 @@ def bench_idle(tmp: Path, seconds: float, polling_interval: float) -> dict:
     input_dir, output_dir = tmp / "idle-in", tmp / "idle-out"
     input_dir.mkdir(parents=True)
     output_dir.mkdir(parents=True)
-    proc, url, _ = _start_manager(tmp, input_dir, output_dir, closed=False)
-    cfg = tmp / "engine.toml"
-    cfg.write_text(f'[manager]\nurl = "{url}"\n[engine]\ninput_dir = "{input_dir}"\n'
-                   f'output_dir = "{output_dir}"\npolling_interval = {polling_interval}\n'
-                   f'[runner]\nkind = "script"\nbc_script = "{shutil.which("true") or "/bin/true"}"\n')
-    engine = subprocess.Popen([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
-                               "--config", str(cfg)], stdout=subprocess.DEVNULL,
-                              stderr=open(tmp / "idle-engine.log", "ab"), cwd=REPO,
-                              start_new_session=True)
+    cluster = _start_manager(tmp, input_dir, output_dir, closed=False)
+    cfg = write_config(tmp / "engine.toml", simulate=False,
+                       manager={"url": cluster.url},
+                       engine={"input_dir": str(input_dir), "output_dir": str(output_dir),
+                               "polling_interval": polling_interval},
+                       runner={"kind": "script", "bc_script": shutil.which("true") or "/bin/true"})
+    engine = LocalProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
+                           "--config", str(cfg)], tmp / "idle-engine.log").start()
     try:
         p = psutil.Process(engine.pid)
         time.sleep(3.0)  # start-up (imports) is not idling
@@ -138,11 +97,11 @@ def bench_idle(tmp: Path, seconds: float, polling_interval: float) -> dict:
             rss.append(p.memory_info().rss)
             time.sleep(0.5)
         cpu1, t1 = sum(p.cpu_times()[:2]), time.monotonic()
-        if engine.poll() is not None:
+        if not engine.running():
             raise RuntimeError(f"idle engine exited with {engine.returncode}")
     finally:
-        _stop(engine)
-        _stop(proc)
+        engine.stop(timeout=10)
+        cluster.close()
     return {"seconds": t1 - t0, "polling_interval_min": polling_interval,
             "cpu_percent_of_core": 100.0 * (cpu1 - cpu0) / (t1 - t0),
             "rss_mb_max": max(rss) / 2**20}
@@ -173,7 +132,7 @@ def main(argv: list[str]) -> int:
     result = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
               "command": "python scripts/bench.py engine " + " ".join(argv),
               "overhead": overhead, "idle": idle}
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     print(f"\nwritten {args.json}")
     ok = overhead["total_overhead"]["median_ms"] <= 50 and idle["cpu_percent_of_core"] < 1 \
         and idle["rss_mb_max"] < 80
