@@ -9,7 +9,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import os
 import statistics
@@ -17,8 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bcorch.workers.output_check import OutputChecker
-from bcorch.orchestrator.pod5_dataset import write_dataset
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cluster import write_json  # noqa: E402
+from bcorch.workers.output_check import OutputChecker  # noqa: E402
+from bcorch.orchestrator.pod5_dataset import write_dataset  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -60,7 +63,6 @@ def main(argv: list[str]) -> int:
     for r in rows:
         print(f"{r['files']:>6} {r['reads']:>8} {r['median_s']:>9.3f} {r['max_s']:>8.3f} "
               f"{r['reads_per_s']:>10.0f}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"machine": f"{os.cpu_count()} cores, {platform.machine()}",
-                                           "args": vars(args), "rows": rows}, indent=1))
+    write_json(args.json, {"machine": f"{os.cpu_count()} cores, {platform.machine()}",
+                           "args": vars(args), "rows": rows})
     return 0

@@ -13,7 +13,6 @@ window, as a share of one core; the table shows the median of --windows windows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cluster import Cluster, wait_for  # noqa: E402
+from bench_cluster import Cluster, wait_for, write_json  # noqa: E402
 
 SAMPLES_PER_FILE = 10 * 4000
 
@@ -123,12 +122,10 @@ def main(argv: list[str]) -> int:
             ("engine RSS MB (max)", "engine_rss_mb_max", "{:.1f}")]
     for name, key, fmt in rows:
         print(f"{name:<26}{fmt.format(idle[key]):>10}{fmt.format(load[key]):>26}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                               "command": "python scripts/bench.py overhead " + " ".join(argv),
-                               "gpus": args.gpus, "batch_s": args.batch_s,
-                               "idle": idle, "load": load}, indent=2) + "\n")
+    out = write_json(args.out, {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                                "command": "python scripts/bench.py overhead " + " ".join(argv),
+                                "gpus": args.gpus, "batch_s": args.batch_s,
+                                "idle": idle, "load": load})
     print(f"JSON: {out}")
     return 0
 
