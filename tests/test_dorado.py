@@ -359,7 +359,7 @@ def test_dorado_basecall_script_passes_the_four_arguments_through(tmp_path, monk
 
 def test_supervisor_basecall_script_against_a_running_server(tmp_path, monkeypatch, procs):
     from support import REPO
-    from bcorch.workers.runners.base import RunHandle
+    from bcorch.workers.runners.base import ProcessHandle
     from bcorch.workers.runners.script import ScriptRunner
     (tmp_path / "cfgs").mkdir()
     (tmp_path / "cfgs" / "hac.cfg").write_text("#\n")
@@ -379,8 +379,8 @@ def test_supervisor_basecall_script_against_a_running_server(tmp_path, monkeypat
     results = {}
     for port in ("/nonexistent/socket", sock):  # the seed's PORT: where the server listens
         out = tmp_path / f"TMPOUTPUT_{len(results)}"
-        handle = RunHandle([script, str(job_in), str(out), "hac.cfg", port], out,
-                           interpret=ScriptRunner._interpret)
+        handle = ProcessHandle([script, str(job_in), str(out), "hac.cfg", port], out,
+                               interpret=ScriptRunner._interpret)
         results[port] = (wait_until(handle.poll, 60, what="supervisor script"), out)
     bad, _ = results["/nonexistent/socket"]
     assert bad.state is JobState.FAILED and bad.returncode == 1

@@ -160,3 +160,33 @@ def test_output_reader_counts_duplicates(tmp_path):
     (tmp_path / "bad.fastq").write_text("r1\nA\n+\n!\n")
     with pytest.raises(ValueError, match="not a FASTQ header"):
         list(read_ids_in(tmp_path / "bad.fastq"))
+
+
+class _ReadyServer:
+    """A basecall server that is up: what ServerBatchHandle asks of BasecallServer."""
+
+    pid = None
+    last_exit = None
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+
+    def poll(self):
+        from bcorch.workers.runners.dorado_server import ServerState
+        return ServerState.READY
+
+
+def test_every_runner_returns_a_run_handle(tmp_path):
+    """Runner.start is declared to return RunHandle: the process handle and the
+    dorado-server runner's batch handle both honour the protocol, and run to a result."""
+    import sys
+    from bcorch.workers.runners.base import RunHandle
+    from bcorch.workers.runners.dorado_server import ServerBatchHandle
+    script = _script(tmp_path, "exit 0\n")
+    process = ScriptRunner(str(script), "9999").start(tmp_path, tmp_path / "out1", "m", [])
+    server_batch = ServerBatchHandle(_ReadyServer(tmp_path), [sys.executable, "-c", "pass"],
+                                     tmp_path / "out2", stall_timeout_s=0.0)
+    for handle in (process, server_batch):
+        assert isinstance(handle, RunHandle), type(handle).__name__
+        assert wait_until(handle.poll, 30, what="the basecaller").state is JobState.DONE
+        assert handle.result is not None and handle.log_path.exists()

@@ -4,6 +4,9 @@ Every basecaller is a real child process: never through a shell, in its own
 process group (so a stop reaches everything it started), with stdout and stderr
 in OUTPUT_DIR/<job output dir>/basecaller.log. The engine polls the handle; a
 stop is TERM to the group, then KILL after a grace period.
+
+`Runner.start` returns a `RunHandle`, a Protocol: `ProcessHandle` (one basecaller
+process) and the dorado-server runner's `ServerBatchHandle` both honour it.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from bcorch.protocol import JobState
 
@@ -33,8 +36,29 @@ class RunResult:
     reason: str = ""
 
 
-class RunHandle:
-    """A running basecaller process; pid, poll(), stop(grace), result."""
+@runtime_checkable
+class RunHandle(Protocol):
+    """One batch's basecaller as the engine sees it."""
+
+    pid: int                      # the process to show (and to find in the process tree)
+    log_path: Path                # its stdout and stderr
+    result: RunResult | None      # set once it has ended
+
+    def fileno(self) -> int | None:
+        """A descriptor that becomes readable when it ends (None: poll instead)."""
+
+    def poll(self) -> RunResult | None:
+        """The result once it has ended; None while it runs."""
+
+    def terminate(self) -> None:
+        """Ask it to stop now and return at once (safe to call from another thread)."""
+
+    def stop(self, grace: float, reason: str = "stopped by the engine") -> RunResult:
+        """Stop it, forcibly after `grace` seconds; returns a STOPPED result."""
+
+
+class ProcessHandle:
+    """A running basecaller process (a RunHandle)."""
 
     def __init__(self, argv: Sequence[str], output_dir: Path, *,
                  env: dict[str, str] | None = None,

@@ -29,7 +29,7 @@ from typing import Sequence
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError
 from ..read_ids import require_bam_reader
-from .base import LOG_NAME, RunHandle, RunResult, Runner
+from .base import LOG_NAME, ProcessHandle, RunHandle, RunResult, Runner
 
 TIERS = ("fast", "hac", "sup")
 _COMPLEX = re.compile(r"(?P<tier>fast|hac|sup)(?:@(?P<version>v\d+(?:\.\d+)*|latest))?"
@@ -165,6 +165,6 @@ class DoradoRunner(Runner):
                 return RunResult(JobState.DONE, code)
             return RunResult(JobState.FAILED, code, reason=describe_exit("dorado", code, log_path))
 
-        return RunHandle(self.argv(input_dir, output_dir, model), output_dir,
+        return ProcessHandle(self.argv(input_dir, output_dir, model), output_dir,
                          interpret=interpret, stall_timeout_s=self.stall_timeout_s,
                          logger=self.log)

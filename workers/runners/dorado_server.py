@@ -35,7 +35,7 @@ from typing import Sequence
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError
 from ..read_ids import require_bam_reader
-from .base import LOG_NAME, RunHandle, RunResult, Runner
+from .base import LOG_NAME, ProcessHandle, RunHandle, RunResult, Runner
 from .dorado import describe_exit, find_executable, last_error_line
 
 READY_MARKERS = ("Starting server on port", "Basecall Service started on port")
@@ -202,8 +202,7 @@ class BasecallServer:
 class ServerBatchHandle:
     """One batch: wait (polled) for the server, then run the supervisor.
 
-    The same interface as RunHandle (pid, log_path, fileno, poll, terminate, stop,
-    result); `pid` is the supervisor's once it runs, the server's before.
+    A RunHandle; `pid` is the supervisor's once it runs, the server's before.
     """
 
     def __init__(self, server: BasecallServer, supervisor_argv: Sequence[str], output_dir: Path,
@@ -216,7 +215,7 @@ class ServerBatchHandle:
         self.log = logger or logging.getLogger(__name__)
         self.stall_timeout_s = stall_timeout_s
         self.result: RunResult | None = None
-        self.supervisor: RunHandle | None = None
+        self.supervisor: ProcessHandle | None = None
         self._stopping = False
         self._starts_here = 0
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -262,7 +261,7 @@ class ServerBatchHandle:
             self._starts_here += 1
             self.server.start()
         elif state is ServerState.READY:
-            self.supervisor = RunHandle(self.supervisor_argv, self.output_dir,
+            self.supervisor = ProcessHandle(self.supervisor_argv, self.output_dir,
                                         interpret=self._interpret,
                                         stall_timeout_s=self.stall_timeout_s, logger=self.log)
             self.pid = self.supervisor.pid
@@ -346,7 +345,7 @@ class DoradoServerRunner(Runner):
         return argv
 
     def start(self, input_dir: Path, output_dir: Path, model: str,
-              batch: Sequence[str]) -> ServerBatchHandle:
+              batch: Sequence[str]) -> RunHandle:
         if model != self.model:
             raise ConfigError(f"engine.model: the server was started with {self.model!r}, "
                               f"a batch asked for {model!r}")

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError
-from .base import RunHandle, RunResult, Runner
+from .base import ProcessHandle, RunHandle, RunResult, Runner
 
 
 class ScriptRunner(Runner):
@@ -31,7 +31,7 @@ class ScriptRunner(Runner):
     def start(self, input_dir: Path, output_dir: Path, model: str,
               batch: Sequence[str]) -> RunHandle:
         argv = [self.bc_script, str(input_dir), str(output_dir), model, str(self.port)]
-        return RunHandle(argv, output_dir, interpret=self._interpret,
+        return ProcessHandle(argv, output_dir, interpret=self._interpret,
                          stall_timeout_s=self.stall_timeout_s, logger=self.log)
 
     @staticmethod

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bcorch.protocol import JobState
-from .base import FAILED_FILES_NAME, RunHandle, RunResult, Runner
+from .base import FAILED_FILES_NAME, ProcessHandle, RunHandle, RunResult, Runner
 
 
 class SimulateRunner(Runner):
@@ -36,7 +36,7 @@ class SimulateRunner(Runner):
         def interpret(code: int) -> RunResult:
             return self._interpret(code, output_dir, count)
 
-        return RunHandle(argv, output_dir, interpret=interpret,
+        return ProcessHandle(argv, output_dir, interpret=interpret,
                          stall_timeout_s=self.stall_timeout_s, logger=self.log)
 
     @staticmethod
