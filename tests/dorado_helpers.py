@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from bcorch.config_writer import write_config
 from support import ManagedProcess, ManagerProcess, wait_until
 from bcorch.orchestrator.pod5_dataset import write_corrupt, write_dataset
 
@@ -38,10 +39,8 @@ def models_dir(tmp: Path, *names: str) -> Path:
 
 
 def write_toml(path: Path, sections: dict[str, dict]) -> Path:
-    path.write_text("".join(
-        f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-        for s, values in sections.items()))
-    return path
+    """A config for a real basecaller runner (no simulation defaults)."""
+    return write_config(path, simulate=False, **sections)
 
 
 class DoradoSite:

@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +11,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import psutil
+
+from bcorch.config_writer import write_config
+from bcorch.orchestrator.local_cluster import LocalProcess, manager_argv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,49 +70,12 @@ def http_json(url: str, token: str = "", data: dict | None = None, timeout: floa
         return status, raw.decode(errors="replace")
 
 
-class ManagedProcess:
-    """A real child process (own session) that is killed with its tree on close()."""
+class ManagedProcess(LocalProcess):
+    """A real child process (own session, run from the repository) that is killed with its
+    tree on close(); the `procs` fixture closes every one a test registers."""
 
     def __init__(self, argv: list[str], log_path: Path, env: dict | None = None):
-        self.argv = argv
-        self.log_path = log_path
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "ManagedProcess":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env, cwd=REPO,
-                                     start_new_session=True)
-        log.close()
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def close(self) -> None:
-        if self.proc is None:
-            return
-        kill_tree(self.proc.pid)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - the kernel did not reap
-            pass
+        super().__init__(argv, log_path, env=env, cwd=REPO)
 
 
 class ManagerProcess(ManagedProcess):
@@ -129,20 +92,16 @@ class ManagerProcess(ManagedProcess):
         self.port = port or free_port()
         self.token = token
         self.url = f"http://127.0.0.1:{self.port}"
-        cfg = config or tmp / f"manager-{self.port}.toml"
-        if config is None:
-            lines = ["[manager]", f"settle_s = {settle_s}", f"scan_interval_s = {scan_interval_s}"]
-            if report_back_interval is not None:
-                lines.append(f"report_back_interval = {report_back_interval}")
-            if batch_size is not None:
-                lines.append(f"batch_size = {batch_size}")
-            if max_attempts is not None:
-                lines.append(f"max_attempts = {max_attempts}")
-            lines.append(f"allow_simulated = {str(allow_simulated).lower()}")
-            cfg.write_text("\n".join(lines) + "\n")
-        argv = [sys.executable, "-m", "bcorch.manager", "--config", str(cfg),
-                "--input-dir", str(input_dir), "--output-dir", str(output_dir),
-                "--port", str(self.port), *extra]
+        cfg = config
+        if cfg is None:
+            optional = {"report_back_interval": report_back_interval, "batch_size": batch_size,
+                        "max_attempts": max_attempts}
+            cfg = write_config(tmp / f"manager-{self.port}.toml", manager={
+                "settle_s": settle_s, "scan_interval_s": scan_interval_s,
+                "allow_simulated": allow_simulated,
+                **{k: v for k, v in optional.items() if v is not None}})
+        argv = manager_argv(cfg, "--input-dir", str(input_dir), "--output-dir", str(output_dir),
+                            "--port", str(self.port), *extra)
         if token:
             argv += ["--token", token]
         if input_closed:
