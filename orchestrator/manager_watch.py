@@ -144,13 +144,12 @@ class RunWatch:
     def poll_due(self, now: float) -> bool:
         return not self.polling and self.next_poll_at is not None and now >= self.next_poll_at
 
-    def on_answer(self, reached: bool, complete: bool, detail: str, now: float,
-                  keep_polling: bool) -> None:
+    def on_answer(self, reached: bool, complete: bool, detail: str, now: float) -> None:
         self.polling = False
         self.reached = self.reached or reached
         self.complete = complete
         self.last_error = "" if reached else detail
-        self.next_poll_at = now + RUN_POLL_S if keep_polling or not self.reached else None
+        self.next_poll_at = now + RUN_POLL_S
 
 
 def fetch_status(url: str, token: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, bool, str]:

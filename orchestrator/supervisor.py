@@ -270,8 +270,7 @@ class Supervisor:
             self.manager.on_probe(ok, detail, now)
         elif kind == "run":
             _, reached, complete, detail = event
-            self.run_watch.on_answer(reached, complete, detail, now,
-                                     keep_polling=self.orch.exit_when_done)
+            self.run_watch.on_answer(reached, complete, detail, now)
 
     # --- engine messages -----------------------------------------------------------
     def _read_pipes(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,9 @@ class Site:
                        "request_retries": 1, "connect_timeout_s": 1.0, "read_timeout_s": 5.0,
                        **(engine or {})},
             "runner": {"kind": "simulate", "samples_per_s": samples_per_s, "stop_grace_s": 2.0},
+            # exit_when_done off: these tests end bcorch themselves (one test turns it on)
             "orchestrator": {"hang_timeout_s": 3.0, "drain_timeout_s": 30.0,
-                             **(orchestrator or {})},
+                             "exit_when_done": False, **(orchestrator or {})},
         }
         self.config.write_text("".join(
             f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
@@ -119,6 +121,47 @@ def test_all_work_done_then_bcorch_exits_0(tmp_path, procs):
     site.assert_every_read_once()
     assert site.manager.status()["files"].get("DONE") == 6
     assert "every engine finished with nothing left" in b.log()
+
+
+def test_bcorch_exits_0_once_the_manager_reports_the_run_complete(tmp_path, procs):
+    """Engines that would wait for more input forever (work_until_none_left = false):
+    bcorch itself sees the run complete on the manager's /status and drains (issue 12 §2)."""
+    site = Site(tmp_path, procs, n_files=4, orchestrator={"exit_when_done": True},
+                engine={"work_until_none_left": False})
+    b = site.bcorch(2)
+    assert b.wait(60) == 0, b.log()[-3000:]
+    site.assert_every_read_once()
+    assert "bcorch drains: the manager reports the run complete" in b.log()
+
+
+def test_keep_serving_stays_after_the_run_is_complete(tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=2, orchestrator={"exit_when_done": True},
+                engine={"work_until_none_left": False})
+    b = site.bcorch(1, "--keep-serving")
+    wait_until(lambda: site.status()["manager"]["run_complete"], 30, what="the run complete")
+    assert b.proc.poll() is None and site.status()["state"] == "RUNNING"
+    assert site.status()["exit_when_done"] is False
+    b.signal(signal.SIGTERM)
+    assert b.wait(30) == 0
+
+
+def test_a_manager_never_reached_is_exit_75_with_one_line(tmp_path):
+    from support import free_port
+    url = f"http://127.0.0.1:{free_port()}"
+    config = tmp_path / "bcorch.toml"
+    config.write_text("[orchestrator]\nfirst_contact_timeout_s = 2.0\n"
+                      "[runner]\nkind = \"simulate\"\n"
+                      f"[engine]\ninput_dir = \"{tmp_path}\"\noutput_dir = \"{tmp_path}\"\n")
+    t0 = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
+                             "--gpus", "virtual:1", "--manager-url", url, "--socket",
+                             str(tmp_path / "ctl" / "s.sock")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 75, result.stderr[-3000:]
+    assert time.monotonic() - t0 < 60
+    lines = [line for line in result.stderr.splitlines() if "never" in line or "not reached" in line]
+    assert any(f"manager {url} not reached in the 2 s since bcorch started" in line
+               and "refused" in line.lower() for line in lines), result.stderr[-3000:]
 
 
 @pytest.mark.slow

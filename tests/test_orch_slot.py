@@ -328,7 +328,7 @@ def test_supervisor_exits_0_when_the_run_is_complete_unless_told_to_keep_serving
     keep, _ = supervisor(exit_when_done=False)
     keep.handle(("run", True, True, "ok"), 1.0)
     keep.step(1.0)
-    assert keep.host_state.value == "RUNNING" and keep.run_watch.next_poll_at is None
+    assert keep.host_state.value == "RUNNING" and keep.snapshot(1.0)["manager"]["run_complete"]
 
 
 def test_supervisor_exits_75_when_the_manager_was_never_reached(supervisor):
