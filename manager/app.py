@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
 from bcorch.protocol import (MAX_BATCH_SIZE, SIMULATED_FIELD, JobState as WireState,
-                              ProtocolError, parse_flag, parse_job_state, validate_file_name,
-                              validate_id)
+                              ProtocolError, parse_flag, parse_job_state, short_job_id,
+                              validate_file_name, validate_id)
 
 from .metrics import Metrics
 from .service import Answer, Manager
@@ -291,7 +291,8 @@ class App:
                                  f"{', '.join(s.value for s in FileState)}, got {str(raw)[:40]!r}") from None
         limit_raw = params.one("limit", required=False)
         limit = 1000 if limit_raw is None else _int_param(limit_raw, "limit", 1, MAX_LIST_LIMIT)
-        files = self.manager.store.files_in_state(state, limit)
+        files = [{**f, "job_id": f["job_id"] and short_job_id(f["job_id"])}
+                 for f in self.manager.store.files_in_state(state, limit)]
         return Answer(200, {"state": state.value, "count": len(files), "files": files})
 
     def metrics_text(self, params: Params) -> RawAnswer:

@@ -194,7 +194,9 @@ def test_job_ids_hold_64_random_bits_and_only_a_prefix_is_shown(tmp_path, procs)
     hidden = victim[len(shown[0]):]
     assert re.fullmatch(r"[0-9a-f]{16,}", hidden), hidden  # at least 64 bits nobody is shown
     code, metrics = m.get("/metrics")
-    for text in (json.dumps(status), metrics, m.log()):
+    code, assigned = m.get("/files", state="ASSIGNED")
+    assert victim[:12] in [f["job_id"] for f in assigned["files"]]
+    for text in (json.dumps(status), json.dumps(assigned), metrics, m.log()):
         assert victim not in text
     code, answer = m.post("/completed", {"job_id": shown[0], "job_state": "DONE"})
     assert answer == {"ok": False, "late": True}  # the prefix completes nothing
