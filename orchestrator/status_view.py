@@ -62,7 +62,9 @@ def render_status(status: dict) -> str:
             "-" if health.get("temperature_c") is None else f"{health['temperature_c']}C",
         ])
         if s["state"] not in ("RUNNING",) or s.get("gpu_failure"):
-            notes.append(f"gpu{s['gpu']} {s['state']}: {s.get('reason')}")
+            back = (f"; `bcorch resume --gpu {s['gpu']}` brings it back"
+                    if s["state"] == "STOPPED" and status.get("state") == "RUNNING" else "")
+            notes.append(f"gpu{s['gpu']} {s['state']}: {s.get('reason')}{back}")
     out = [head, table(["GPU", "STATE", "JOB", "FILES", "IN BATCH", "DONE", "RESTARTS",
                         "LAST EXIT", "MEMORY", "UTIL", "TEMP"], rows)]
     if notes:

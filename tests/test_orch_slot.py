@@ -375,3 +375,14 @@ def test_supervisor_control_commands_come_from_one_table(supervisor):
 def test_run_complete_follows_the_managers_nothing_left_rule(status, complete):
     from bcorch.orchestrator.manager_watch import run_complete
     assert run_complete(status) is complete
+
+
+def test_a_stopped_slot_says_how_to_bring_it_back():
+    from bcorch.orchestrator.status_view import render_status
+    slot = run(make_slot(), 0.0)
+    slot.operator_drain(1.0)
+    slot.on_exit(0, UP, 2.0)
+    status = {"host": "h", "pid": 1, "state": "RUNNING", "uptime_s": 3.0,
+              "manager": {"url": "http://m", "reachable": True}, "slots": [slot.snapshot(3.0)]}
+    assert ("gpu1 STOPPED: drained by an operator (exit 0); `bcorch resume --gpu 1` brings it "
+            "back") in render_status(status)
