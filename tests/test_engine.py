@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bcorch.config_writer import write_config
 from support import ManagedProcess, ManagerProcess, free_port, kill_tree, wait_until
 from test_engine_stubs import ScriptedServer, forwarder
 from bcorch.workers.channel import EngineState, SpawnSpec
@@ -65,11 +66,7 @@ class Site:
             "runner": {"kind": "simulate", "samples_per_s": 5e6, "stop_grace_s": 2.0,
                        **(runner or {})},
         }
-        path = self.tmp / name
-        path.write_text("".join(
-            f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-            for s, values in sections.items()))
-        return path
+        return write_config(self.tmp / name, **sections)
 
     def engine(self, config: Path, log: str = "engine.log") -> ManagedProcess:
         p = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",

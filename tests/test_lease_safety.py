@@ -10,12 +10,12 @@ there exactly once, from the job that held the lease.
 """
 from __future__ import annotations
 
-import json
 import signal
 import sys
 
 import psutil
 
+from bcorch.config_writer import write_config
 from support import ManagedProcess, ManagerProcess, http_json, wait_until
 from bcorch.workers.read_ids import read_ids_under
 from bcorch.orchestrator.pod5_dataset import write_dataset
@@ -34,9 +34,7 @@ def _engine(tmp, procs, manager, name: str, samples_per_s: float) -> ManagedProc
                    "work_until_none_left": True},
         "runner": {"kind": "simulate", "samples_per_s": samples_per_s, "stop_grace_s": 2.0},
     }
-    config.write_text("".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n"
-                                                  for k, v in values.items())
-                              for s, values in sections.items()))
+    write_config(config, **sections)
     p = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
                         "--config", str(config)], tmp / f"{name}.log")
     procs.append(p)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 from bcorch.workers import channel  # noqa: E402
 from bcorch.workers.channel import Msg, message  # noqa: E402
 
+from bcorch.config_writer import write_config
 from support import ManagedProcess, wait_until  # noqa: E402
 
 HEARTBEAT_S = 0.2
@@ -126,9 +127,7 @@ class FakeBcorch(ManagedProcess):
         super().__init__(argv, tmp / "bcorch.log", env={"FAKE_MODES": str(self.modes_path)})
 
     def write_config(self, **sections: dict) -> None:
-        self.config.write_text("".join(
-            f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-            for name, values in sections.items()))
+        write_config(self.config, **sections)
 
     def set_modes(self, modes: dict) -> None:
         self.modes_path.write_text(json.dumps(modes))

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from bcorch.manager.app import App
+from bcorch.config_writer import write_config
 from support import REPO, ManagedProcess, ManagerProcess, http_json, wait_until
 from bcorch.orchestrator.pod5_dataset import write_dataset
 
@@ -21,9 +22,7 @@ TOKEN = "s3cret-T0ken-9d2e77a1"
 
 
 def _write_toml(path, sections: dict) -> None:
-    path.write_text("".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n"
-                                                for k, v in values.items())
-                            for s, values in sections.items()))
+    write_config(path, **sections)
 
 
 def _manager(tmp_path, procs, **kw) -> ManagerProcess:
