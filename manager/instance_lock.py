@@ -93,8 +93,12 @@ def _pid_namespace() -> str:
 
 
 def _process_started(pid: int) -> float | None:
+    """The start time of a running process; None when it is gone (or a zombie)."""
     try:
-        return psutil.Process(pid).create_time()
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process.create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
 

@@ -10,6 +10,8 @@ import signal
 import socket
 import time
 
+import psutil
+
 import sys
 
 from bcorch.manager.instance_lock import LOCK_NAME
@@ -73,7 +75,9 @@ def test_a_manager_killed_with_9_is_replaced_on_its_host_at_once(tmp_path, procs
     first = _manager(tmp_path, procs).start()
     assert _lock(tmp_path)["pid"] == first.pid
     first.signal(signal.SIGKILL)
-    first.wait(10)
+    # not reaped yet: a zombie holds no lock either
+    wait_until(lambda: psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE, 10,
+               what="the killed manager to be a zombie")
     again = _manager(tmp_path, procs).start()  # no stale wait: the holder's pid is gone
     assert _lock(tmp_path)["pid"] == again.pid
     assert "gone" in again.log()
