@@ -175,6 +175,7 @@ def test_control_pipe_commands(bcorch):
     wait_until(lambda: (s := b.slot(1))["state"] == "RUNNING" and s["pid"] != first[1]["pid"], 20,
                what="restarted engine")
     assert b.slot(0)["pid"] == first[0]["pid"]
+    assert b.slot(1)["restarts"] == 0, "a restart an operator asked for is not a crash restart"
     # drain all: engines stop, bcorch stays for a resume
     assert b.ask(cmd="drain")["ok"]
     for i in range(2):
