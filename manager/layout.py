@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 from .states import JobState
 from .store import Job
@@ -86,6 +87,32 @@ class Layout:
         _rename_once(self.tmp_output_dir(job),
                      self.output_dir / f"{prefix}{self.suffix(job.job_id, job.engine_id)}",
                      f"job {job.job_id} engine {job.engine_id}")
+
+    def set_aside_unknown(self, known: "Callable[[str], bool]") -> list[str]:
+        """Put aside the dirs of jobs the store does not know (after a lost database).
+
+        Such a job was live when the database was lost: its engine is told `late`, so its
+        output must never be merged: TMPOUTPUT_ becomes LATEOUTPUT_, and its ASSIGNED_ dir
+        of symlinks goes. Returns the job ids set aside.
+        """
+        found: list[str] = []
+        for root, prefix in ((self.output_dir, TMPOUTPUT), (self.input_dir, ASSIGNED)):
+            try:
+                names = [e.name for e in os.scandir(root) if e.name.startswith(prefix)]
+            except OSError:
+                continue
+            for name in names:
+                suffix = name[len(prefix):]
+                job_id = suffix.partition("_")[0]
+                if known(job_id):
+                    continue
+                tag = f"job {job_id} (unknown to this database)"
+                if prefix == TMPOUTPUT:
+                    _rename_once(root / name, self.output_dir / f"LATEOUTPUT_{suffix}", tag)
+                else:
+                    _remove_links(root / name, tag)
+                found.append(job_id)
+        return sorted(set(found))
 
     def _merge_outputs(self, job: Job, tag: str) -> None:
         tmp = self.tmp_output_dir(job)

@@ -32,9 +32,9 @@ DUPLICATES_SHOWN = 20
 _FINAL = {WireState.DONE: JobState.DONE, WireState.FAILED: JobState.FAILED,
           WireState.STOPPED: JobState.STOPPED}
 
-SIMULATION_REFUSED = ("this manager does not accept simulated basecalls (the engine's runner.kind "
-                      "is \"simulate\"): set runner.kind to dorado, or start the manager with "
-                      "manager.allow_simulated = true for a demo or a test")
+SIMULATION_REFUSED = ("manager.allow_simulated is false: this manager refuses simulated basecalls "
+                      "(the engine's runner.kind is \"simulate\"; set it to dorado, or allow "
+                      "simulation for a demo or a test)")
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,13 @@ class Manager:
         log.warning("new database: rebuilt from the journal %s: %d files DONE in %d jobs%s; "
                     "nothing finished is done again", self.journal.path, done, len(replay.jobs),
                     ", input closed" if replay.input_closed else "")
+        self._finish_moves()  # the journalled jobs' merges first: they are known now
+        orphans = self.layout.set_aside_unknown(lambda job_id: self.store.job(job_id) is not None)
+        if orphans:
+            log.warning("new database: %d jobs that were live when the database was lost are "
+                        "unknown to it: their output is set aside (LATEOUTPUT_), their files "
+                        "are basecalled again: %s", len(orphans),
+                        ", ".join(short_job_id(j) for j in orphans[:20]))
 
     def flush_moved(self) -> None:
         """Acknowledge finished moves in one transaction (the reaper does it every tick).

@@ -72,6 +72,7 @@ class Server:
                        "report_back_interval = 600\n")
         self.argv = [sys.executable, "-m", "bcorch.manager", "--config", str(cfg), "--input-dir",
                      str(self.inp), "--output-dir", str(self.out), "--port", str(self.port),
+                     "--db", self.db(),
                      "--log-level", "WARNING"]
         self.proc: subprocess.Popen | None = None
 

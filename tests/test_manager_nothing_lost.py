@@ -302,3 +302,31 @@ def test_final_summary_is_ignored_when_switched_off(procs, tmp_path):
     write_pod5(inp / "a.pod5", 1, 300, random.Random(3))
     wait_counts(m, PENDING=1)  # a scan went past the summary
     assert not m.status()["input_closed"]
+
+
+def test_a_job_live_when_the_database_was_lost_is_set_aside(procs, tmp_path):
+    inp, out = _dirs(tmp_path)
+    written = write_dataset(inp, 2, reads_per_file=3, samples_per_read=400, seed=6)
+    m = start_manager(procs, tmp_path, settle_s=30.0)
+    wait_counts(m, PENDING=2)
+    done = assign(m, "gpu0", 1)
+    basecall(done, tmp_path)
+    assert complete(m, done["jobid"], "DONE") == (200, {"ok": True})
+    live = assign(m, "gpu1", 1)
+    basecall(live, tmp_path)  # written, never reported: the manager dies first
+    os.kill(m.pid, 9)
+    m.wait(30)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{default_db_path(out)}{suffix}").unlink(missing_ok=True)
+    again = ManagerProcess(tmp_path, inp, out, port=m.port, settle_s=30.0)
+    procs.append(again)
+    again.start()
+    assert complete(again, live["jobid"], "DONE") == (200, {"ok": False, "late": True})
+    assert not (out / live["job_output_dir"]).exists()
+    assert (out / ("LATEOUTPUT_" + live["job_output_dir"][len("TMPOUTPUT_"):])).is_dir()
+    assert not (inp / live["job_input_dir"]).exists()
+    wait_counts(again, DONE=1, PENDING=1)
+    assert len(_work_all(again, tmp_path)) == 3
+    counts = _reads_in_output(out)
+    assert set(counts) == {r for ids in written.values() for r in ids}
+    assert max(counts.values()) == 1

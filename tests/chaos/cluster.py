@@ -6,26 +6,24 @@ the test fails; the proxy's threads are ended by close().
 """
 from __future__ import annotations
 
-import json
 import sqlite3
-import sys
 from pathlib import Path
 
 import psutil
 
+from bcorch.config_writer import write_config
 from bcorch.orchestrator.control import request
+from bcorch.orchestrator.local_cluster import bcorch_argv
+from bcorch.manager.statedir import default_db_path
 from support import ManagedProcess, ManagerProcess, wait_until
 from bcorch.orchestrator.pod5_dataset import write_dataset
 
 from .proxy import Proxy
 
 SIMULATE = "bcorch.workers.runners.simulate_main"
+SETTLE_S = 1.0            # a paused writer pauses longer than this
+INCOMPLETE_GRACE_S = 3.0  # a file without its POD5 footer is waited for this long
 TOKEN = "chaos-token-5b1f0e"
-
-
-def _toml(sections: dict[str, dict]) -> str:
-    return "".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-                   for s, values in sections.items())
 
 
 class Host:
@@ -64,9 +62,15 @@ class Cluster:
         self.written = write_dataset(self.input_dir, n_files, reads_per_file=reads,
                                      samples_per_read=samples, seed=seed)
         self.corrupt = self._write_corrupt(corrupt)
-        self.manager_kw = dict(token=TOKEN, input_closed=True, **(manager or {}))
+        # The input stays open (a run still writing) until close_input(): files written
+        # during the chaos are taken, and a half-written one is waited for, not failed.
+        self.manager_config = write_config(tmp / "manager.toml", manager={
+            "settle_s": SETTLE_S, "scan_interval_s": 0.2,
+            "incomplete_grace_s": INCOMPLETE_GRACE_S, "allow_simulated": True,
+            **(manager or {})})
+        self.db = default_db_path(self.output_dir)
         self.manager = self._new_manager(None).start()
-        wait_until(lambda: sum(self.manager.status()["files"].values()) == n_files + corrupt,
+        wait_until(lambda: self._seen() == n_files + corrupt,
                    30, what="the manager to find every input file")
         self.proxy = Proxy(self.manager.port).start()
         self.hosts: list[Host] = []
@@ -85,9 +89,19 @@ class Cluster:
             names.append(path.name)
         return names
 
+    def _seen(self) -> int:
+        status = self.manager.status()
+        return sum(status["files"].values()) + status["files_waiting"]
+
+    def close_input(self) -> None:
+        """As MinKNOW ends a run: a final summary in the run's directory closes the input."""
+        (self.input_dir / "final_summary_PAW00000_chaos.txt").write_text("chaos run done\n")
+        wait_until(lambda: self.manager.status()["input_closed"], 60,
+                   what="the final summary to close the input")
+
     def _new_manager(self, port: int | None) -> ManagerProcess:
         m = ManagerProcess(self.tmp, self.input_dir, self.output_dir, port=port,
-                           **self.manager_kw)
+                           token=TOKEN, config=self.manager_config)
         self.procs.append(m)
         return m
 
@@ -98,16 +112,13 @@ class Cluster:
     def add_host(self, name: str, gpus: int, *, engine: dict, runner: dict,
                  orchestrator: dict) -> Host:
         socket = self.tmp / f"ctl-{name}" / "control.sock"
-        config = self.tmp / f"{name}.toml"
-        config.write_text(_toml({
-            "manager": {"url": self.proxy.url, "token": TOKEN},
-            "engine": {"input_dir": str(self.input_dir), "output_dir": str(self.output_dir),
-                       "engine_id": name, **engine},
-            "runner": {"kind": "simulate", **runner},
-            "orchestrator": orchestrator,
-        }))
-        process = ManagedProcess([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
-                                  "--gpus", f"virtual:{gpus}", "--socket", str(socket)],
+        config = write_config(
+            self.tmp / f"{name}.toml",
+            manager={"url": self.proxy.url, "token": TOKEN},
+            engine={"input_dir": str(self.input_dir), "output_dir": str(self.output_dir),
+                    "engine_id": name, **engine},
+            runner=runner, orchestrator=orchestrator)
+        process = ManagedProcess(bcorch_argv(config, gpus, "--socket", str(socket)),
                                  self.tmp / f"{name}.log")
         self.procs.append(process)
         process.start()
@@ -124,7 +135,7 @@ class Cluster:
     # -- what the manager recorded -----------------------------------------------------
 
     def db_rows(self, sql: str) -> list[tuple]:
-        db = sqlite3.connect(f"file:{self.output_dir / 'bcmanager.sqlite'}?mode=ro", uri=True,
+        db = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True,
                              timeout=30)
         try:
             return db.execute(sql).fetchall()

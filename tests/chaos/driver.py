@@ -8,6 +8,7 @@ test's end checks wait on conditions.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import subprocess
@@ -18,7 +19,9 @@ from typing import Callable
 
 import psutil
 
-from .cluster import Cluster, Host
+from bcorch.orchestrator.pod5_dataset import write_pod5
+
+from .cluster import INCOMPLETE_GRACE_S, SETTLE_S, Cluster, Host
 from .proxy import Mode
 
 log = logging.getLogger("chaos.driver")
@@ -30,6 +33,9 @@ PLAN = {
     "kill_manager": 2,         # kill -9 the manager, start it again on the same database
     "cut_network": 1,          # proxy refuses connections, then hangs them
     "drain_resume": 1,         # bcorch drain --gpu N, later bcorch resume --gpu N
+    "delete_database": 1,      # kill -9 the manager, delete its database (-wal, -shm), start it
+    "rename_done_file": 1,     # move a DONE input file to another folder under a new name
+    "paused_writer": 1,        # a new file written half, paused past settle_s, then finished
 }
 
 
@@ -129,6 +135,49 @@ class ChaosDriver:
         self._pause(down)
         self.cluster.restart_manager()
         return f"pid {old.pid} down {down:.1f}s"
+
+    def delete_database(self) -> str:
+        """The manager's host loses its disk: only the journal beside the outputs remains."""
+        old = self.cluster.manager
+        old.proc.kill()
+        old.proc.wait(timeout=30)
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(f"{self.cluster.db}{suffix}")
+            except FileNotFoundError:
+                pass
+        self.cluster.restart_manager()
+        return f"pid {old.pid}, database {self.cluster.db.name} deleted"
+
+    def rename_done_file(self) -> str:
+        code, body = self.cluster.manager.get("/files", state="DONE", limit=1000)
+        done = sorted(f["path"] for f in body.get("files", ())) if code == 200 else []
+        done = [p for p in done if p in self.cluster.written]
+        if not done:
+            return "no DONE file yet"
+        old = self.rng.choice(done)
+        new = f"renamed/{self.rng.randrange(10**6):06d}_{os.path.basename(old)}"
+        (self.cluster.input_dir / "renamed").mkdir(exist_ok=True)
+        os.rename(self.cluster.input_dir / old, self.cluster.input_dir / new)
+        self.cluster.written[new] = self.cluster.written.pop(old)
+        return f"{old} -> {new}"
+
+    def paused_writer(self) -> str:
+        """MinKNOW pausing mid-file (a mux scan): half the file, a pause, then the rest."""
+        n = len([e for e in self.events if e.name == "paused_writer"])
+        rel = f"paused_{n}.pod5"
+        whole = self.cluster.tmp / f"whole_{rel}"
+        ids = write_pod5(whole, 5, 2000, random.Random(self.seed * 1000 + n))
+        data = whole.read_bytes()
+        target = self.cluster.input_dir / rel
+        with open(target, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+        pause = self.rng.uniform(SETTLE_S + 0.5, INCOMPLETE_GRACE_S + 1.5)
+        self._pause(pause)
+        with open(target, "ab") as fh:
+            fh.write(data[len(data) // 2:])
+        self.cluster.written[rel] = ids
+        return f"{rel} paused {pause:.1f}s (settle_s {SETTLE_S}, grace {INCOMPLETE_GRACE_S})"
 
     def cut_network(self) -> str:
         refuse, hang = self.rng.uniform(1.5, 3.0), self.rng.uniform(2.0, 5.0)
