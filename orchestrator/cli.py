@@ -93,7 +93,8 @@ def _load(path: str | None) -> Config:
 
 def _check_url(url: str | None) -> None:
     if url is not None and not url.startswith(("http://", "https://")):
-        raise UsageError(f"--manager-url: expected http://HOST:PORT, got {url!r}")
+        raise UsageError(f"--manager-url: manager.url needs http:// or https:// "
+                         f"(as in http://HOST:40765), got {url!r}")
 
 
 def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:

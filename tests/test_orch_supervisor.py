@@ -286,7 +286,7 @@ def test_manager_failure_with_wait_policy_does_not_restart(bcorch):
 @pytest.mark.parametrize("argv, message", [
     (["--gpus", "virtual:0"], "--gpus: virtual:N needs N"),
     (["--gpus", "all"], "no NVIDIA driver"),
-    (["--manager-url", "ftp://x"], "--manager-url: expected http://HOST:PORT"),
+    (["--manager-url", "ftp://x"], "--manager-url: manager.url needs http:// or https://"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--config", "/nonexistent.toml"], "--config: no such file"),
 ])
