@@ -271,3 +271,19 @@ def test_against_the_original_manager_an_engine_without_dirs_says_which_key_to_s
         assert engine.wait(60) == 78, engine.log()
     assert [c.get("job_state") for c in manager.completed] == ["STOPPED"]
     assert "engine.input_dir: required" in engine.log()
+
+
+def test_the_batch_answer_carries_absolute_roots_and_the_originals_answer_has_none():
+    from bcorch.protocol import Batch, ProtocolError
+
+    answer = {"jobid": "j1-abc", "job_input_dir": "ASSIGNED_j1-abc_e1",
+              "job_output_dir": "TMPOUTPUT_j1-abc_e1", "bc_engine_id": "e1", "batch_size": 1,
+              "batch": ["a.pod5"], "report_back_interval": 30}
+    original = Batch.from_answer(answer)
+    assert (original.input_root, original.output_root) == ("", "")
+    assert "input_root" not in original.to_dict()
+    ours = Batch.from_answer({**answer, "input_root": "/data/in", "output_root": "/data/out"})
+    assert ours.to_dict()["input_root"] == "/data/in" and ours.output_root == "/data/out"
+    for bad in ("data/in", 5, "/data/\0in"):
+        with pytest.raises(ProtocolError, match="input_root must be an absolute path"):
+            Batch.from_answer({**answer, "input_root": bad})
