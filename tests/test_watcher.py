@@ -176,3 +176,16 @@ def test_the_manager_sees_a_new_file_long_before_its_next_scan(procs, tmp_path):
     write_pod5(tmp_path / "in" / "run1" / "a.pod5", 3, 400, random.Random(1))
     wait_until(lambda: m.status()["files"]["PENDING"] == 1, 30,
                what=f"the new file to be PENDING\n{m.log()}")
+
+
+def test_an_output_dir_inside_the_input_is_not_watched(make_watcher, tmp_path):
+    out = tmp_path / "basecalls"
+    out.mkdir()
+    w = make_watcher(skip=(str(out),))
+    assert w.start()
+    (out / "TMPOUTPUT_j1_gpu0").mkdir()
+    (out / "TMPOUTPUT_j1_gpu0" / "reads.pod5").write_bytes(b"x")
+    assert timed_wait(w, 0.5) >= 0.5
+    assert w.wakeups == 0
+    (tmp_path / "a.pod5").write_bytes(b"x")
+    assert timed_wait(w) < 5
