@@ -9,8 +9,10 @@ pid, process start, a random instance id, start stamp) and rewrites it every
 A manager that finds the file:
 - held by a live process on this host: refuses (exit 78), --take-over or not;
 - held by a process of this host that is gone (kill -9, a crash): takes it at once;
-- held by another host and refreshed within STALE_AFTER_REFRESHES of the holder's own
-  refresh periods: refuses, naming the holder;
+- held by another host (or another container of this machine) and refreshed within
+  STALE_AFTER_REFRESHES of the holder's own refresh periods: refuses, naming the holder;
+- held by another container of this machine (same kernel boot id) and stale: takes it
+  (nothing can have cut that holder off: it is dead or frozen);
 - held by another host and stale: refuses unless started with --take-over (the holder
   may only be cut off, so a person decides), then takes it.
 
@@ -63,6 +65,7 @@ class Holder:
     refreshed: float        # wall clock of the last refresh (for people; age uses mtimes)
     refresh_s: float
     pid_namespace: str = ""  # containers may share a host name but not their pids
+    boot_id: str = ""        # the running kernel: equal for every container of one machine
 
     @property
     def stale_after_s(self) -> float:
@@ -80,9 +83,17 @@ class Holder:
                        pid_started=float(data["pid_started"]), instance=str(data["instance"]),
                        started=float(data["started"]), refreshed=float(data["refreshed"]),
                        refresh_s=float(data["refresh_s"]),
-                       pid_namespace=str(data.get("pid_namespace", "")))
+                       pid_namespace=str(data.get("pid_namespace", "")),
+                       boot_id=str(data.get("boot_id", "")))
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _pid_namespace() -> str:
@@ -114,7 +125,8 @@ class InstanceLock:
         self.me = Holder(host=socket.gethostname(), pid=os.getpid(),
                          pid_started=_process_started(os.getpid()) or now,
                          instance=secrets.token_hex(8), started=now, refreshed=now,
-                         refresh_s=refresh_s, pid_namespace=_pid_namespace())
+                         refresh_s=refresh_s, pid_namespace=_pid_namespace(),
+                         boot_id=_boot_id())
         self.lost: str = ""
         self._released = False
         self._stop = threading.Event()
@@ -162,7 +174,9 @@ class InstanceLock:
                                "(another manager starting?); try again, or remove it once no "
                                "bcmanager serves this OUTPUT_DIR")
             return "unreadable and old"
-        if holder.host == self.me.host and holder.pid_namespace == self.me.pid_namespace:
+        same_machine = (holder.boot_id == self.me.boot_id if holder.boot_id and self.me.boot_id
+                        else holder.host == self.me.host)
+        if same_machine and holder.pid_namespace == self.me.pid_namespace:
             started = _process_started(holder.pid)
             alive = started is not None and abs(started - holder.pid_started) < 1.0
             if alive:
@@ -176,6 +190,8 @@ class InstanceLock:
                            f"{holder.describe()}, lock refreshed {max(age, 0):.0f} s ago; stop "
                            f"it first (--take-over only once its lock is stale: not refreshed "
                            f"for {holder.stale_after_s:.0f} s)")
+        if same_machine:  # another container of this machine: no network can cut it off
+            return f"stale: not refreshed for {age:.0f} s by a process of this machine"
         if not take_over:
             raise LockHeld(f"OUTPUT_DIR {self.directory} was served by {holder.describe()}, "
                            f"whose lock is stale (not refreshed for {age:.0f} s); if that "

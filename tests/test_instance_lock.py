@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import psutil
 
@@ -51,13 +52,13 @@ def _lock(tmp_path) -> dict:
     return json.loads((tmp_path / "out" / LOCK_NAME).read_text())
 
 
-def _foreign_lock(tmp_path, age_s: float, refresh_s: float = 10.0) -> None:
+def _foreign_lock(tmp_path, age_s: float, refresh_s: float = 10.0, **fields) -> None:
     """The lock of a manager on another host, last refreshed age_s ago (file-server time)."""
     path = _dirs(tmp_path)[1] / LOCK_NAME
     now = time.time()
     path.write_text(json.dumps({"host": "other-node", "pid": 4242, "pid_started": now - 3600,
                                 "instance": "feedfacecafebeef", "started": now - 3600,
-                                "refreshed": now - age_s, "refresh_s": refresh_s}))
+                                "refreshed": now - age_s, "refresh_s": refresh_s, **fields}))
     os.utime(path, (now - age_s, now - age_s))
 
 
@@ -123,3 +124,17 @@ def test_holder_refreshes_and_stops_when_another_manager_took_over(tmp_path, pro
     assert m.wait(30) == 78
     assert "now held by host other-node pid 4242" in m.log()
     assert _lock(tmp_path)["host"] == "other-node"  # not removed by the loser
+
+
+def test_another_container_of_this_machine_is_taken_over_once_stale(tmp_path, procs):
+    """Same kernel (boot id), another pid namespace: a live one is refused; a stale one
+    cannot be cut off by a network, so it is dead or frozen, and is taken without a flag."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    container = {"host": "manager-container", "boot_id": boot_id, "pid_namespace": "1"}
+    _foreign_lock(tmp_path, age_s=1, **container)
+    refused = _second(tmp_path, procs)
+    assert refused.wait(30) == 78 and "host manager-container pid 4242" in refused.log()
+    _foreign_lock(tmp_path, age_s=600, **container)
+    taker = _manager(tmp_path, procs).start()
+    assert _lock(tmp_path)["pid"] == taker.pid
+    assert "by a process of this machine" in taker.log()
