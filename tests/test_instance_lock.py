@@ -138,3 +138,20 @@ def test_another_container_of_this_machine_is_taken_over_once_stale(tmp_path, pr
     taker = _manager(tmp_path, procs).start()
     assert _lock(tmp_path)["pid"] == taker.pid
     assert "by a process of this machine" in taker.log()
+
+
+def test_two_managers_started_together_one_serves(tmp_path, procs):
+    inp, out = _dirs(tmp_path)
+    ports = [free_port(), free_port()]
+    both = [ManagedProcess([sys.executable, "-m", "bcorch.manager", "--input-dir", str(inp),
+                            "--output-dir", str(out), "--port", str(port)],
+                           tmp_path / f"together-{port}.log") for port in ports]
+    procs.extend(both)
+    for p in both:
+        p.start()
+    loser = wait_until(lambda: next((p for p in both if p.proc.poll() is not None), None), 30,
+                       what="one of the two to exit")
+    assert loser.proc.returncode == 78, loser.log()
+    winner = next(p for p in both if p is not loser)
+    assert winner.proc.poll() is None and _lock(tmp_path)["pid"] == winner.pid
+    assert f"pid {winner.pid}" in loser.log()
