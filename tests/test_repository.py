@@ -1,6 +1,8 @@
 """The repository's own contracts: import direction, README and CI agree."""
 import ast
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,7 +78,22 @@ def test_readme_has_exactly_two_setup_commands():
     assert any("pytest" in c for c in commands)
 
 
-def test_ci_runs_the_readme_test_command():
-    ci = (REPO / ".ci" / "run").read_text()
-    assert 'bash -c "$test_command"' in ci
-    assert "pytest" in next(c for c in readme_commands() if "pytest" in c)
+def test_ci_runs_the_readme_test_command(tmp_path):
+    """.ci/run, run for real in a copy whose README's commands leave traces: it runs the
+    README's pytest block and nothing else, from the repository root, and fails with it."""
+    (tmp_path / ".ci").mkdir()
+    shutil.copy2(REPO / ".ci" / "run", tmp_path / ".ci" / "run")
+    blocks = readme_commands()
+    test_block = next(c for c in blocks if "pytest" in c)
+    assert "pip install -e '.[test]'" in test_block and "-m pytest" in test_block
+    readme = (REPO / "README.md").read_text()
+    for number, block in enumerate(blocks):
+        trace = ("pwd > ran-pytest-block && echo pytest && exit 3" if block == test_block
+                 else f"touch ran-block-{number}")
+        readme = readme.replace(f"```sh\n{block}\n```", f"```sh\n{trace}\n```")
+    (tmp_path / "README.md").write_text(readme)
+    ci = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], cwd=tmp_path / ".ci",
+                        capture_output=True, text=True, timeout=60)
+    assert ci.returncode == 3, ci.stdout + ci.stderr
+    assert (tmp_path / "ran-pytest-block").read_text().strip() == str(tmp_path)
+    assert not list(tmp_path.glob("ran-block-*")), "only the test command runs in CI"
