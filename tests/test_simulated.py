@@ -92,3 +92,26 @@ def test_default_runner_is_dorado_and_virtual_gpus_do_not_imply_simulate(tmp_pat
     assert b.wait(60) == 78, b.log()[-2000:]
     assert "runner.dorado_path: 'dorado' is not on PATH" in b.log()
     assert not list((tmp_path / "out").rglob("*.fastq"))
+
+
+def test_simulated_done_after_a_restart_without_allow_simulated_is_refused(tmp_path, procs):
+    """The manager is restarted without manager.allow_simulated while a simulate engine works:
+    its DONE is refused, the batch goes back to PENDING (no attempt), the engine exits 78."""
+    m = _manager(tmp_path, procs, allow_simulated=True, files=1)
+    config = _config(tmp_path, m.url, {"kind": "simulate", "samples_per_s": 500.0})  # ~4 s
+    engine = _engine(tmp_path, procs, config)
+    wait_until(lambda: m.status()["files"]["ASSIGNED"] == 1, 30, what="the batch assigned")
+    m.signal(15)
+    assert m.wait(30) == 0
+    strict = ManagerProcess(tmp_path, tmp_path / "in", tmp_path / "out", port=m.port,
+                            batch_size=1, input_closed=True, allow_simulated=False)
+    procs.append(strict)
+    strict.start()
+    assert engine.wait(60) == 78, engine.log()[-2000:]
+    last = [line for line in engine.log().splitlines() if "engine exits with 78" in line]
+    assert last and "manager.allow_simulated" in last[0], engine.log()[-2000:]
+    files = strict.status()["files"]
+    assert files["DONE"] == 0 and files["PENDING"] == 1
+    code, pending = strict.get("/files", state="PENDING")
+    assert pending["files"][0]["attempts"] == 0
+    assert not list((tmp_path / "out" / "pass").glob("*"))

@@ -450,6 +450,8 @@ class BCEngine:
             self._service()
         timing.reported = time.monotonic()
         self._handle = None
+        if keepalive.outcome is ReportOutcome.REFUSED:  # e.g. manager.allow_simulated
+            raise ConfigError(keepalive.lost_reason)
         if keepalive.outcome is not ReportOutcome.OK:
             return self._end_batch_lost(keepalive.lost_reason)
         self._record(batch, result, timing)

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
-from .client import ManagerClient, ManagerUnreachable
+from .client import ManagerClient, ManagerRefused, ManagerUnreachable
 from bcorch.protocol import Batch, JobState, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class ReportOutcome(str, enum.Enum):
     LATE = "LATE"                # the manager had already given the job to someone else
     UNREACHABLE = "UNREACHABLE"  # not delivered while the lease could still be alive
     SKIPPED = "SKIPPED"          # the lease was lost before the report
+    REFUSED = "REFUSED"          # the manager refuses this engine's configuration (exit 78)
 
 
 class BCKeepAlive(threading.Thread):
@@ -160,6 +161,10 @@ class BCKeepAlive(threading.Thread):
                                                self.reason, retries=0,
                                                timeout=self._call_timeout(deadline))
             except (ManagerUnreachable, ProtocolError) as exc:
+                if isinstance(exc, ManagerRefused) and exc.refuses_configuration:
+                    self.outcome = ReportOutcome.REFUSED
+                    self._lose(str(exc))
+                    return
                 attempt += 1
                 delay = self._retry_delay()
                 if time.monotonic() + delay >= deadline:
