@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bcorch.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL
-from bcorch.workers.channel import Heartbeat
+from bcorch.workers.channel import Heartbeat, Msg, as_heartbeat
 
 from .gpus import Gpu
 from .gpu_policy import HealthWatch
@@ -89,6 +89,7 @@ class Do(str, enum.Enum):
     TERM_TREE = "term"
     KILL_TREE = "kill"
     SUSPECT_MANAGER = "suspect"
+    REMEMBER_TREE = "remember"    # a new basecaller: note the engine's tree while it is a child
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,46 @@ class Slot:
         self._to(S.STARTING, reason, now)
         self.log.error("cannot start the engine process: %s", error)
         return self._crashed(f"spawn failed: {error}", None, world, now)
+
+    def on_engine_message(self, msg: Any, world: World, now: float) -> Decision:
+        """What a message from the engine means (workers/channel.py is the contract)."""
+        self.on_message(now)
+        if not isinstance(msg, dict):
+            self.log.warning("ignoring a message that is not a dict: %r", msg)
+            return NOTHING
+        kind = msg.get("type")
+        if kind == Msg.READY.value:
+            self.on_ready(now)
+        elif kind == Msg.HEARTBEAT.value:
+            beat = as_heartbeat(msg)
+            if beat is None:
+                self.log.warning("ignoring a heartbeat without the keys of channel.Heartbeat: %r",
+                                 msg)
+            elif self.on_heartbeat(beat):
+                return Decision(Do.REMEMBER_TREE)
+        elif kind == Msg.JOB_START.value:
+            self.log.info("job %s started (%s files)", msg.get("job_id"), msg.get("batch_size"))
+        elif kind == Msg.JOB_END.value:
+            self.log.info("job %s ended %s (%s files failed)", msg.get("job_id"),
+                          msg.get("state"), msg.get("files_failed"))
+        elif kind == Msg.MANAGER_PROBLEM.value:
+            reason = str(msg.get("reason", ""))[:200]
+            self.log.warning("engine reports a manager problem: %s", reason)
+            if not world.manager_down:
+                return Decision(Do.SUSPECT_MANAGER, reason)
+        elif kind == Msg.EXITING.value:
+            if self.engine is not None:
+                self.engine.exiting_reason = str(msg.get("reason", ""))[:300]
+            self.log.info("engine exiting (code %s): %s", msg.get("code"), msg.get("reason"))
+        else:
+            self.log.debug("unknown message %r", msg)
+        return NOTHING
+
+    @property
+    def holds_batch(self) -> bool:
+        """Its engine's last heartbeat names a job (so the manager was reached)."""
+        beat = self.engine.heartbeat if self.engine is not None else None
+        return bool(beat and beat["job_id"])
 
     def on_message(self, now: float) -> None:
         if self.engine is not None:

@@ -9,7 +9,6 @@ loop blocks for longer than a pipe read; every time is on the injected monotonic
 """
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import multiprocessing
@@ -28,6 +27,7 @@ from bcorch.ids import engine_id_for, short_hostname
 from bcorch.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL
 from bcorch.workers import channel
 
+from . import engine_process
 from .commands import COMMANDS, GpuArg
 from .control import ControlServer
 from .gpus import Gpu, GpuMonitor
@@ -53,25 +53,10 @@ class HostState(str, enum.Enum):
     STOPPING = "STOPPING"     # every engine stops its batch now (reported STOPPED)
 
 
-def child_main(target: Callable[[Any, channel.SpawnSpec], Any], conn: Any,
-               spec: channel.SpawnSpec) -> None:
-    """Engine process entry: own process group (a terminal's ^C reaches bcorch only)."""
-    try:
-        os.setpgrp()
-    except OSError:
-        pass
-    target(conn, spec)
-
-
-def default_target() -> Callable[[Any, channel.SpawnSpec], Any]:
-    from bcorch.workers.engine import run_engine_process
-    return run_engine_process
-
-
 class Supervisor:
     def __init__(self, config: Config, gpus: list[Gpu], *, config_path: str | None = None,
                  manager_url: str | None = None, socket_path: Path | None = None,
-                 target: Callable[[Any, channel.SpawnSpec], Any] | None = None,
+                 target: engine_process.Target | None = None,
                  monitor: GpuMonitor | None = None, hostname: str | None = None,
                  log_level: str = "INFO", clock: Callable[[], float] = time.monotonic):
         """`manager_url` is the --manager-url flag (None: manager.url, reloaded on SIGHUP)."""
@@ -80,7 +65,7 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self._manager_url_flag = manager_url
-        self.target = target or default_target()
+        self.target = target or engine_process.default_target()
         self.monitor = monitor
         self.hostname = hostname or short_hostname()
         self.log_level = log_level
@@ -213,6 +198,8 @@ class Supervisor:
                 tree.kill()
         elif do is Do.SUSPECT_MANAGER:
             self.manager.suspect(now, decision.reason)
+        elif do is Do.REMEMBER_TREE and slot.engine is not None and slot.engine.tree is not None:
+            slot.engine.tree.remember_children()
 
     def _start_metrics(self) -> None:
         assert self.metrics is not None
@@ -281,54 +268,16 @@ class Supervisor:
         engine = slot.engine
         if engine is None or engine.conn is None:
             return
-        for _ in range(MAX_MESSAGES_PER_TICK):
-            try:
-                if not engine.conn.poll():
-                    return
-                msg = engine.conn.recv()
-            except (EOFError, OSError):
-                engine.conn.close()
-                engine.conn = None
-                return
-            except Exception as exc:  # an unpicklable message: the child is broken
-                slot.log.warning("unreadable message from engine: %s", exc)
-                continue
-            self.on_message(slot, msg, self.clock())
-
-    def on_message(self, slot: Slot, msg: Any, now: float) -> None:
-        slot.on_message(now)
-        if not isinstance(msg, dict):
-            slot.log.warning("ignoring a message that is not a dict: %r", msg)
-            return
-        kind = msg.get("type")
-        if kind == channel.Msg.READY.value:
-            slot.on_ready(now)
-        elif kind == channel.Msg.HEARTBEAT.value:
-            beat = channel.as_heartbeat(msg)
-            if beat is None:
-                slot.log.warning("ignoring a heartbeat without the keys of channel.Heartbeat: %r",
-                                 msg)
-                return
-            if beat["job_id"]:
-                self.run_watch.reached = True      # it holds a batch: the manager was reached
-            if slot.on_heartbeat(beat) and slot.engine is not None and slot.engine.tree is not None:
-                slot.engine.tree.remember_children()
-        elif kind == channel.Msg.JOB_START.value:
-            slot.log.info("job %s started (%s files)", msg.get("job_id"), msg.get("batch_size"))
-        elif kind == channel.Msg.JOB_END.value:
-            slot.log.info("job %s ended %s (%s files failed)", msg.get("job_id"),
-                          msg.get("state"), msg.get("files_failed"))
-        elif kind == channel.Msg.MANAGER_PROBLEM.value:
-            reason = str(msg.get("reason", ""))[:200]
-            slot.log.warning("engine reports a manager problem: %s", reason)
-            if not self.manager.down:
-                self.manager.suspect(now, reason)
-        elif kind == channel.Msg.EXITING.value:
-            if slot.engine is not None:
-                slot.engine.exiting_reason = str(msg.get("reason", ""))[:300]
-            slot.log.info("engine exiting (code %s): %s", msg.get("code"), msg.get("reason"))
-        else:
-            slot.log.debug("unknown message %r", msg)
+        try:
+            for msg in engine_process.messages(engine.conn, MAX_MESSAGES_PER_TICK, lambda exc:
+                                               slot.log.warning("unreadable message: %s", exc)):
+                now = self.clock()
+                self._carry_out(slot, slot.on_engine_message(msg, self.world(), now), now)
+        except EOFError:
+            engine.conn.close()
+            engine.conn = None
+        if slot.holds_batch:
+            self.run_watch.reached = True
 
     # --- engines start and end -------------------------------------------------------
     def _spec(self, slot: Slot, after_outage: bool) -> channel.SpawnSpec:
@@ -340,22 +289,14 @@ class Supervisor:
     def _spawn(self, slot: Slot, reason: str, counted: bool, after_outage: bool) -> None:
         """Start the slot's engine; after_outage asks it to spread its first request."""
         now = self.clock()
-        parent, child = self._ctx.Pipe(duplex=True)
-        spec = self._spec(slot, after_outage)
-        proc = self._ctx.Process(target=child_main, args=(self.target, child, spec),
-                                 name=f"bcorch-engine-gpu{slot.gpu.index}")
         try:
-            with _environment(spec.env):
-                proc.start()
+            proc, conn = engine_process.start(self._ctx, self.target, self._spec(slot, after_outage),
+                                              f"bcorch-engine-gpu{slot.gpu.index}")
         except OSError as exc:
-            parent.close()
-            child.close()
             self._carry_out(slot, slot.start_failed(str(exc), reason, self.world(), now), now)
             return
-        child.close()
-        engine = EngineProcess(pid=proc.pid, started_at=now, process=proc, conn=parent,
-                               tree=ProcessTree(proc.pid))
-        slot.started(engine, reason, counted, now)
+        slot.started(EngineProcess(pid=proc.pid, started_at=now, process=proc, conn=conn,
+                                   tree=ProcessTree(proc.pid)), reason, counted, now)
 
     def _engine_exited(self, slot: Slot, code: int, now: float) -> None:
         engine = slot.engine
@@ -562,19 +503,3 @@ class Supervisor:
         self._restore_signals()
         self._wake_r.close()
         self._wake_w.close()
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    """os.environ with `values` while a child is spawned, so its exec'd environment has them
-    (CUDA reads CUDA_VISIBLE_DEVICES from there; only the loop thread spawns)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

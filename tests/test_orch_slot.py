@@ -386,3 +386,22 @@ def test_a_stopped_slot_says_how_to_bring_it_back():
               "manager": {"url": "http://m", "reachable": True}, "slots": [slot.snapshot(3.0)]}
     assert ("gpu1 STOPPED: drained by an operator (exit 0); `bcorch resume --gpu 1` brings it "
             "back") in render_status(status)
+
+
+def test_engine_messages_become_decisions():
+    slot = run(make_slot(), 0.0, ready=False)
+    assert slot.on_engine_message({"type": "ready"}, UP, 1.0) == Decision()
+    assert slot.state is S.RUNNING
+    beat = {"type": "heartbeat", "engine_id": "host-gpu1", "state": "WORKING", "job_id": "j1",
+            "batch_size": 2, "batch_elapsed_s": 0.1, "basecaller_pid": 555, "batches_done": 0,
+            "files_done": 0, "files_failed": 0, "last_error": ""}
+    assert slot.on_engine_message(beat, UP, 2.0).do is Do.REMEMBER_TREE
+    assert slot.on_engine_message(beat, UP, 3.0).do is Do.NOTHING, "same basecaller"
+    assert slot.holds_batch and slot.engine.last_message_at == 3.0
+    problem = {"type": "manager_problem", "reason": "refused"}
+    assert slot.on_engine_message(problem, UP, 4.0) == Decision(Do.SUSPECT_MANAGER, "refused")
+    assert slot.on_engine_message(problem, DOWN, 5.0).do is Do.NOTHING, "already known down"
+    assert slot.on_engine_message({"type": "heartbeat", "job_id": "x"}, UP, 6.0).do is Do.NOTHING
+    slot.on_engine_message({"type": "exiting", "code": 3, "reason": "boom"}, UP, 7.0)
+    slot.on_exit(3, UP, 8.0)
+    assert "crashed (exit 3: boom)" in slot.reason
