@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     sock = tmp / "ctl" / "c.sock"
     cfg = tmp / "bcorch.toml"
     cfg.write_text(f"[orchestrator]\nhang_timeout_s = {args.hang_timeout_s}\n"
-                   f"healthy_reset_s = 1.0\n")
+                   f"healthy_reset_s = 1.0\nfirst_contact_timeout_s = 0\n")  # no manager here
     cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--config", str(cfg),
            "--gpus", f"virtual:{args.gpus}", "--socket", str(sock), "--log-level", "WARNING"]
     log = open(tmp / "bcorch.log", "wb")
