@@ -135,7 +135,7 @@ class LocalProcess:
         """Kill the child and everything it started, now (a clean-up, not a drain)."""
         if self.proc is None:
             return
-        _kill_tree(self.proc.pid)
+        kill_tree(self.proc.pid)
         self.kill_session()
         try:
             self.proc.wait(timeout=10)
@@ -143,8 +143,13 @@ class LocalProcess:
             pass
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL pid and its descendants, even those that left its session."""
+def kill_tree(pid: int, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+    """Send sig to pid and its descendants (even those that left its session), and wait up to
+    timeout for each to be gone.
+
+    A zombie counts as gone: a killed grandchild is re-parented to PID 1, which may reap it
+    only seconds later (in containers, often not at once), and it runs no code any more.
+    """
     import psutil
 
     try:
@@ -154,10 +159,22 @@ def _kill_tree(pid: int) -> None:
         return
     for p in procs:
         try:
-            p.kill()
+            p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=10)
+    deadline = time.monotonic() + timeout
+    while procs and time.monotonic() < deadline:
+        _, procs = psutil.wait_procs(procs, timeout=0.05)
+        procs = [p for p in procs if not _zombie(p)]
+
+
+def _zombie(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 class LocalCluster:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import time
 import urllib.error
@@ -10,10 +9,11 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable
 
-import psutil
-
 from bcorch.config_writer import write_config
-from bcorch.orchestrator.local_cluster import LocalProcess, manager_argv
+from bcorch.orchestrator.local_cluster import LocalProcess, kill_tree, manager_argv
+
+__all__ = ["REPO", "ManagedProcess", "ManagerProcess", "free_port", "http_json", "kill_tree",
+           "wait_until"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,20 +35,6 @@ def wait_until(condition: Callable[[], object], timeout: float = 30.0, interval:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
-
-
-def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
-    try:
-        parent = psutil.Process(pid)
-        procs = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 def http_json(url: str, token: str = "", data: dict | None = None, timeout: float = 10.0):
