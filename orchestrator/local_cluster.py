@@ -162,10 +162,20 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL, timeout: float = 10.0) -> Non
             p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
+    wait_gone(procs, timeout)
+
+
+def wait_gone(procs: list, timeout: float) -> list:
+    """Wait up to timeout for the psutil processes to end; return those still running
+    (a zombie has ended: it waits only for its parent, or PID 1, to reap it)."""
+    import psutil
+
     deadline = time.monotonic() + timeout
-    while procs and time.monotonic() < deadline:
+    while True:
         _, procs = psutil.wait_procs(procs, timeout=0.05)
         procs = [p for p in procs if not _zombie(p)]
+        if not procs or time.monotonic() >= deadline:
+            return procs
 
 
 def _zombie(proc) -> bool:

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from bcorch.config_writer import write_config
-from bcorch.orchestrator.local_cluster import LocalProcess, kill_tree, manager_argv
+from bcorch.orchestrator.local_cluster import LocalProcess, kill_tree, manager_argv, wait_gone
 
 __all__ = ["REPO", "ManagedProcess", "ManagerProcess", "free_port", "http_json", "kill_tree",
-           "wait_until"]
+           "wait_gone", "wait_until"]
 
 REPO = Path(__file__).resolve().parent.parent
 

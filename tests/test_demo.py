@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import psutil
-import pytest
 
-from support import REPO, ManagedProcess, wait_until
+from support import REPO, ManagedProcess, wait_gone, wait_until
 
 BCORCH = str(Path(sys.executable).parent / "bcorch")
 SUMMARY = re.compile(r"basecalled (\d+) of (\d+) files, (\d+) of (\d+) reads in [0-9.]+s")
@@ -77,8 +76,7 @@ def test_ctrl_c_stops_everything_and_keeps_the_workspace(tmp_path, procs):
     assert len(tree) >= 4, "manager, bcorch and its engines are running"
     demo.signal(signal.SIGINT)
     assert demo.wait(60) == 130, demo.log()
-    gone, alive = psutil.wait_procs(tree, timeout=10)
-    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    assert wait_gone(tree, timeout=10) == []
     assert "interrupted" in demo.log() and f"workspace kept in {work}" in demo.log()
     import sqlite3
     with sqlite3.connect(work / "bcmanager.sqlite") as db:
