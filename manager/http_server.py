@@ -216,7 +216,9 @@ class HTTPServer:
             timeout_keep_alive=int(IDLE_CONNECTION_S),
             timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S))
         self.server = uvicorn.Server(config)
-        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop chatter
+        # Its start/stop chatter and a line per malformed request (a flood, under attack);
+        # what we refuse ourselves is logged by DeadlineProtocol and the app.
+        logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
 
     def notify_work(self) -> None:
         """Wake held long polls: work may be ready (any thread)."""

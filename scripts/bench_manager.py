@@ -59,7 +59,11 @@ def bench_scan(n: int, tmp: Path) -> dict:
 
 
 class Server:
-    def __init__(self, tmp: Path, name: str, threads: int = 16):
+    """A manager process on a fresh SQLite file; `kind` other than "uvicorn" serves the same
+    app with another HTTP server (scripts/bench_connections.py --serve, for comparison)."""
+
+    def __init__(self, tmp: Path, name: str, threads: int = 16, kind: str = "uvicorn",
+                 lease_s: float = 600):
         self.inp, self.out = tmp / f"{name}-in", tmp / f"{name}-out"
         self.inp.mkdir()
         self.out.mkdir()
@@ -69,11 +73,14 @@ class Server:
         sock.close()
         cfg = tmp / f"{name}.toml"
         cfg.write_text(f"[manager]\nsettle_s = 0\nscan_interval_s = 3600\nthreads = {threads}\n"
-                       "report_back_interval = 600\n")
-        self.argv = [sys.executable, "-m", "bcorch.manager", "--config", str(cfg), "--input-dir",
-                     str(self.inp), "--output-dir", str(self.out), "--port", str(self.port),
-                     "--db", self.db(),
-                     "--log-level", "WARNING"]
+                       f"report_back_interval = {lease_s}\n")
+        args = ["--config", str(cfg), "--input-dir", str(self.inp), "--output-dir", str(self.out),
+                "--db", self.db(), "--port", str(self.port), "--log-level", "WARNING"]
+        if kind == "uvicorn":
+            self.argv = [sys.executable, "-m", "bcorch.manager", *args]
+        else:
+            self.argv = [sys.executable, str(REPO / "scripts" / "bench_connections.py"),
+                         "--serve", kind, *args]
         self.proc: subprocess.Popen | None = None
 
     def db(self) -> str:
@@ -138,8 +145,9 @@ def bench_assign(pending: int, requests: int, tmp: Path) -> dict:
             "p50_ms": statistics.median(ms), "p99_ms": percentile(ms, 99), "max_ms": max(ms)}
 
 
-def bench_mixed(clients: int, seconds: float, tmp: Path, threads: int) -> dict:
-    server = Server(tmp, "mixed", threads=threads)
+def bench_mixed(clients: int, seconds: float, tmp: Path, threads: int,
+                kind: str = "uvicorn") -> dict:
+    server = Server(tmp, f"mixed-{kind}", threads=threads, kind=kind)
     store = Store(server.db(), max_attempts=3)
     store.add_files((f"r{i:07d}.pod5", 1000) for i in range(200_000))
     store.close()
@@ -179,7 +187,7 @@ def bench_mixed(clients: int, seconds: float, tmp: Path, threads: int) -> dict:
         elapsed = time.perf_counter() - t0
         server_cpu = sum(proc.cpu_times()[:2]) - cpu0
     total = sum(counts)
-    return {"clients": clients, "seconds": elapsed, "requests": total,
+    return {"server": kind, "clients": clients, "seconds": elapsed, "requests": total,
             "requests_per_s": total / elapsed, "errors": len(errors),
             "server_cpu_s": server_cpu,
             "server_cpu_ms_per_request": 1000 * server_cpu / max(total, 1),

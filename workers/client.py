@@ -20,6 +20,10 @@ from bcorch.protocol import CONFIG_REFUSED, SIMULATED_FIELD, Batch, JobState, Pr
 
 log = logging.getLogger(__name__)
 
+# An idle engine's long poll (/assignwork wait_s). Short: a stop or drain waits for the
+# request in flight, and an engine's exit joins it.
+LONG_POLL_S = 5
+
 
 class ManagerUnreachable(ConnectionError):
     """The manager did not answer (or answered 5xx) after the bounded retries."""
@@ -89,11 +93,18 @@ class ManagerClient:
 
     # -- routes ------------------------------------------------------------------------
 
-    def assign_work(self, engine_id: str, batchsize: int, retries: int | None = None) -> Batch:
+    def assign_work(self, engine_id: str, batchsize: int, retries: int | None = None,
+                    wait_s: int = 0) -> Batch:
+        """wait_s > 0: a long poll; the manager holds an empty answer until work is ready or
+        wait_s passes (a manager that does not know wait_s answers at once, as before)."""
         fields: dict[str, Any] = {"engineid": engine_id, "batchsize": batchsize}
         if self.simulated:
             fields[SIMULATED_FIELD] = "true"
-        answer = self.call("GET", "/assignwork", fields, retries=retries)
+        timeout = None
+        if wait_s > 0:
+            fields["wait_s"] = wait_s
+            timeout = (self.timeout[0], self.timeout[1] + wait_s)
+        answer = self.call("GET", "/assignwork", fields, retries=retries, timeout=timeout)
         return Batch.from_answer(answer)
 
     def keep_alive(self, job_id: str, job_state: JobState, retries: int | None = 0,

@@ -31,7 +31,7 @@ from typing import Any
 from . import channel
 from .channel import Cmd, EngineState, Msg, SpawnSpec
 from .intent import Cause, Goal, Intent
-from .client import ManagerClient, ManagerRefused, ManagerUnreachable
+from .client import LONG_POLL_S, ManagerClient, ManagerRefused, ManagerUnreachable
 from .keepalive import BCKeepAlive, LeaseLost, ReportOutcome
 from .legacy_config import load_any
 from bcorch.protocol import (EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobState,
@@ -325,7 +325,8 @@ class BCEngine:
         if api_url.rstrip("/") != client.url:
             raise ValueError(f"_request_a_batch: {api_url!r} is not this engine's manager "
                              f"{client.url!r}")
-        future = self._executor.submit(client.assign_work, engine_id, optimal_request_size)
+        future = self._executor.submit(client.assign_work, engine_id, optimal_request_size,
+                                       None, LONG_POLL_S)
         future.add_done_callback(lambda _f: self._waker.wake())
         stop_seen: float | None = None
         while not future.done():
@@ -508,6 +509,8 @@ class BCEngine:
         """
         if had_work:
             pause = self.conf.engine.busy_pause_s
+        elif end - start >= LONG_POLL_S / 2:
+            pause = 0.0  # the manager held our long poll: it did the waiting
         else:
             pause = self.polling_interval * 60.0 * random.uniform(0.9, 1.1)
         self._pause(pause - (time.monotonic() - end))
