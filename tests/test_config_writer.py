@@ -1,4 +1,5 @@
-"""The one config writer and the one local cluster that the demo, the benchmarks and the tests use."""
+"""The one config writer that the demo, the benchmarks and the tests use (the one local cluster,
+LocalCluster, runs under tests/test_demo.py, whose `bcorch demo` is built on it)."""
 from __future__ import annotations
 
 import math
@@ -7,10 +8,6 @@ import pytest
 
 from bcorch import config as config_mod
 from bcorch.config_writer import write_config
-from bcorch.orchestrator.local_cluster import LocalCluster
-from bcorch.orchestrator.pod5_dataset import write_dataset
-from bcorch.workers.read_ids import read_ids_under
-from support import wait_until
 
 
 def test_written_config_loads_with_simulation_defaults_the_caller_can_override(tmp_path):
@@ -36,19 +33,3 @@ def test_written_config_loads_with_simulation_defaults_the_caller_can_override(t
 def test_values_toml_cannot_hold_are_refused_by_name(tmp_path, value, error):
     with pytest.raises(error, match="engine.model"):
         write_config(tmp_path / "x.toml", engine={"model": value})
-
-
-def test_local_cluster_runs_a_batch_and_close_stops_everything(tmp_path):
-    cluster = LocalCluster(tmp_path, gpus=1, runner={"samples_per_s": 5e6})
-    written = write_dataset(cluster.input_dir, 2, reads_per_file=3, samples_per_read=400)
-    try:
-        cluster.start_manager(wait_files=2)
-        bcorch = cluster.start_bcorch()
-        wait_until(lambda: cluster.all_done(2), 60, what=f"both files done\n{bcorch.log()[-2000:]}")
-        assert bcorch.wait(60) == 0, bcorch.log()[-2000:]   # work_until_none_left, input closed
-    finally:
-        cluster.close()
-    assert not cluster.manager.running() and cluster.manager.returncode == 0
-    found = read_ids_under([cluster.output_dir / "pass", cluster.output_dir / "fail"])
-    assert sorted(found) == sorted(r for ids in written.values() for r in ids)
-    assert found.doubled() == []
