@@ -51,7 +51,7 @@ def test_pip_install_into_a_fresh_venv_gives_working_commands(tmp_path):
         assert version.returncode == 0 and version.stdout.startswith(f"{exe} 0."), version.stderr
     where = subprocess.run(
         [str(py), "-c", "import bcorch.manager.metrics, bcorch.orchestrator.cli, bcorch.protocol, "
-                        "prometheus_client, uvicorn, httptools, pynvml, psutil, requests;"
+                        "prometheus_client, uvicorn, httptools, pynvml, psutil, requests, pysam;"
                         "print(bcorch.orchestrator.cli.__file__);"
                         "print(bcorch.manager.metrics.__file__)"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=clean_env)
