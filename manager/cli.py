@@ -35,7 +35,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config.toml (defaults when not given)")
     p.add_argument("--input-dir", help="INPUT_DIR scanned for *.pod5 (manager.input_dir)")
     p.add_argument("--output-dir", help="OUTPUT_DIR for pass/, fail/ and job logs (manager.output_dir)")
-    p.add_argument("--db", help="SQLite file (default OUTPUT_DIR/bcmanager.sqlite)")
+    p.add_argument("--db", help="SQLite file on this host's local disk (default: in "
+                                 "$STATE_DIRECTORY, $XDG_STATE_HOME/bcorch or "
+                                 "~/.local/state/bcorch, named after OUTPUT_DIR)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 40765)")
     p.add_argument("--token", help="bearer token (or env BCORCH_TOKEN)")
@@ -108,14 +110,23 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .instance_lock import InstanceLock
     from .server import Service  # the HTTP server and sqlite only when serving
+    from .store import DatabaseUnusable
 
     lock = InstanceLock(cfg.manager.output_dir, cfg.manager.lock_refresh_s)
     lock.acquire(take_over=args.take_over)  # before the database: one manager per OUTPUT_DIR
     try:
         service = Service(cfg.manager, cfg.token)
+    except DatabaseUnusable as exc:
+        print(f"bcmanager: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"bcmanager: cannot serve on {cfg.manager.host}:{cfg.manager.port} "
               f"(--host/--port) or open its files: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a start-up failure is one line, never a traceback
+        logging.getLogger("bcmanager").debug("start-up failed", exc_info=True)
+        print(f"bcmanager: cannot start: {type(exc).__name__}: {exc}".splitlines()[0],
+              file=sys.stderr)
         return 1
     lock.start_refreshing(on_lost=lambda _reason: service.stop_event.set())
     code = service.serve()
