@@ -28,7 +28,9 @@ def bcorch(tmp_path, procs):
         (tmp_path / d).mkdir()
     config = write_config(tmp_path / "bcorch.toml", manager={"url": "http://127.0.0.1:9"},
                           engine={"input_dir": str(tmp_path / "in"),
-                                  "output_dir": str(tmp_path / "out"), "polling_interval": 0.01})
+                                  "output_dir": str(tmp_path / "out"), "polling_interval": 0.01},
+                          # no manager listens: bcorch must not give up on it mid-test
+                          orchestrator={"first_contact_timeout_s": 0})
     sock = tmp_path / "ctl" / "c.sock"
     b = ManagedProcess([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
                         "--gpus", "virtual:2", "--socket", str(sock)], tmp_path / "bcorch.log")

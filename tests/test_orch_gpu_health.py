@@ -85,3 +85,14 @@ def test_rising_ecc_count_fails_the_gpu_and_resume_takes_a_new_baseline(running)
     assert ask(cmd="resume", gpu=0)["ok"]
     wait_until(lambda: slot(ask, 0)["state"] == "RUNNING", 20, what="gpu0 back")
     assert slot(ask, 0)["gpu_failure"] == ""
+
+
+def test_a_fatal_xid_fails_the_gpu_and_an_application_xid_does_not(running):
+    ask, monitor = running
+    monitor.health["virtual-0"].xid_events, monitor.health["virtual-0"].last_xid = 1, 13
+    monitor.health["virtual-1"].xid_events, monitor.health["virtual-1"].last_xid = 1, 79
+    failed = wait_until(lambda: (s := slot(ask, 1))["state"] == "FAILED" and s, 20,
+                        what="gpu1 FAILED")
+    assert failed["reason"] == "GPU unhealthy: critical XID 79 (the GPU needs a reset)"
+    assert slot(ask, 0)["health"]["xid_events"] == 1, "gpu0's XID 13 was seen"
+    assert slot(ask, 0)["state"] == "RUNNING"
