@@ -108,8 +108,9 @@ RUN_POLL_S = 5.0
 
 
 def run_complete(status: dict) -> bool:
-    """The manager's /status says the run is over: the input is closed and no file is
-    PENDING or ASSIGNED (every one is DONE, QUARANTINED or a DUPLICATE of one). This is the
+    """The manager's /status says the run is over: the input is closed, no file is PENDING
+    or ASSIGNED (every one is DONE, QUARANTINED or a DUPLICATE of one) and none is waiting
+    to become ready. This is the
     rule by which the manager tells an engine that nothing is left. A manager that says
     `complete` itself is taken at its word."""
     if isinstance(status.get("complete"), bool):
@@ -117,7 +118,8 @@ def run_complete(status: dict) -> bool:
     files = status.get("files")
     if status.get("input_closed") is not True or not isinstance(files, dict):
         return False
-    return files.get("PENDING", 0) == 0 and files.get("ASSIGNED", 0) == 0
+    return (files.get("PENDING", 0) == 0 and files.get("ASSIGNED", 0) == 0
+            and not status.get("files_waiting"))
 
 
 @dataclass

@@ -370,6 +370,7 @@ def test_supervisor_control_commands_come_from_one_table(supervisor):
     ({"input_closed": False, "files": {"PENDING": 0, "ASSIGNED": 0, "DONE": 5}}, False),
     ({"input_closed": True, "files": {"PENDING": 2, "DONE": 5}}, False),
     ({"input_closed": True}, False),
+    ({"input_closed": True, "files": {"PENDING": 0, "ASSIGNED": 0}, "files_waiting": 1}, False),
     ({"complete": True, "input_closed": False}, True),
 ])
 def test_run_complete_follows_the_managers_nothing_left_rule(status, complete):
