@@ -29,3 +29,14 @@ def test_the_hostname_is_the_prefix_when_none_is_configured():
     sup = Supervisor(from_mapping({}), virtual_gpus(2), hostname="node7")
     assert [s.engine_id for s in sup.slots] == ["node7-gpu0", "node7-gpu1"]
     assert engine_id_for(2, "rig") == "rig-gpu2"
+
+
+def test_bcorch_engine_follows_the_same_rule(tmp_path):
+    """`bcorch engine --gpu N` takes engine.engine_id as the prefix too; only --engine-id
+    (and the supervisor's spawn spec) name a whole id."""
+    from bcorch.workers.engine import BCEngine
+    config = from_mapping({"engine": {"engine_id": "rig", "input_dir": str(tmp_path),
+                                      "output_dir": str(tmp_path)},
+                           "runner": {"kind": "simulate"}})
+    assert BCEngine(None, 2, conf=config).engine_id == "rig-gpu2"
+    assert BCEngine(None, 2, conf=config, engine_id="whole-id").engine_id == "whole-id"
