@@ -59,7 +59,8 @@ def _run(cluster: Cluster, seed: int) -> None:
             runner={"samples_per_s": 15000.0, "stop_grace_s": 2.0, "fail_fraction": 0.1},
             orchestrator={"hang_timeout_s": HANG_TIMEOUT_S, "max_restarts": 100,
                           "restart_backoff_max_s": 2.0, "drain_timeout_s": 30.0,
-                          "on_manager_failure": "wait", "manager_down_timeout_s": 600.0})
+                          "on_manager_failure": "wait", "manager_down_timeout_s": 600.0,
+                          "exit_when_done": False})   # the test stops the hosts itself
     driver = ChaosDriver(cluster, seed, HANG_TIMEOUT_S)
     why = lambda: f"chaos seed {seed} (rerun: BCORCH_CHAOS_SEEDS={seed}); events: {driver.summary()}"
 
