@@ -35,8 +35,11 @@ def table(headers: list[str], rows: Iterable[list[Any]]) -> str:
 
 def render_status(status: dict) -> str:
     manager = status.get("manager", {})
-    if manager.get("reachable", True):
-        mgr = f"manager {manager.get('url')}: reachable"
+    if manager.get("reached") is False:
+        mgr = f"manager {manager.get('url')}: not reached yet"
+    elif manager.get("reachable", True):
+        mgr = (f"manager {manager.get('url')}: reachable"
+               f"{', run complete' if manager.get('run_complete') else ''}")
     else:
         mgr = (f"manager {manager.get('url')}: DOWN for {duration(manager.get('down_for_s'))}"
                f" (next probe in {duration(manager.get('next_probe_in_s'))}; "

@@ -406,3 +406,12 @@ def test_engine_messages_become_decisions():
     slot.on_engine_message({"type": "exiting", "code": 3, "reason": "boom"}, UP, 7.0)
     slot.on_exit(3, UP, 8.0)
     assert "crashed (exit 3: boom)" in slot.reason
+
+
+def test_status_header_says_whether_the_manager_was_ever_reached():
+    from bcorch.orchestrator.status_view import render_status
+    status = {"host": "h", "pid": 1, "state": "RUNNING", "uptime_s": 3.0, "slots": [],
+              "manager": {"url": "http://m", "reachable": True, "reached": False}}
+    assert "manager http://m: not reached yet" in render_status(status)
+    status["manager"].update(reached=True, run_complete=True)
+    assert "manager http://m: reachable, run complete" in render_status(status)
