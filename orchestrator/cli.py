@@ -1,6 +1,7 @@
 """The `bcorch` command line.
 
-    bcorch [--config F] [--gpus SPEC] [--manager-url U] [--socket S] [--log-level L]
+    bcorch [--config F] [--gpus SPEC] [--manager-url U] [--socket S] [--keep-serving]
+           [--log-level L]
     bcorch engine --gpu N [--config F] [--manager-url U]      (one engine, no supervisor)
     bcorch status [--json] | drain [--gpu N] | resume [--gpu N] | restart --gpu N | stop
     bcorch socket                                             (the control socket's path)
