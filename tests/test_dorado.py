@@ -304,10 +304,10 @@ def test_hang_is_stopped_after_the_stall_timeout(tmp_path, procs):
                       env={"FAKE_DORADO_MODE": "hang"})
     root = models_dir(tmp_path)
     engine = site.engine(site.config({"kind": "dorado", "dorado_path": DORADO,
-                                      "models_directory": str(root), "stall_timeout_s": 2.0}))
+                                      "models_directory": str(root), "stall_timeout_s": 1.0}))
     assert engine.wait(60) == 0, engine.log()[-3000:]
     [reason] = site.quarantined().values()
-    assert "basecaller stalled (no output for 2s)" in reason
+    assert "basecaller stalled (no output for 1s)" in reason
     assert "wrote nothing for" in engine.log()
     pids = [r["pid"] for r in argv_records(tmp_path, "dorado")]
     import psutil

@@ -71,6 +71,8 @@ class ProcessHandle:
         self.log = logger or logging.getLogger(__name__)
         self._interpret = interpret
         self._stall_timeout_s = stall_timeout_s
+        # Checking walks the output dir: every 5 s, or often enough for a shorter timeout.
+        self._stall_check_every_s = min(5.0, max(0.25, stall_timeout_s / 4))
         self.result: RunResult | None = None
         self._stopping = False
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,7 @@ class ProcessHandle:
         self.pid = self.proc.pid
         self.started = time.monotonic()
         self._last_activity = self.started
-        self._next_stall_check = self.started + 5.0
+        self._next_stall_check = self.started + self._stall_check_every_s
         try:
             self.pidfd: int | None = os.pidfd_open(self.pid)
         except (AttributeError, OSError):  # not Linux >= 5.3: the engine falls back to polling
@@ -145,7 +147,7 @@ class ProcessHandle:
         now = time.monotonic()
         if self._stall_timeout_s <= 0 or now < self._next_stall_check:
             return
-        self._next_stall_check = now + 5.0
+        self._next_stall_check = now + self._stall_check_every_s
         newest = _newest_mtime(self.output_dir)
         age = time.time() - newest if newest else None
         if age is not None and age < self._stall_timeout_s:
