@@ -144,7 +144,9 @@ def test_bcorch_refuses_a_socket_directory_others_control(tmp_path, procs, bcorc
 
 def test_runner_arguments_never_go_through_a_shell(tmp_path, procs):
     write_dataset(tmp_path / "in", 1, reads_per_file=2, samples_per_read=1000)
-    m = _manager(tmp_path, procs, batch_size=1, input_closed=True).start()
+    # max_attempts 1: the script writes no reads, so the output check fails its file; one
+    # attempt is all this test needs (the argv), not three with their retry back-off.
+    m = _manager(tmp_path, procs, batch_size=1, input_closed=True, max_attempts=1).start()
     wait_until(lambda: m.status()["files"]["PENDING"] == 1, 30, what="files found")
     marker, marker2 = tmp_path / "pwned", tmp_path / "pwned2"
     argv_file = tmp_path / "argv.json"
