@@ -22,6 +22,7 @@ from .journal import Journal, JournalledFile, identity_of
 from .layout import Layout
 from .leases import Leases
 from .states import FileState, JobState
+from . import store as store_module
 from .store import Completion, Found, Job, Placed, Store
 
 log = logging.getLogger("bcmanager")
@@ -66,6 +67,7 @@ class Manager:
         self._engines_seen: dict[str, float] = {}
         self._moved: list[str] = []   # settled jobs not yet acknowledged in the store
         self._work_listeners: list[Callable[[], None]] = []
+        self._retries_checked_at = store_module.retry_clock()
         self._close_requested = input_closed
         self._input_closed = store.input_closed()
 
@@ -369,9 +371,16 @@ class Manager:
                             "files back to PENDING", short_job_id(job_id), engine, self.interval)
                 self._settle_quietly(result.job)
             self._finish_moves()
-        if expired:
+        if expired or self._retries_came_due():
             self.work_may_be_ready()
         return len(expired)
+
+    def _retries_came_due(self) -> bool:
+        """A failed file whose back-off ended since the last tick is work for held long polls
+        (nothing else wakes them then)."""
+        now = store_module.retry_clock()
+        since, self._retries_checked_at = self._retries_checked_at, now
+        return self.store.retries_due(since, now)
 
     # -- reading -----------------------------------------------------------------------
 

@@ -404,6 +404,14 @@ class Store:
                 "SELECT fid, path, size FROM files WHERE job_id = ? AND state = 'DONE' "
                 "ORDER BY id", (job_id,)).fetchall()
 
+    def retries_due(self, since: float, until: float) -> bool:
+        """Whether a PENDING file's retry back-off ended in (since, until] (retry_at's clock)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM files WHERE state = 'PENDING' AND failures > 0 "
+                "AND retry_at > ? AND retry_at <= ? LIMIT 1", (since, until)).fetchone()
+        return row is not None
+
     # -- flags -------------------------------------------------------------------------
 
     def input_closed(self) -> bool:
