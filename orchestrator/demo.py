@@ -147,7 +147,7 @@ def _summary(output_dir: Path, expected: Counter, total_reads: int, n_files: int
     found = read_ids_under([output_dir / "pass", output_dir / "fail"])
     missing = [r for r in expected if r not in found]
     doubled = found.doubled()
-    unknown = [r for r in found if r not in expected]
+    unknown = [r for r in found if found.origin(r) not in expected]
     files = status.get("files", {})
     print()
     print(f"basecalled {files.get('DONE', 0)} of {n_files} files, "

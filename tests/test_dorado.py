@@ -164,6 +164,7 @@ def test_split_reads_count_for_their_parent_once(tmp_path, monkeypatch, emit):
     assert not set(parents) & set(found), "the children carry new ids"
     assert all(r in found for r in parents) and found.doubled() == []
     assert sorted(found.parents) == sorted(parents) and set(found.parents.values()) == {2}
+    assert {found.origin(child) for child in found} == set(parents)
 
 
 def test_bam_output_without_pysam_is_a_configuration_error(tmp_path, monkeypatch):

@@ -53,11 +53,17 @@ class WrittenReads(collections.Counter):
     def __init__(self) -> None:
         super().__init__()
         self.parents: collections.Counter = collections.Counter()
+        self.parent_of: dict[str, str] = {}   # a split read's child id -> its parent's id
 
     def add(self, record: Record) -> None:
         self[record.read_id] += 1
         if record.parent_id is not None and record.parent_id != record.read_id:
             self.parents[record.parent_id] += 1
+            self.parent_of[record.read_id] = record.parent_id
+
+    def origin(self, read_id: str) -> str:
+        """The input read a written record comes from (its parent for a split read)."""
+        return self.parent_of.get(read_id, read_id)
 
     def __contains__(self, read_id: object) -> bool:
         return super().__contains__(read_id) or read_id in self.parents
