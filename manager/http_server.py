@@ -199,7 +199,9 @@ class HTTPServer:
         self.bridge = WSGIBridge(wsgi_app, threads=threads, max_body=max_body,
                                  signal=self.signal)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only then,
+        # and without it every answer (headers, then body) waits ~40 ms for a delayed ACK.
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind((host, port))

@@ -244,19 +244,22 @@ def main(argv: list[str]) -> int:
             if not args.skip_mixed:
                 results["mixed"].append(bench_mixed(args.clients, args.mixed_seconds, tmp,
                                                     args.threads, kind))
-            results["attack"].append(bench_attack(kind, tmp, args.idle, args.trickle,
-                                                  args.attack_seconds))
+            if args.attack_seconds > 0:
+                results["attack"].append(bench_attack(kind, tmp, args.idle, args.trickle,
+                                                      args.attack_seconds))
+    out = write_json(args.json, results)
     print(f"{'server':9} {'mixed req/s':>11} {'CPU ms/req':>10} | attack: {'keepalive p99':>13} "
           f"{'assign p99':>10} {'no answer':>9} {'lease':>5}")
-    mixed = {m["server"]: m for m in results["mixed"]}
-    for a in results["attack"]:
-        m = mixed.get(a["server"], {})
-        print(f"{a['server']:9} {m.get('requests_per_s', float('nan')):11.0f} "
+    attacks = {a["server"]: a for a in results["attack"]}
+    for kind in args.servers.split(","):
+        m = next((m for m in results["mixed"] if m["server"] == kind), {})
+        a = attacks.get(kind, {"no_answer_in_5s": -1, "lease_lost": None})
+        print(f"{kind:9} {m.get('requests_per_s', float('nan')):11.0f} "
               f"{m.get('server_cpu_ms_per_request', float('nan')):10.2f} | "
               f"{a.get('keepalive_p99_ms', float('nan')):11.0f}ms "
               f"{a.get('assignwork_p99_ms', float('nan')):8.0f}ms {a['no_answer_in_5s']:9d} "
-              f"{'LOST' if a['lease_lost'] else 'kept':>5}")
-    print(f"results written to {write_json(args.json, results)}")
+              f"{'-' if a['lease_lost'] is None else 'LOST' if a['lease_lost'] else 'kept':>5}")
+    print(f"results written to {out}")
     return 0
 
 
