@@ -327,6 +327,18 @@ def test_held_long_polls_hold_no_worker_thread(procs, tmp_path):
     assert [b["batch_size"] for b in bodies] == [1] * 20
 
 
+def test_sigterm_answers_held_long_polls_and_exits(procs, tmp_path):
+    m = start_manager(procs, tmp_path, token=TOKEN)
+    poll = Poll(m, "gpu0", wait_s=30)
+    poll.start()
+    _held(m)
+    start = time.monotonic()
+    m.signal(15)
+    assert m.wait(60) == 0
+    body = poll.answer()
+    assert body["batch_size"] == 0 and time.monotonic() - start < 25, "shutdown waited for wait_s"
+
+
 def test_wait_s_is_validated(procs, tmp_path):
     m = start_manager(procs, tmp_path, token=TOKEN)
     for value in ["31", "-1", "abc", "2.5", "", "1e3"]:
