@@ -112,9 +112,13 @@ def run(args: argparse.Namespace) -> int:
         progress = Redraw(plain_every_s=5.0)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while orchestrator.running() and time.monotonic() < deadline:
-            status = cluster.status()
+            status, slots = cluster.status(), cluster.slots()
             if status:
-                progress.show(_progress_lines(status, cluster.slots(), total_reads, started))
+                progress.show(_progress_lines(status, slots, total_reads, started))
+            if slots and all(slot.get("state") == "FAILED" for slot in slots):
+                print(f"bcorch demo: every engine failed; see {workdir / 'bcorch.log'}",
+                      file=sys.stderr)
+                return 1
             time.sleep(0.5)
         if status := cluster.status():
             progress.show(_progress_lines(status, [], total_reads, started), force=True)

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
-from support import REPO, ManagedProcess, wait_gone, wait_until
+from support import REPO, ManagedProcess, kill_tree, wait_gone, wait_until
 
 BCORCH = str(Path(sys.executable).parent / "bcorch")
 SUMMARY = re.compile(r"basecalled (\d+) of (\d+) files, (\d+) of (\d+) reads in [0-9.]+s")
@@ -29,10 +30,34 @@ def readme_demo_args() -> list[str]:
     raise AssertionError(f"no `bcorch demo` step in the README command {command!r}")
 
 
+def run_demo(argv: list[str], timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run for the demo, except that a demo that overruns is killed with its whole
+    tree: the manager and bcorch it started must not outlive the test."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"bcorch demo ran over {timeout} s\n{out}{err}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def test_a_demo_that_overruns_is_killed_with_its_children(tmp_path):
+    """run_demo's own guarantee, with a stand-in that starts a child and hangs."""
+    marker = tmp_path / "child.pid"
+    hang = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(600)']); open(sys.argv[1], 'w').write(str(c.pid)); "
+            "time.sleep(600)")
+    with pytest.raises(AssertionError, match="ran over"):
+        run_demo([sys.executable, "-c", hang, str(marker)], timeout=5)
+    assert wait_gone([psutil.Process(int(marker.read_text()))], 10) == []
+
+
 def test_readme_demo_command_runs_and_verifies(tmp_path):
     args = readme_demo_args()
-    result = subprocess.run([BCORCH, *args, "--files", "8"], capture_output=True, text=True,
-                            timeout=240, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)})
+    result = run_demo([BCORCH, *args, "--files", "8"], cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     found = SUMMARY.search(result.stdout)
     assert found, result.stdout
@@ -47,8 +72,8 @@ def test_readme_demo_command_runs_and_verifies(tmp_path):
 
 def test_keep_leaves_the_workspace_with_its_outputs(tmp_path):
     work = tmp_path / "ws"
-    result = subprocess.run([BCORCH, "demo", "--files", "3", "--gpus", "2", "--keep",
-                             "--workdir", str(work)], capture_output=True, text=True, timeout=240)
+    result = run_demo([BCORCH, "demo", "--files", "3", "--gpus", "2", "--keep",
+                       "--workdir", str(work)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"workspace kept in {work}" in result.stdout
     assert len(list((work / "input").rglob("*.pod5"))) == 3
