@@ -2,7 +2,6 @@
 (HTTP on loopback, SQLite), real processes and signals. Virtual GPUs stand in for GPUs."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import psutil
 import pytest
 
 from bcorch.orchestrator.control import request
+from bcorch.config_writer import write_config
 from support import ManagedProcess, ManagerProcess, wait_until
 from bcorch.workers.read_ids import read_ids_under
 from bcorch.orchestrator.pod5_dataset import write_dataset
@@ -51,9 +51,7 @@ class Site:
             "orchestrator": {"hang_timeout_s": 3.0, "drain_timeout_s": 30.0,
                              "exit_when_done": False, **(orchestrator or {})},
         }
-        self.config.write_text("".join(
-            f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-            for s, values in sections.items()))
+        write_config(self.config, **sections)
 
     def start_manager(self, port: int | None = None) -> ManagerProcess:
         m = ManagerProcess(self.tmp, self.input_dir, self.output_dir, port=port, **self.manager_kw)
