@@ -57,9 +57,11 @@ def manager_argv(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bcorch.manager", "--config", str(config), *extra]
 
 
-def bcorch_argv(config: Path, gpus: int, *extra: str) -> list[str]:
+def bcorch_argv(config: Path, gpus: int | str, *extra: str) -> list[str]:
+    """bcorch over `gpus` virtual GPUs (an int), or a --gpus spec as given (a str: "all")."""
+    spec = gpus if isinstance(gpus, str) else f"virtual:{gpus}"
     return [sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
-            "--gpus", f"virtual:{gpus}", *extra]
+            "--gpus", spec, *extra]
 
 
 class LocalProcess:
@@ -194,7 +196,7 @@ class LocalCluster:
     cluster's defaults (a fast local run of the simulate runner).
     """
 
-    def __init__(self, workdir: Path, *, gpus: int = 1, input_dir: Path | None = None,
+    def __init__(self, workdir: Path, *, gpus: int | str = 1, input_dir: Path | None = None,
                  output_dir: Path | None = None, port: int | None = None,
                  manager: Mapping[str, Any] | None = None, engine: Mapping[str, Any] | None = None,
                  runner: Mapping[str, Any] | None = None,

@@ -1,0 +1,77 @@
+"""Check a real GPU host end to end: NVML discovery, and `bcorch --gpus all` with the simulate
+runner against a real manager, every read once.
+
+For a machine with NVIDIA GPUs and no dorado (the CI machines have no GPU, so this is the one
+place the NVML path runs for real). Prints what it saw and exits 0 only if:
+- `bcorch gpus --json` lists at least one GPU with a UUID and memory;
+- `bcorch --gpus all` starts one engine per GPU, its status shows NVML health figures,
+  it exits 0 by itself when the run is complete, and every read is in the output once.
+
+    python scripts/gpu_host_check.py [--files 8] [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bcorch.orchestrator.local_cluster import LocalCluster
+from bcorch.orchestrator.pod5_dataset import write_dataset
+from bcorch.workers.read_ids import read_ids_under
+
+
+def nvml_gpus() -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "gpus", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    print(f"$ bcorch gpus --json  (exit {out.returncode})\n{out.stdout}{out.stderr}")
+    if out.returncode != 0:
+        return []
+    data = json.loads(out.stdout)
+    return data if isinstance(data, list) else data.get("gpus", [])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--workdir")
+    args = p.parse_args()
+    gpus = nvml_gpus()
+    if not gpus:
+        print("FAIL: NVML found no GPU")
+        return 1
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bcorch-gpucheck-"))
+    cluster = LocalCluster(workdir, gpus="all", runner={"samples_per_s": 400_000.0})
+    expected = write_dataset(cluster.input_dir, args.files, 50, 4000, seed=7)
+    reads = {r for ids in expected.values() for r in ids}
+    slots_seen: list[dict] = []
+    try:
+        cluster.start_manager()
+        bcorch = cluster.start_bcorch()
+        deadline = time.monotonic() + 180
+        while bcorch.running() and time.monotonic() < deadline:
+            slots_seen = cluster.slots() or slots_seen
+            time.sleep(0.5)
+        code = bcorch.returncode
+        status = cluster.status() or {}
+    finally:
+        cluster.close()
+    print("bcorch status slots (last answer before it exited):")
+    print(json.dumps(slots_seen, indent=1)[:6000])
+    print(f"manager files: {status.get('files')}; bcorch exit {code}")
+    found = read_ids_under([cluster.output_dir / "pass", cluster.output_dir / "fail"])
+    missing, doubled = reads - set(found), found.doubled()
+    print(f"reads: {len(reads)} written, {sum(found.values())} in the output, "
+          f"missing {len(missing)}, doubled {len(doubled)}")
+    ok = code == 0 and not missing and not doubled and len(slots_seen) == len(gpus)
+    if not ok:
+        print((workdir / "bcorch.log").read_text()[-4000:])
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
