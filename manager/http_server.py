@@ -21,11 +21,13 @@ sent a byte is closed silently.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import json
 import logging
 import resource
 import socket
+import time
 from typing import Callable
 
 import uvicorn
@@ -62,6 +64,32 @@ _TRANSITIONS = {
                           Phase.BODY: Phase.BODY, Phase.IDLE: Phase.IDLE},
 }
 _DEADLINE_S = {Phase.HEADERS: HEADER_TIMEOUT_S, Phase.BODY: BODY_TIMEOUT_S}
+CUT_LOG_EVERY_S = 60.0
+
+
+class CutConnections:
+    """Counts connections cut by a deadline or limit; one log line a minute at most, so a
+    slowloris flood cannot flood the log too."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._since = clock()
+
+    def add(self, why: str, peer: str) -> None:
+        if not self._counts:
+            log.info("http: %s: connection cut (%s); more are counted, logged once a minute",
+                     peer, why)
+        self._counts[why] += 1
+        now = self._clock()
+        if now - self._since >= CUT_LOG_EVERY_S:
+            log.info("http: connections cut in the last %.0f s: %s", now - self._since,
+                     ", ".join(f"{n} {why}" for why, n in sorted(self._counts.items())))
+            self._counts.clear()
+            self._since = now
+
+
+CUT = CutConnections()
 
 
 class DeadlineProtocol(HttpToolsProtocol):
@@ -100,13 +128,12 @@ class DeadlineProtocol(HttpToolsProtocol):
             return
         phase = self.phase
         if not self._request_bytes_seen:
-            log.debug("http: closing a connection that sent nothing for %.0f s", HEADER_TIMEOUT_S)
+            CUT.add(f"silent for {HEADER_TIMEOUT_S:.0f} s", self._peer())
             self.transport.close()
             return
         seconds = _DEADLINE_S.get(phase, 0.0) if phase else 0.0
         what = "headers" if phase is Phase.HEADERS else "body"
-        log.info("http: %s: request %s not complete within %.0f s: 408, connection closed",
-                 self._peer(), what, seconds)
+        CUT.add(f"408 {what} not complete in {seconds:.0f} s", self._peer())
         self._refuse(408, f"request {what} not complete within {seconds:.0f} s")
 
     def _refuse(self, status: int, message: str) -> None:
@@ -139,8 +166,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         if self.phase is Phase.HEADERS and self._request_bytes_seen:
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES:
-                log.info("http: %s: request headers over %d bytes: 431, connection closed",
-                         self._peer(), MAX_HEADER_BYTES)
+                CUT.add(f"431 headers over {MAX_HEADER_BYTES} bytes", self._peer())
                 self._arm(None)
                 self._refuse(431, f"request headers over {MAX_HEADER_BYTES} bytes")
                 return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import resource
 import socket
 import threading
@@ -386,3 +387,18 @@ def test_the_listening_socket_is_tcp_so_answers_are_not_delayed():
         assert server.sock.proto == socket.IPPROTO_TCP
     finally:
         server.close()
+
+
+def test_cut_connections_are_logged_a_few_lines_a_minute_not_one_each(caplog):
+    from bcorch.manager.http_server import CUT_LOG_EVERY_S, CutConnections
+
+    now = [0.0]
+    cut = CutConnections(clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="bcmanager"):
+        for i in range(1000):   # 1000 cuts over 100 s
+            now[0] = i * 0.1
+            cut.add("408 headers not complete in 10 s", f"10.0.0.{i % 250}:1")
+    lines = [r.getMessage() for r in caplog.records]
+    assert 1 < len(lines) <= 2 * (100 / CUT_LOG_EVERY_S + 1), lines
+    assert any(re.search(r"connections cut in the last 60 s: [0-9]{3} 408 headers", line)
+               for line in lines), lines
