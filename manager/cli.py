@@ -13,7 +13,7 @@ import urllib.request
 from typing import Any
 
 from bcorch.protocol import EXIT_CONFIG, EXIT_PROTOCOL
-from bcorch import config as config_mod
+from bcorch import config as config_mod, logs
 from bcorch.config import Config, ConfigError
 from bcorch.terminal import watch
 
@@ -106,8 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
     config_mod.require(cfg, "manager.output_dir", "or --output-dir")
     if not os.path.isdir(cfg.manager.input_dir):
         raise ConfigError(f"manager.input_dir: no such directory {cfg.manager.input_dir!r}")
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level)
     from .instance_lock import InstanceLock
     from .server import Service  # the HTTP server and sqlite only when serving
     from .store import DatabaseUnusable

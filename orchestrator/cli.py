@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from bcorch import logs
 from bcorch.protocol import EXIT_CONFIG
 from bcorch.config import Config, ConfigError, load
 
@@ -124,8 +124,8 @@ def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
     config.override("manager", url=args.manager_url)
     _check_url(config.manager.url)
     gpus = select_gpus(config.orchestrator.gpus)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s bcorch[%(process)d] %(name)s: %(message)s")
+    logs.configure(args.log_level,
+                   "%(asctime)s %(levelname)s bcorch[%(process)d] %(name)s: %(message)s")
     monitor = GpuMonitor(gpus) if any(not g.virtual for g in gpus) else None
     supervisor = Supervisor(
         config, gpus,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import re
 import stat
@@ -16,7 +17,10 @@ import pytest
 from bcorch.manager.app import App
 from bcorch.config_writer import write_config
 from support import REPO, ManagedProcess, ManagerProcess, http_json, wait_until
+from bcorch.orchestrator.local_cluster import LocalCluster
 from bcorch.orchestrator.pod5_dataset import write_dataset
+from bcorch.logs import JobIdFilter, redact_job_ids
+from bcorch.protocol import new_job_id, short_job_id
 
 TOKEN = "s3cret-T0ken-9d2e77a1"
 
@@ -247,3 +251,34 @@ def test_a_refused_token_is_a_configuration_error_in_bcmanager_commands(tmp_path
         assert len(lines) == 1 and "refused the token" in lines[0] and "manager.token" in lines[0]
         assert "a-wrong-guess" not in out.stderr
     assert m.status()["input_closed"] is False
+
+
+@pytest.mark.slow
+def test_no_log_of_a_whole_run_shows_a_whole_job_id(tmp_path):
+    """The engine's, bcorch's and the manager's logs name jobs by their prefix only: a log
+    shipped to a shared log server must not hand out leases."""
+    cluster = LocalCluster(tmp_path, gpus=2, engine={"optimal_request_size": 1})
+    write_dataset(cluster.input_dir, 3, reads_per_file=5, samples_per_read=2000, seed=3)
+    try:
+        cluster.start_manager()
+        bcorch = cluster.start_bcorch()
+        assert bcorch.wait(120) == 0, bcorch.log()
+    finally:
+        cluster.close()
+    job_ids = [d.name[len("LOGOUTPUT_"):].split("_", 1)[0]
+               for d in cluster.output_dir.glob("LOGOUTPUT_*")]
+    assert len(job_ids) == 3
+    logs = (tmp_path / "bcorch.log").read_text() + (tmp_path / "manager.log").read_text()
+    for job_id in job_ids:
+        assert job_id not in logs
+        assert short_job_id(job_id) in logs
+
+
+def test_the_log_filter_cuts_every_whole_job_id_to_its_prefix():
+    whole = new_job_id(7)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "job %s in TMPOUTPUT_%s_e-gpu0/x",
+                               (whole, whole), None)
+    assert JobIdFilter().filter(record)
+    assert record.getMessage() == (f"job {short_job_id(whole)} in "
+                                   f"TMPOUTPUT_{short_job_id(whole)}_e-gpu0/x")
+    assert redact_job_ids("j000001-abcd engine") == "j000001-abcd engine"  # already short

@@ -6,9 +6,9 @@ the basecaller, reports STOPPED and exits.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from bcorch import logs
 from bcorch.protocol import EXIT_CONFIG
 from bcorch.config import ConfigError
 
@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu < 0:
         print("bcorch engine: --gpu: expected a GPU index >= 0", file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level)
     from .engine import BCEngine
 
     try:
