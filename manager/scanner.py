@@ -35,51 +35,6 @@ SUFFIX = ".pod5"
 FINAL_SUMMARY = ("final_summary_", ".txt")
 
 
-def walk_new(root: str | Path, known: set[str], settle_s: float,
-             now: float | None = None, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, int]]:
-    """Yield (path relative to root, size) of every settled *.pod5 file not in known.
-
-    skip: absolute directories not to enter (e.g. OUTPUT_DIR when it lies inside root).
-    """
-    now = time.time() if now is None else now
-    newest = now - settle_s
-    skip_set = {os.path.abspath(s) for s in skip}
-    stack: list[tuple[str, str]] = [(os.path.abspath(root), "")]
-    while stack:
-        directory, prefix = stack.pop()
-        try:
-            entries = os.scandir(directory)
-        except OSError as exc:
-            log.warning("scan: cannot read %s: %s", directory, exc)
-            continue
-        with entries:
-            for entry in entries:
-                name = entry.name
-                if name.endswith(SUFFIX):
-                    rel = prefix + name
-                    if rel in known:
-                        continue
-                    try:
-                        st = entry.stat() if entry.is_file() else None
-                    except OSError:
-                        continue  # vanished between listing and stat
-                    if st is not None:
-                        if st.st_mtime <= newest:
-                            yield rel, st.st_size
-                        continue
-                try:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                except OSError:
-                    continue
-                if not is_dir:
-                    continue
-                if not prefix and name.startswith(OWN_INPUT_PREFIXES):
-                    continue
-                if skip_set and entry.path in skip_set:
-                    continue
-                stack.append((entry.path, prefix + name + "/"))
-
-
 def walk_candidates(root: str | Path, known: set[str], watched: dict[str, Any],
                     skip: tuple[str, ...] = (),
                     summaries: list[str] | None = None) -> Iterator[tuple[str, int, float]]:

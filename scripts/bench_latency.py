@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bcorch.config import defaults_as_dict  # noqa: E402
+from bcorch.orchestrator.local_cluster import wait_for  # noqa: E402
 from bcorch.orchestrator.pod5_dataset import write_pod5  # noqa: E402
 
 GOAL_P95_S = 5.0
@@ -95,17 +96,6 @@ def _running(proc) -> bool:
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def batch_starts(db: Path) -> dict[str, float]:

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable
 
 from bcorch.config_writer import write_config
-from bcorch.orchestrator.local_cluster import LocalProcess, kill_tree, manager_argv, wait_gone
+from bcorch.orchestrator.local_cluster import (LocalProcess, kill_tree, manager_argv, wait_for,
+                                               wait_gone)
 
 __all__ = ["REPO", "ManagedProcess", "ManagerProcess", "free_port", "http_json", "kill_tree",
            "wait_gone", "wait_until"]
@@ -27,14 +27,10 @@ def free_port() -> int:
 def wait_until(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
                what: str = "condition") -> object:
     """Poll condition until it returns something truthy; fail the test after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    try:
+        return wait_for(condition, timeout, what, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def http_json(url: str, token: str = "", data: dict | None = None, timeout: float = 10.0):

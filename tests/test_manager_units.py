@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from bcorch.manager.layout import Layout
 from bcorch.manager.leases import Leases
-from bcorch.manager.scanner import Scanner, walk_new
+from bcorch.manager.scanner import Scanner, walk_candidates
 from bcorch.manager.states import (FileEvent, FileState, JobState, TransitionError, file_transition,
                             job_transition)
 from bcorch.manager import store as store_mod
@@ -220,13 +220,15 @@ def test_scan_recurses_skips_own_dirs_unsettled_and_known(tmp_path):
     touch(root / "sub" / "ASSIGNED_kept" / "e.pod5")  # only the top level is ours
     touch(root / "fresh.pod5", age=0)
     (root / "loop").symlink_to(root, target_is_directory=True)
-    found = dict(walk_new(root, set(), settle_s=30))
-    assert sorted(found) == ["a.pod5", "dir.pod5/d.pod5", "sub/ASSIGNED_kept/e.pod5",
-                             "sub/b.pod5", "sub/deep/c.pod5"]
-    assert found["a.pod5"] == 1
-    assert list(walk_new(root, set(found), settle_s=30)) == []
-    old(root / "fresh.pod5")
-    assert list(walk_new(root, set(found), settle_s=30)) == [("fresh.pod5", 1)]
+    touch(root / "sub" / "final_summary_x.txt")
+    summaries: list[str] = []
+    found = {rel: size for rel, size, _ in walk_candidates(root, set(), {}, summaries=summaries)}
+    assert sorted(found) == ["a.pod5", "dir.pod5/d.pod5", "fresh.pod5",
+                             "sub/ASSIGNED_kept/e.pod5", "sub/b.pod5", "sub/deep/c.pod5"]
+    assert found["a.pod5"] == 1 and summaries == ["sub/final_summary_x.txt"]
+    assert list(walk_candidates(root, set(found), {})) == []
+    again = list(walk_candidates(root, set(found), {"fresh.pod5": None}))
+    assert [(rel, size) for rel, size, _ in again] == [("fresh.pod5", 1)]
 
 
 def test_scanner_inserts_incrementally(tmp_path, store):
