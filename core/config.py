@@ -46,6 +46,7 @@ class ManagerConfig:
     output_dir: str = ""
     db: str = ""
     batch_size: int = 10
+    startup_share: float = 0.02
     report_back_interval: float = 90.0
     max_attempts: int = 3
     scan_interval_s: float = 10.0
@@ -54,6 +55,7 @@ class ManagerConfig:
     close_on_final_summary: bool = True
     input_closed: bool = False
     threads: int = 16
+    request_timeout_s: float = 10.0
     allow_simulated: bool = False
     lock_refresh_s: float = 10.0
 
@@ -183,9 +185,10 @@ def _check(key: str, value: Any, hint: Any) -> Any:
 
 _MINIMUMS: dict[str, float] = {
     "manager.port": 0, "manager.batch_size": 1, "manager.report_back_interval": 1,
+    "manager.startup_share": 0.001,
     "manager.max_attempts": 1, "manager.scan_interval_s": 0.05, "manager.settle_s": 0,
     "manager.incomplete_grace_s": 0,
-    "manager.threads": 1, "manager.lock_refresh_s": 0.1,
+    "manager.threads": 1, "manager.lock_refresh_s": 0.1, "manager.request_timeout_s": 0.5,
     "engine.optimal_request_size": 0, "engine.polling_interval": 0, "engine.busy_pause_s": 0,
     "engine.connect_timeout_s": 0.1, "engine.read_timeout_s": 0.1, "engine.request_retries": 0,
     "runner.port": 0, "runner.samples_per_s": 1, "runner.startup_s": 0,
@@ -200,6 +203,7 @@ _MINIMUMS: dict[str, float] = {
 _MAXIMUMS: dict[str, float] = {
     "manager.port": 65535, "runner.port": 65535, "orchestrator.metrics_port": 65535,
     "manager.batch_size": MAX_BATCH_SIZE, "engine.optimal_request_size": MAX_BATCH_SIZE,
+    "manager.startup_share": 0.5,
     "runner.fail_fraction": 1, "runner.min_read_fraction": 1,
 }
 

@@ -8,11 +8,11 @@ few kilobytes until its request is complete; only the WSGI app runs in threads
 
 uvicorn bounds nothing before a request's headers are complete, so `DeadlineProtocol`
 adds the bounds, one timer per connection, from a monotonic clock:
-- a new connection must complete its request headers within HEADER_TIMEOUT_S, and a
+- a new connection must complete its request headers within request_timeout_s, and a
   request begun on a kept-alive connection likewise from its first byte (a keep-alive
   connection may idle IDLE_CONNECTION_S between requests: engines keep theirs open
   between keep-alives);
-- a body must arrive within BODY_TIMEOUT_S of its headers (a Content-Length larger
+- a body must arrive within request_timeout_s of its headers (a Content-Length larger
   than what is sent, a trickled body);
 - request headers over MAX_HEADER_BYTES get 431.
 A request that overruns gets 408 and the connection is closed; a connection that never
@@ -37,8 +37,7 @@ from .asgi import WorkSignal, WSGIBridge
 
 log = logging.getLogger("bcmanager")
 
-HEADER_TIMEOUT_S = 10.0     # connection open (or first byte of a request) -> headers complete
-BODY_TIMEOUT_S = 10.0       # headers complete -> body complete (bodies are at most 1 MiB)
+REQUEST_TIMEOUT_S = 10.0    # manager.request_timeout_s: open -> headers, then headers -> body
 IDLE_CONNECTION_S = 120.0   # a kept-alive connection may idle this long between requests
 MAX_HEADER_BYTES = 64 * 1024
 GRACEFUL_SHUTDOWN_S = 10.0
@@ -63,7 +62,7 @@ _TRANSITIONS = {
     "response_complete": {Phase.ANSWERING: Phase.IDLE, Phase.HEADERS: Phase.HEADERS,
                           Phase.BODY: Phase.BODY, Phase.IDLE: Phase.IDLE},
 }
-_DEADLINE_S = {Phase.HEADERS: HEADER_TIMEOUT_S, Phase.BODY: BODY_TIMEOUT_S}
+_TIMED_PHASES = (Phase.HEADERS, Phase.BODY)
 CUT_LOG_EVERY_S = 60.0
 
 
@@ -93,7 +92,12 @@ CUT = CutConnections()
 
 
 class DeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with header/body deadlines and a header size limit."""
+    """uvicorn's httptools protocol with header/body deadlines and a header size limit.
+
+    request_timeout_s bounds the headers (from the connection or the request's first byte)
+    and then the body; HTTPServer sets it from manager.request_timeout_s."""
+
+    request_timeout_s = REQUEST_TIMEOUT_S
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -113,7 +117,7 @@ class DeadlineProtocol(HttpToolsProtocol):
             self._header_bytes = 0
             self._request_bytes_seen = True
         if entering or event == "connected":
-            self._arm(_DEADLINE_S.get(new))
+            self._arm(self.request_timeout_s if new in _TIMED_PHASES else None)
 
     def _arm(self, seconds: float | None) -> None:
         if self._deadline is not None:
@@ -128,13 +132,13 @@ class DeadlineProtocol(HttpToolsProtocol):
             return
         phase = self.phase
         if not self._request_bytes_seen:
-            CUT.add(f"silent for {HEADER_TIMEOUT_S:.0f} s", self._peer())
+            CUT.add(f"silent for {self.request_timeout_s:g} s", self._peer())
             self.transport.close()
             return
-        seconds = _DEADLINE_S.get(phase, 0.0) if phase else 0.0
+        seconds = self.request_timeout_s
         what = "headers" if phase is Phase.HEADERS else "body"
-        CUT.add(f"408 {what} not complete in {seconds:.0f} s", self._peer())
-        self._refuse(408, f"request {what} not complete within {seconds:.0f} s")
+        CUT.add(f"408 {what} not complete in {seconds:g} s", self._peer())
+        self._refuse(408, f"request {what} not complete within {seconds:g} s")
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer straight on the transport (no app involved) and close."""
@@ -220,7 +224,7 @@ class HTTPServer:
     """Binds at construction (a busy port is an error there); serves in its own thread."""
 
     def __init__(self, host: str, port: int, wsgi_app: Callable, *, threads: int,
-                 max_body: int):
+                 max_body: int, request_timeout_s: float = REQUEST_TIMEOUT_S):
         self.signal = WorkSignal()
         self.bridge = WSGIBridge(wsgi_app, threads=threads, max_body=max_body,
                                  signal=self.signal)
@@ -238,7 +242,8 @@ class HTTPServer:
         self.sock.setblocking(False)
         self.port = int(self.sock.getsockname()[1])
         config = uvicorn.Config(
-            self.bridge, interface="asgi3", http=DeadlineProtocol, lifespan="off",
+            self.bridge, interface="asgi3", lifespan="off",
+            http=type("Protocol", (DeadlineProtocol,), {"request_timeout_s": request_timeout_s}),
             log_config=None, access_log=False, server_header=False, proxy_headers=False,
             backlog=BACKLOG,
             timeout_keep_alive=int(IDLE_CONNECTION_S),

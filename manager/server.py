@@ -65,6 +65,7 @@ class Service:
                                    report_back_interval=cfg.report_back_interval,
                                    input_closed=cfg.input_closed,
                                    allow_simulated=cfg.allow_simulated,
+                                   startup_share=cfg.startup_share,
                                    journal=Journal(cfg.output_dir),
                                    incomplete_grace_s=cfg.incomplete_grace_s)
             self.manager.recover()
@@ -84,7 +85,8 @@ class Service:
         self._threads: list[threading.Thread] = []
         wsgi = MetricsMiddleware(self.app, self.app.metrics, self.app.routes)
         # Binds now, so a busy port is an error of the constructor.
-        self.server = HTTPServer(cfg.host, cfg.port, wsgi, threads=cfg.threads, max_body=MAX_BODY)
+        self.server = HTTPServer(cfg.host, cfg.port, wsgi, threads=cfg.threads, max_body=MAX_BODY,
+                                 request_timeout_s=cfg.request_timeout_s)
         self.port = self.server.port
         self.manager.on_work_may_be_ready(self.server.notify_work)
         self._http: threading.Thread | None = None

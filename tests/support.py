@@ -68,7 +68,7 @@ class ManagerProcess(ManagedProcess):
                  settle_s: float = 0.0, scan_interval_s: float = 0.2,
                  report_back_interval: float | None = None, batch_size: int | None = None,
                  max_attempts: int | None = None, input_closed: bool = False,
-                 allow_simulated: bool = True):
+                 allow_simulated: bool = True, request_timeout_s: float | None = None):
         """allow_simulated: the tests' engines run the simulate runner, which a manager
         refuses unless started for simulation (manager.allow_simulated)."""
         self.port = port or free_port()
@@ -77,7 +77,7 @@ class ManagerProcess(ManagedProcess):
         cfg = config
         if cfg is None:
             optional = {"report_back_interval": report_back_interval, "batch_size": batch_size,
-                        "max_attempts": max_attempts}
+                        "max_attempts": max_attempts, "request_timeout_s": request_timeout_s}
             cfg = write_config(tmp / f"manager-{self.port}.toml", manager={
                 "settle_s": settle_s, "scan_interval_s": scan_interval_s,
                 "allow_simulated": allow_simulated,
