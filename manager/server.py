@@ -110,6 +110,8 @@ class Service:
         self.watcher.start()  # before the first scan, so nothing falls between the two
         if self.scanner.scan_once(self.stop_event.is_set):
             self.manager.work_may_be_ready()
+        if not self.stop_event.is_set():
+            self.manager.input_scanned()
 
     def serve(self) -> int:
         raise_open_files_limit()

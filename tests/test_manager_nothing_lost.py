@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from bcorch.manager.layout import Layout
+from bcorch.manager.service import Manager
 from bcorch.manager.statedir import default_db_path
+from bcorch.manager.store import Store
 from bcorch.orchestrator.pod5_dataset import write_dataset, write_pod5
 from manager_helpers import assign, basecall, complete, start_manager, wait_counts
 from support import REPO, ManagerProcess, wait_until
@@ -330,3 +333,26 @@ def test_a_job_live_when_the_database_was_lost_is_set_aside(procs, tmp_path):
     counts = _reads_in_output(out)
     assert set(counts) == {r for ids in written.values() for r in ids}
     assert max(counts.values()) == 1
+
+
+def test_nothing_left_is_said_only_after_a_whole_scan_since_the_start(tmp_path):
+    """A manager restarted on a lost database with the input closed knows of its unfinished
+    files only once it has scanned: before that, an engine asking must not be told that
+    nothing is left (it would exit, and bcorch with it, leaving the files unbasecalled)."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    out.mkdir()
+    (inp / "unfinished.pod5").write_bytes(b"x")
+    store = Store(str(tmp_path / "fresh.sqlite"), max_attempts=3)
+    try:
+        manager = Manager(store, Layout(inp, out), batch_size=3, report_back_interval=60,
+                          input_closed=True)
+        manager.recover()
+        empty = manager.assign("e-gpu0", 3).body
+        assert empty["batch_size"] == 0 and empty["input_closed"] is False
+        assert manager.status()["complete"] is False
+        manager.input_scanned()   # a scan that found nothing: now nothing is left
+        assert manager.assign("e-gpu0", 3).body["input_closed"] is True
+        assert manager.status()["complete"] is True
+    finally:
+        store.close()
