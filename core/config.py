@@ -113,6 +113,7 @@ class OrchestratorConfig:
     metrics_host: str = "127.0.0.1"
     exit_when_done: bool = True
     first_contact_timeout_s: float = 120.0
+    engine_start: Literal["zygote", "spawn"] = "zygote"
 
 
 @dataclass

@@ -35,6 +35,28 @@ SIMULATED_FIELD = "simulated"
 CONFIG_REFUSED = 403
 
 
+# Optional /completed fields (turn 3): the engine's pace, for batches sized by work
+# (manager.batching). `rate` is work units (bytes of the batch's files) per second of
+# basecalling; `startup_s` is the batch's time that was not basecalling (asking, lease,
+# process start, model loading). An engine that sends neither is sized by file count.
+RATE_FIELD = "rate"
+STARTUP_FIELD = "startup_s"
+MAX_PACE_VALUE = 1e15
+
+
+def parse_pace_value(value: object, what: str) -> float:
+    """A non-negative finite number (JSON number, or a decimal string in a query)."""
+    if isinstance(value, bool):
+        raise ProtocolError(f"{what} must be a non-negative number, got {value!r}")
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) else None
+    except ValueError:
+        number = None
+    if number is None or not 0 <= number <= MAX_PACE_VALUE:
+        raise ProtocolError(f"{what} must be a non-negative number, got {str(value)[:40]!r}")
+    return number
+
+
 def new_job_id(seq: int) -> str:
     """j<sequence>-<80 random bits in hex>: ordered for people, unguessable for others."""
     return f"j{seq:06d}-{secrets.token_hex(JOB_ID_RANDOM_BITS // 8)}"

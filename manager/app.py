@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
-from bcorch.protocol import (MAX_BATCH_SIZE, SIMULATED_FIELD, JobState as WireState,
-                              ProtocolError, parse_flag, parse_job_state, short_job_id,
+from bcorch.protocol import (MAX_BATCH_SIZE, RATE_FIELD, SIMULATED_FIELD, STARTUP_FIELD,
+                              JobState as WireState, ProtocolError, parse_flag,
+                              parse_job_state, parse_pace_value, short_job_id,
                               validate_file_name, validate_id)
 
 from .metrics import Metrics
@@ -132,6 +133,11 @@ def _holder_named(params: Params) -> str | None:
     """The optional engineid of /keepalive and /completed: it must be the job's holder."""
     value = params.one("engineid", required=False)
     return None if value is None else _checked(validate_id, value, "engineid")
+
+
+def _pace_value(params: Params, name: str) -> float | None:
+    value = params.one(name, required=False)
+    return None if value is None else _checked(parse_pace_value, value, name)
 
 
 def _simulated(params: Params) -> bool:
@@ -268,7 +274,9 @@ class App:
             raise HTTPError(400, "parameter reason must be a string")
         try:
             return self.manager.complete(job_id, state, _failed_files(params), reason[:MAX_REASON],
-                                         engine_id=engine_id, simulated=simulated)
+                                         engine_id=engine_id, simulated=simulated,
+                                         rate=_pace_value(params, RATE_FIELD),
+                                         startup_s=_pace_value(params, STARTUP_FIELD))
         except UnknownFailedFile as exc:
             raise HTTPError(400, f"parameter {exc}") from None
 

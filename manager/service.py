@@ -15,7 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bcorch.protocol import CONFIG_REFUSED, Batch, JobState as WireState, short_job_id
+from bcorch.protocol import (CONFIG_REFUSED, MAX_BATCH_SIZE, Batch, JobState as WireState,
+                             short_job_id)
+
+from .batching import PaceBook, Sizing, size_batch
 
 from .identity import Kind, examine
 from .journal import Journal, JournalledFile, identity_of
@@ -44,10 +47,19 @@ class Answer:
     body: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A live job as the batch sizing sees it: whose, since when (clock), how much work."""
+
+    engine_id: str
+    since: float
+    work: int
+
+
 class Manager:
     def __init__(self, store: Store, layout: Layout, *, batch_size: int,
                  report_back_interval: float, input_closed: bool = False,
-                 allow_simulated: bool = False,
+                 allow_simulated: bool = False, startup_share: float = 0.02,
                  clock: Callable[[], float] = time.monotonic, journal: Journal | None = None,
                  incomplete_grace_s: float = 600.0):
         self.store = store
@@ -58,6 +70,9 @@ class Manager:
         self.allow_simulated = allow_simulated
         self.layout = layout
         self.batch_size = batch_size
+        self.startup_share = startup_share
+        self.paces = PaceBook()
+        self._in_flight: dict[str, InFlight] = {}
         self.interval = report_back_interval
         self.leases = Leases(report_back_interval, clock)
         self._clock = clock
@@ -70,6 +85,7 @@ class Manager:
         self._retries_checked_at = store_module.retry_clock()
         self._close_requested = input_closed
         self._input_closed = store.input_closed()
+        self._input_scanned = False   # "nothing left" needs one whole scan since the start
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -86,6 +102,8 @@ class Manager:
             for job in live:
                 self.layout.prepare(job)
                 self.leases.grant(job.job_id, job.engine_id)
+                self._in_flight[job.job_id] = InFlight(job.engine_id, self._clock(),
+                                                       sum(f.size for f in job.files))
             self._engines_seen.update(self.store.recent_engines())
             if live:
                 log.info("restart: %d live jobs get a fresh lease of %.0f s: %s", len(live),
@@ -199,17 +217,13 @@ class Manager:
             log.error("engine %s: refused, its runner is simulated and manager.allow_simulated "
                       "is false", engine_id)
             return Answer(CONFIG_REFUSED, {"error": SIMULATION_REFUSED})
-        wanted = wanted or self.batch_size
         with self._lock:
             self._engines_seen[engine_id] = time.time()
-            job = self.store.assign(engine_id, wanted)
+            sizing = self._sizing(engine_id, wanted)
+            job = self.store.assign(engine_id, sizing.files, sizing.work)
             if job is None:
-                counts = self.store.snapshot().files
-                nothing_left = (self._input_closed and counts[FileState.PENDING.value] == 0
-                                and counts[FileState.ASSIGNED.value] == 0
-                                and self.waiting_files() == 0)
                 return Answer(200, Batch.empty_answer(engine_id, self.interval,
-                                                      nothing_left).to_dict())
+                                                      self._run_complete()).to_dict())
             try:
                 self.layout.prepare(job)
             except OSError as exc:
@@ -219,8 +233,10 @@ class Manager:
                 self._settle_quietly(self.store.job(job.job_id))
                 return Answer(503, {"error": f"cannot create the job's directories: {exc}"[:300]})
             self.leases.grant(job.job_id, engine_id)
-        log.info("job %s engine %s: assigned %d files", short_job_id(job.job_id), engine_id,
-                 len(job.files))
+            work = sum(f.size for f in job.files)
+            self._in_flight[job.job_id] = InFlight(engine_id, self._clock(), work)
+        log.info("job %s engine %s: assigned %d files, %d bytes (%s)", short_job_id(job.job_id),
+                 engine_id, len(job.files), work, sizing.why)
         return Answer(200, Batch(
             jobid=job.job_id,
             job_input_dir=self.layout.assigned_dir(job).name,
@@ -232,6 +248,50 @@ class Manager:
             input_root=os.path.abspath(self.layout.input_dir),
             output_root=os.path.abspath(self.layout.output_dir),
         ).to_dict())
+
+    def _sizing(self, engine_id: str, wanted: int) -> Sizing:
+        """How much this engine's next batch holds (manager.batching).
+
+        An engine that asks for a file count and has never reported its pace (the
+        original engine) gets that count, as before. One that leaves the size to the
+        manager gets manager.batch_size files until its own or the fleet's pace is known.
+        """
+        pace = self.paces.own(engine_id)
+        if pace is None and wanted:
+            return Sizing(wanted)
+        if pace is None:
+            pace = self.paces.fleet()
+        if pace is None:
+            return Sizing(wanted or self.batch_size)
+        closed = self._input_closed and self.waiting_files() == 0
+        now = self._clock()
+        pending = self.store.snapshot().bytes[FileState.PENDING.value] if closed else 0
+        return size_batch(pace=pace, files_cap=wanted or MAX_BATCH_SIZE,
+                          share=self.startup_share, closed=closed, now=now,
+                          pending_work=pending, others_free_at=self._others_free_at(engine_id))
+
+    def _others_free_at(self, engine_id: str) -> list[float]:
+        """When each other active engine is expected to be free (the manager's clock)."""
+        now, wall = self._clock(), time.time()
+        busy: dict[str, float] = {}
+        for job in self._in_flight.values():
+            if job.engine_id == engine_id:
+                continue
+            pace = self.paces.of(job.engine_id)
+            end = now if pace is None else job.since + pace.startup_s + pace.seconds(job.work)
+            busy[job.engine_id] = max(busy.get(job.engine_id, now), end)
+        idle = [now for e, seen in self._engines_seen.items()
+                if e != engine_id and e not in busy and wall - seen < self.interval]
+        return list(busy.values()) + idle
+
+    def learn_pace(self, engine_id: str, rate: float | None, startup_s: float | None) -> None:
+        """An engine's report of its rate (bytes/s of basecalling) and start-up per batch."""
+        if rate is None or startup_s is None or rate <= 0:
+            return
+        with self._lock:
+            pace = self.paces.record(engine_id, rate, startup_s)
+        log.debug("engine %s: rate %.0f bytes/s, start-up %.2f s", engine_id, pace.rate,
+                  pace.startup_s)
 
     def keepalive(self, job_id: str, state: WireState, engine_id: str | None = None) -> Answer:
         with self._lock:
@@ -256,8 +316,9 @@ class Manager:
         return engine
 
     def complete(self, job_id: str, state: WireState, failed: dict[str, str],
-                 reason: str, engine_id: str | None = None, simulated: bool = False) -> Answer:
-        """A final report. A request naming another engine than the holder is answered as
+                 reason: str, engine_id: str | None = None, simulated: bool = False,
+                 rate: float | None = None, startup_s: float | None = None) -> Answer:
+        """A final report (rate and startup_s: the engine's pace, optional). A request naming another engine than the holder is answered as
         for an unknown job (late), so it learns nothing; a simulated DONE or FAILED on a
         manager not started for simulation is refused and the batch is returned unharmed."""
         target = _FINAL[state]
@@ -273,7 +334,10 @@ class Manager:
                           "the batch is returned as STOPPED", short_job_id(job_id), state.value)
                 self._finish(job_id, WireState.STOPPED, {}, "simulated result refused")
                 return Answer(CONFIG_REFUSED, {"error": SIMULATION_REFUSED})
-            return self._finish(job_id, state, failed, reason)
+            answer = self._finish(job_id, state, failed, reason)
+            if state is WireState.DONE and answer.body.get("ok"):
+                self.learn_pace(self._holder(job_id) or engine_id or "", rate, startup_s)
+            return answer
 
     def _finish(self, job_id: str, state: WireState, failed: dict[str, str],
                 reason: str) -> Answer:
@@ -288,6 +352,7 @@ class Manager:
             if not result.changed:
                 return self._repeat_answer(job, target)
             self.leases.drop(job_id)
+            self._in_flight.pop(job_id, None)
             if result.files_done:
                 self._done_log.append((self._clock(), result.files_done, result.bytes_done))
             if not self._journal_done(job):
@@ -366,6 +431,7 @@ class Manager:
             for job_id in expired:
                 engine = self.leases.engine_of(job_id)
                 self.leases.drop(job_id)
+                self._in_flight.pop(job_id, None)
                 result = self.store.finish(job_id, JobState.EXPIRED)
                 log.warning("job %s engine %s: no keep-alive for %.0f s: lease EXPIRED, "
                             "files back to PENDING", short_job_id(job_id), engine, self.interval)
@@ -383,6 +449,22 @@ class Manager:
         return self.store.retries_due(since, now)
 
     # -- reading -----------------------------------------------------------------------
+
+    def input_scanned(self) -> None:
+        """The scanner finished a whole pass over INPUT_DIR since this manager started."""
+        with self._lock:
+            first, self._input_scanned = not self._input_scanned, True
+        if first:
+            self.work_may_be_ready()
+
+    def _run_complete(self) -> bool:
+        """Nothing left, ever: the input is closed, a whole scan has seen every file (a
+        restarted manager with a lost database learns of unfinished files only by scanning),
+        and every file is DONE, QUARANTINED or a DUPLICATE."""
+        counts = self.store.snapshot().files
+        return (self._input_closed and self._input_scanned
+                and counts[FileState.PENDING.value] == 0 and counts[FileState.ASSIGNED.value] == 0
+                and self.waiting_files() == 0)
 
     def status(self) -> dict[str, Any]:
         counters = self.store.snapshot()
@@ -418,7 +500,9 @@ class Manager:
                            "bytes_per_s": bytes_done / window},
             "eta_s": (left / files_per_s) if files_per_s > 0 else None,
             "input_closed": self._input_closed,
+            "complete": self._run_complete(),
             "report_back_interval": self.interval,
             "duplicates": [{"path": d["path"], "reason": d["reason"]} for d in duplicates],
             "files_waiting": self.waiting_files(),
+            "paces": self.paces.as_dict(),
         }

@@ -181,6 +181,20 @@ def link_name(index: int, path: str) -> str:
     return f"{index:04d}_~{tail}"
 
 
+def _up_to_work(rows: Iterable[tuple], max_work: float | None) -> list[tuple]:
+    """Rows (id, path, size, ...) in order until their sizes reach max_work (None: all)."""
+    if max_work is None:
+        return list(rows)
+    picked: list[tuple] = []
+    work = 0
+    for row in rows:
+        picked.append(row)
+        work += row[2]
+        if work >= max_work:
+            break
+    return picked
+
+
 class Store:
     def __init__(self, path: str, max_attempts: int):
         self.path = path
@@ -425,19 +439,22 @@ class Store:
 
     # -- jobs --------------------------------------------------------------------------
 
-    def assign(self, engine_id: str, wanted: int) -> Job | None:
+    def assign(self, engine_id: str, wanted: int, max_work: float | None = None) -> Job | None:
         """Hand up to `wanted` PENDING files to a new LIVE job; None when nothing is pending.
 
-        Files that failed before go first, in batches no larger than their retry cap.
+        max_work: files are taken until their sizes (the work measure, manager.batching)
+        reach it; at least one file. Files that failed before go first, in batches no
+        larger than their retry cap.
         """
         with self._tx() as db:
             now = retry_clock()
             picked = self._pick_retried(db, wanted, now)
             if not picked:
-                picked = db.execute(
+                rows = db.execute(
                     "SELECT id, path, size, attempts FROM files WHERE state = 'PENDING' "
                     f"AND {_READY_AGAIN} ORDER BY id LIMIT ?",
-                    (now, now + RETRY_BACKOFF_MAX_S, wanted)).fetchall()
+                    (now, now + RETRY_BACKOFF_MAX_S, wanted))
+                picked = _up_to_work(rows, max_work)
             if not picked:
                 return None
             now = time.time()

@@ -164,7 +164,7 @@ def test_back_to_back_batches_without_pause(tmp_path, procs, restore_signals):
         "manager": {"url": site.manager.url},
         "engine": {"input_dir": str(site.input_dir), "output_dir": str(site.output_dir),
                    "engine_id": "b2b", "polling_interval": 10.0, "busy_pause_s": 0.0,
-                   "work_until_none_left": True},
+                   "work_until_none_left": True, "optimal_request_size": 1},
         "runner": {"kind": "simulate", "samples_per_s": 5e6}})
     engine = BCEngine(None, 0, conf=conf)
     started = time.monotonic()

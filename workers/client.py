@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import requests
 
-from bcorch.protocol import CONFIG_REFUSED, SIMULATED_FIELD, Batch, JobState, ProtocolError
+from bcorch.protocol import (CONFIG_REFUSED, RATE_FIELD, SIMULATED_FIELD, STARTUP_FIELD, Batch,
+                             JobState, ProtocolError)
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,16 @@ class ManagerClient:
     def completed(self, job_id: str, job_state: JobState,
                   failed_files: Mapping[str, str] | None = None, reason: str = "",
                   retries: int | None = 0,
-                  timeout: tuple[float, float] | None = None) -> Completion:
-        """Report a final state. Plain GET (as the original) unless there is more to say."""
+                  timeout: tuple[float, float] | None = None,
+                  pace: Mapping[str, float] | None = None) -> Completion:
+        """Report a final state. Plain GET (as the original) unless there is more to say.
+
+        pace: optional rate and startup_s (protocol.RATE_FIELD, STARTUP_FIELD) of the batch.
+        """
         fields: dict[str, Any] = {"job_id": job_id, "job_state": job_state.value}
+        for key in (RATE_FIELD, STARTUP_FIELD):
+            if pace and pace.get(key) is not None:
+                fields[key] = round(float(pace[key]), 6)
         if self.simulated:
             fields[SIMULATED_FIELD] = "true"
         if failed_files or reason:

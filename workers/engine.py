@@ -72,6 +72,7 @@ class BatchTiming:
     runner_started: float = 0.0
     basecaller_ended: float = 0.0
     reported: float = 0.0
+    runner_startup_s: float = 0.0   # the basecaller's own start-up (model loading), if known
 
     @property
     def overhead_s(self) -> float:
@@ -184,6 +185,7 @@ class BCEngine:
         self.files_failed = 0
         self.last_error = ""
         self.batch_timings: list[BatchTiming] = []
+        self._last_report_s = 0.0
 
     @property
     def bc_script(self) -> str:
@@ -417,6 +419,7 @@ class BCEngine:
                     break
             self._wait(tick if stop_deadline is None else min(tick, 0.1), fds)
         timing.basecaller_ended = time.monotonic()
+        timing.runner_startup_s = getattr(handle, "startup_s", None) or 0.0
         self._keepalive.shutdown_if_broken_keepalive()
         if self._stopped_by_our_side(result):
             result = RunResult(JobState.STOPPED, result.returncode, reason=(
@@ -447,6 +450,8 @@ class BCEngine:
                              len(result.failed_files),
                              "; ".join(f"{k}: {v}" for k, v in list(result.failed_files.items())[:3]))
         deadline = time.monotonic() + self._grace() if self.parent.gone else None
+        if result.state is JobState.DONE:
+            keepalive.pace = self._pace(batch, timing)
         keepalive.finish(result.state, result.failed_files, result.reason, deadline)
         while keepalive.is_alive():
             keepalive.join(timeout=max(0.0, min(0.2, self._next_heartbeat - time.monotonic())))
@@ -469,6 +474,25 @@ class BCEngine:
             return EXIT_OK, self.intent.exit_reason
         return None
 
+    def _pace(self, batch: Batch, timing: BatchTiming) -> dict[str, float]:
+        """This batch's rate (bytes of its files per second of basecalling) and start-up
+        (its time that was not basecalling: lease, runner start, the runner's own start-up,
+        and the previous batch's report), for the manager's batch sizing; {} if unknown."""
+        if not (timing.runner_started and timing.basecaller_ended) or self.INPUTDIR is None:
+            return {}
+        input_dir = Path(self.INPUTDIR) / batch.job_input_dir
+        work = 0
+        for name in batch.batch:
+            try:
+                work += os.stat(input_dir / name).st_size
+            except OSError:
+                return {}
+        ran = timing.basecaller_ended - timing.runner_started
+        basecalling = max(ran - timing.runner_startup_s, 1e-3)
+        startup = (timing.runner_started - timing.received + timing.runner_startup_s
+                   + self._last_report_s)
+        return {"rate": work / basecalling, "startup_s": max(0.0, startup)}
+
     def _record(self, batch: Batch, result: RunResult, timing: BatchTiming) -> None:
         failed = len(result.failed_files) if result.state is not JobState.FAILED else batch.batch_size
         if result.state is not JobState.STOPPED:
@@ -478,6 +502,7 @@ class BCEngine:
         if result.state is JobState.FAILED:
             self.last_error = f"job {batch.jobid}: {result.reason}"
         if timing.runner_started and timing.basecaller_ended:
+            self._last_report_s = max(0.0, timing.reported - timing.basecaller_ended)
             self.batch_timings.append(timing)
             self.log.debug("job %s: engine overhead %.1f ms", short_job_id(batch.jobid),
                            timing.overhead_s * 1000)

@@ -54,6 +54,7 @@ class BCKeepAlive(threading.Thread):
         self.final_state: JobState | None = None
         self.failed_files: dict[str, str] = {}
         self.reason = ""
+        self.pace: dict[str, float] = {}   # rate and startup_s sent with DONE (batch sizing)
         self.keep_alive_url = client.url + "/keepalive"
         self.keep_alive_terminate_url = client.url + "/completed"
         self.BCManager_PB = False
@@ -159,7 +160,8 @@ class BCKeepAlive(threading.Thread):
             try:
                 answer = self.client.completed(self.job_id, self.final_state, self.failed_files,
                                                self.reason, retries=0,
-                                               timeout=self._call_timeout(deadline))
+                                               timeout=self._call_timeout(deadline),
+                                               **({"pace": self.pace} if self.pace else {}))
             except (ManagerUnreachable, ProtocolError) as exc:
                 if isinstance(exc, ManagerRefused) and exc.refuses_configuration:
                     self.outcome = ReportOutcome.REFUSED

@@ -74,6 +74,7 @@ class ProcessHandle:
         # Checking walks the output dir: every 5 s, or often enough for a shorter timeout.
         self._stall_check_every_s = min(5.0, max(0.25, stall_timeout_s / 4))
         self.result: RunResult | None = None
+        self.startup_s: float | None = None   # the runner's own start-up, where it knows it
         self._stopping = False
         output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:

@@ -36,8 +36,10 @@ class SimulateRunner(Runner):
         def interpret(code: int) -> RunResult:
             return self._interpret(code, output_dir, count)
 
-        return ProcessHandle(argv, output_dir, interpret=interpret,
-                         stall_timeout_s=self.stall_timeout_s, logger=self.log)
+        handle = ProcessHandle(argv, output_dir, interpret=interpret,
+                               stall_timeout_s=self.stall_timeout_s, logger=self.log)
+        handle.startup_s = self.startup_s
+        return handle
 
     @staticmethod
     def _interpret(code: int, output_dir: Path, batch_size: int) -> RunResult:
