@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bcorch.config import defaults_as_dict  # noqa: E402
 from bcorch.orchestrator.local_cluster import wait_for  # noqa: E402
+from bench_cluster import write_json  # noqa: E402
 from bcorch.orchestrator.pod5_dataset import write_pod5  # noqa: E402
 
 GOAL_P95_S = 5.0
@@ -169,9 +170,7 @@ def main(argv: list[str]) -> int:
     print(f"file ready -> known to the manager: p50 {seen['p50']:.2f} s   p95 {seen['p95']:.2f} s"
           f"   max {seen['max']:.2f} s")
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

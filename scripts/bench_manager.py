@@ -28,8 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bcorch.config_writer import write_config  # noqa: E402
 from bcorch.manager.scanner import Scanner  # noqa: E402
 from bcorch.manager.store import Store  # noqa: E402
+from bench_cluster import write_json  # noqa: E402
 
 
 def make_files(root: Path, n: int, per_dir: int = 1000) -> None:
@@ -72,8 +74,8 @@ class Server:
         self.port = sock.getsockname()[1]
         sock.close()
         cfg = tmp / f"{name}.toml"
-        cfg.write_text(f"[manager]\nsettle_s = 0\nscan_interval_s = 3600\nthreads = {threads}\n"
-                       f"report_back_interval = {lease_s}\n")
+        write_config(cfg, manager={"settle_s": 0, "scan_interval_s": 3600, "threads": threads,
+                                   "report_back_interval": lease_s})
         args = ["--config", str(cfg), "--input-dir", str(self.inp), "--output-dir", str(self.out),
                 "--db", self.db(), "--port", str(self.port), "--log-level", "WARNING"]
         if kind == "uvicorn":
@@ -229,7 +231,7 @@ def main(argv: list[str]) -> int:
           f">= 500   ({mx['errors']} errors)")
     print(f"{'  server CPU per request':34} {mx['server_cpu_ms_per_request']:9.2f} ms"
           f"  (load average {mx['load_average_1m']:.1f} at the end)")
-    Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     print(f"results written to {args.json}")
     return 1 if mx["errors"] else 0
 

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from bcorch.config_writer import write_config  # noqa: E402
 from bench_cluster import wait_for, write_json  # noqa: E402
 
 
@@ -72,8 +73,8 @@ def main(argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bcorch-bench-"))
     sock = tmp / "ctl" / "c.sock"
     cfg = tmp / "bcorch.toml"
-    cfg.write_text(f"[orchestrator]\nhang_timeout_s = {args.hang_timeout_s}\n"
-                   f"healthy_reset_s = 1.0\nfirst_contact_timeout_s = 0\n")  # no manager here
+    write_config(cfg, orchestrator={"hang_timeout_s": args.hang_timeout_s, "healthy_reset_s": 1.0,
+                                    "first_contact_timeout_s": 0})  # no manager here
     cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--config", str(cfg),
            "--gpus", f"virtual:{args.gpus}", "--socket", str(sock), "--log-level", "WARNING"]
     log = open(tmp / "bcorch.log", "wb")

@@ -15,6 +15,7 @@ import psutil
 
 import sys
 
+from bcorch.config_writer import write_config
 from bcorch.manager.instance_lock import LOCK_NAME
 from support import ManagedProcess, ManagerProcess, free_port, wait_until
 
@@ -31,8 +32,8 @@ def _manager(tmp_path, procs, *, refresh_s: float | None = None, extra=()) -> Ma
     config = None
     if refresh_s is not None:
         config = tmp_path / f"manager-{port}.toml"
-        config.write_text(f"[manager]\nsettle_s = 0.0\nscan_interval_s = 0.2\n"
-                          f"lock_refresh_s = {refresh_s}\n")
+        write_config(config, manager={"settle_s": 0.0, "scan_interval_s": 0.2,
+                                      "lock_refresh_s": refresh_s})
     m = ManagerProcess(tmp_path, inp, out, port=port, config=config, extra=extra)
     procs.append(m)
     return m

@@ -18,6 +18,7 @@ import threading
 import time
 
 from manager_helpers import assign, complete, keepalive, start_manager, wait_counts, write_files
+from bcorch.config_writer import write_config
 from support import http_json, wait_until
 
 TOKEN = "conn-token"
@@ -316,7 +317,7 @@ def test_wait_s_says_at_once_that_nothing_is_left_when_the_input_closes(procs, t
 
 def test_held_long_polls_hold_no_worker_thread(procs, tmp_path):
     config = tmp_path / "one-thread.toml"
-    config.write_text("[manager]\nthreads = 1\nsettle_s = 0\nscan_interval_s = 0.2\n")
+    write_config(config, manager={"threads": 1, "settle_s": 0, "scan_interval_s": 0.2})
     m = start_manager(procs, tmp_path, token=TOKEN, config=config)
     polls = [Poll(m, f"gpu{i}", wait_s=30, batchsize=1) for i in range(20)]
     for poll in polls:

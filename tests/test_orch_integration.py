@@ -147,9 +147,8 @@ def test_a_manager_never_reached_is_exit_75_with_one_line(tmp_path):
     from support import free_port
     url = f"http://127.0.0.1:{free_port()}"
     config = tmp_path / "bcorch.toml"
-    config.write_text("[orchestrator]\nfirst_contact_timeout_s = 2.0\n"
-                      "[runner]\nkind = \"simulate\"\n"
-                      f"[engine]\ninput_dir = \"{tmp_path}\"\noutput_dir = \"{tmp_path}\"\n")
+    write_config(config, orchestrator={"first_contact_timeout_s": 2.0},
+                 engine={"input_dir": str(tmp_path), "output_dir": str(tmp_path)})
     t0 = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "--config", str(config),
                              "--gpus", "virtual:1", "--manager-url", url, "--socket",

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bcorch.config_writer import write_config
 import pytest
 
 from support import ManagedProcess, wait_until
@@ -67,7 +68,7 @@ def env_of(bin_dir: Path, **extra: str) -> dict[str, str]:
 def test_sbatch_socket_is_found_by_srun_jobid_bcorch_status(tmp_path, slurm_bin, procs):
     job = str(random.randrange(10**8, 10**9))
     config = tmp_path / "config.toml"
-    config.write_text("[orchestrator]\nhang_timeout_s = 3.0\nfirst_contact_timeout_s = 0\n")
+    write_config(config, orchestrator={"hang_timeout_s": 3.0, "first_contact_timeout_s": 0})
     batch = ManagedProcess(["bash", str(ROOT / "scripts" / "bcorch.sbatch"), str(config)],
                            tmp_path / "sbatch.log")
     batch.env = env_of(slurm_bin, SLURM_JOB_ID=job, BCORCH=str(slurm_bin / "bcorch-fake"),
@@ -110,7 +111,7 @@ def test_readme_socket_commands_reach_bcorch(tmp_path, slurm_bin, procs):
     env = env_of(slurm_bin, XDG_RUNTIME_DIR=str(runtime), FAKE_MODES=str(tmp_path / "m.json"))
     (tmp_path / "m.json").write_text("{}")
     config = tmp_path / "config.toml"
-    config.write_text("[orchestrator]\nfirst_contact_timeout_s = 0\n")
+    write_config(config, orchestrator={"first_contact_timeout_s": 0})
     b = ManagedProcess([str(slurm_bin / "bcorch-fake"), "--config", str(config)],
                        tmp_path / "bcorch.log")
     b.env = env

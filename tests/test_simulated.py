@@ -3,10 +3,10 @@
 engine's work unless it was started for simulation (manager.allow_simulated)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+from bcorch.config_writer import write_config
 from bcorch.orchestrator.pod5_dataset import write_dataset
 from manager_helpers import assign
 from support import ManagedProcess, ManagerProcess, wait_until
@@ -32,8 +32,7 @@ def _config(tmp_path, url: str, runner: dict) -> str:
                    "polling_interval": 0.005, "work_until_none_left": True},
         "runner": runner,
     }
-    path.write_text("".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in kv.items())
-                            for s, kv in sections.items() if kv))
+    write_config(path, simulate=False, **{s: kv for s, kv in sections.items() if kv})
     return str(path)
 
 
