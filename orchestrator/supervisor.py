@@ -37,6 +37,7 @@ from .proctree import KILL_GRACE_S, ProcessTree, Reaper
 from .rolling import RollingRestart
 from .slot import (AfterExit, Decision, Do, EngineProcess, Failure, RestartPolicy, Slot,
                    SlotState, World)
+from .zygote import Launcher
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class Supervisor:
         self._ctx = multiprocessing.get_context("spawn")
         self._rolling = RollingRestart()
         self._reaper = Reaper()
+        self._launcher: Launcher | None = None     # made at the first start (it may set a subreaper)
+        self._adopted: set[int] = set()             # orphans of dead engines, to wait for
         self._next_health = 0.0
         self._old_handlers: dict[int, Any] = {}
         self._control_handlers = {"status": self._control_status, "stop": self._control_stop,
@@ -171,6 +174,10 @@ class Supervisor:
         self._check_health(now)
         self._check_rolling(now)
         self._reaper.reap(now)
+        if self._adopted:
+            self._adopted = Launcher.reap(self._adopted)
+        if self._launcher is not None and self.host_state is HostState.RUNNING:
+            self._launcher.check()
         if self.metrics is not None:
             self.published = self.snapshot(now)
 
@@ -290,13 +297,19 @@ class Supervisor:
         """Start the slot's engine; after_outage asks it to spread its first request."""
         now = self.clock()
         try:
-            proc, conn = engine_process.start(self._ctx, self.target, self._spec(slot, after_outage),
-                                              f"bcorch-engine-gpu{slot.gpu.index}")
+            proc, conn = self._engine_launcher().start(self._spec(slot, after_outage),
+                                                       f"bcorch-engine-gpu{slot.gpu.index}")
         except OSError as exc:
             self._carry_out(slot, slot.start_failed(str(exc), reason, self.world(), now), now)
             return
         slot.started(EngineProcess(pid=proc.pid, started_at=now, process=proc, conn=conn,
                                    tree=ProcessTree(proc.pid)), reason, counted, now)
+
+    def _engine_launcher(self) -> Launcher:
+        if self._launcher is None:
+            self._launcher = Launcher(self._ctx, self.target,
+                                      use_zygote=self.orch.engine_start == "zygote")
+        return self._launcher
 
     def _engine_exited(self, slot: Slot, code: int, now: float) -> None:
         engine = slot.engine
@@ -314,6 +327,7 @@ class Supervisor:
             slot.log.warning("engine left %d process(es) behind (%s); stopping them",
                              len(alive), ", ".join(str(p.pid) for p in alive))
             self._reaper.add(alive, now)
+            self._adopted.update(p.pid for p in alive)
 
     # --- the host drains or stops ------------------------------------------------------
     def _begin_host_drain(self, now: float, reason: str, exit_code: int) -> None:
@@ -494,6 +508,9 @@ class Supervisor:
             if engine.conn is not None:
                 engine.conn.close()
         self._reaper.kill_all()
+        if self._launcher is not None:
+            self._adopted = Launcher.reap(self._adopted)
+            self._launcher.close()
         if self.control is not None:
             self.control.close()
         if self.metrics is not None:

@@ -53,6 +53,7 @@ def fake_engine(conn, spec: channel.SpawnSpec) -> None:
     if mode == "silent":
         _wait_for_parent_death(conn)
         sys.exit(0)
+    _record_environment()
     channel.send(conn, message(Msg.READY, engine_id=spec.engine_id, gpu=gpu, pid=os.getpid()))
     if mode == "crash":
         time.sleep(0.1)
@@ -95,6 +96,14 @@ def fake_engine(conn, spec: channel.SpawnSpec) -> None:
             basecaller.wait()
 
 
+def _record_environment() -> None:
+    """What the engine sees itself (a forked engine's /proc/PID/environ is its zygote's)."""
+    where = os.environ.get("FAKE_ENV_DIR")
+    if where:
+        Path(where, f"{os.getpid()}.json").write_text(json.dumps(
+            {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "ppid": os.getppid()}))
+
+
 def _wait_for_parent_death(conn) -> None:
     while True:
         try:
@@ -124,7 +133,10 @@ class FakeBcorch(ManagedProcess):
         self.write_config(orchestrator=settings, manager=manager or {})
         argv = [sys.executable, str(HERE / "test_orch_fakes.py"), "--config", str(self.config),
                 "--gpus", f"virtual:{gpus}", "--socket", str(self.socket), *extra]
-        super().__init__(argv, tmp / "bcorch.log", env={"FAKE_MODES": str(self.modes_path)})
+        self.env_dir = tmp / "engine-env"
+        self.env_dir.mkdir(exist_ok=True)
+        super().__init__(argv, tmp / "bcorch.log", env={"FAKE_MODES": str(self.modes_path),
+                                                        "FAKE_ENV_DIR": str(self.env_dir)})
 
     def write_config(self, **sections: dict) -> None:
         write_config(self.config, **sections)
@@ -152,6 +164,12 @@ class FakeBcorch(ManagedProcess):
     def wait_state(self, gpu: int, state: str, timeout: float = 20) -> dict:
         return wait_until(lambda: (s := self.slot(gpu))["state"] == state and s, timeout,
                           what=f"gpu{gpu} {state}\n{self.log()[-3000:]}")
+
+    def engine_env(self, pid: int) -> dict:
+        """CUDA_VISIBLE_DEVICES and parent pid as engine `pid` saw them at its start."""
+        path = self.env_dir / f"{pid}.json"
+        wait_until(path.exists, 10, what=f"engine {pid} environment record")
+        return json.loads(path.read_text())
 
     def tree(self) -> list[psutil.Process]:
         try:

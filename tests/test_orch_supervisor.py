@@ -39,7 +39,7 @@ def test_engines_get_their_gpu_and_engine_id(bcorch):
     for s in slots:
         child = psutil.Process(s["pid"])
         assert child.ppid() == b.pid
-        assert child.environ().get("CUDA_VISIBLE_DEVICES") == s["uuid"]
+        assert b.engine_env(s["pid"])["CUDA_VISIBLE_DEVICES"] == s["uuid"]
         assert os.getpgid(s["pid"]) == s["pid"], "each engine leads its own process group"
 
 
