@@ -1,6 +1,14 @@
 """Benchmark of bcorch itself: start-up, idle cost, crash restart and hang replacement.
 
-    python scripts/bench.py orchestrator [--gpus 8] [--idle-s 10] [--trials 5] [--out bench-out/orchestrator.json]
+    python scripts/bench.py orchestrator [--gpus 8] [--idle-s 10] [--trials 5] [--engine-start zygote|spawn]
+                                         [--out bench-out/orchestrator.json]
+    python scripts/bench.py orchestrator ready [--gpus 16] [--trials 3]        # issue 14 section 2
+    python scripts/bench.py orchestrator fleet [--gpus 8,16] [--per-gpu-s 60]  # issue 14 section 3
+
+`ready`: launch -> every engine READY, with real engines (a real manager with no input,
+so they wait for work) and with the fake idle engines, for engine_start spawn and zygote.
+`fleet`: scripts/bench_fleet.py's "ours" run (same workload and figures) once with each
+engine_start, back to back, so that the two differ only in how engines start.
 
 bcorch runs as its own process (the real CLI and supervisor) over virtual GPUs with a
 *fake engine target* defined here: it sends READY, then a heartbeat every second, like
@@ -58,6 +66,8 @@ def _wait(condition, timeout: float, what: str, interval: float = 0.01):
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("ready", "fleet"):
+        return (ready_main if argv[0] == "ready" else fleet_main)(argv[1:])
     import psutil
     from bcorch.orchestrator.control import request
 
@@ -66,6 +76,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--idle-s", type=float, default=10.0)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--hang-timeout-s", type=float, default=3.0)
+    p.add_argument("--engine-start", choices=("zygote", "spawn"), default="zygote")
     p.add_argument("--out", default="bench-out/orchestrator.json")
     args = p.parse_args(argv)
     trials = min(args.trials, args.gpus)
@@ -74,13 +85,14 @@ def main(argv: list[str]) -> int:
     sock = tmp / "ctl" / "c.sock"
     cfg = tmp / "bcorch.toml"
     write_config(cfg, orchestrator={"hang_timeout_s": args.hang_timeout_s, "healthy_reset_s": 1.0,
-                                    "first_contact_timeout_s": 0})  # no manager here
+                                    "first_contact_timeout_s": 0,  # no manager here
+                                    "engine_start": args.engine_start})
     cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--config", str(cfg),
            "--gpus", f"virtual:{args.gpus}", "--socket", str(sock), "--log-level", "WARNING"]
     log = open(tmp / "bcorch.log", "wb")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    results: dict = {"gpus": args.gpus, "engine_target": "fake idle engine (scripts/bench_orchestrator.py)",
+    results: dict = {"gpus": args.gpus, "engine_start": args.engine_start, "engine_target": "fake idle engine (scripts/bench_orchestrator.py)",
                      "machine": f"{os.cpu_count()} cores", "python": sys.version.split()[0]}
 
     def slots():
@@ -143,11 +155,125 @@ def main(argv: list[str]) -> int:
         ("SIGTERM -> exit code", str(results["sigterm_exit_code"]), "0"),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"bcorch, {args.gpus} virtual GPUs, fake idle engines, {os.cpu_count()} cores")
+    print(f"bcorch, {args.gpus} virtual GPUs, fake idle engines, engine_start {args.engine_start}, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     for name, value, target in rows:
         print(f"  {name.ljust(width)}  {value.ljust(28)}  target {target}")
     write_json(args.out, results)
     print(f"  JSON: {args.out}")
+    return 0
+
+
+def _ready_once(gpus: int, engine_start: str, real: bool) -> float:
+    """Seconds from launching bcorch to every slot RUNNING (its engine said READY)."""
+    from bench_cluster import Cluster
+
+    tmp = Path(tempfile.mkdtemp(prefix="bcorch-ready-"))
+    (tmp / "in").mkdir()
+    if real:
+        cluster = Cluster(tmp, tmp / "in", gpus,
+                          orchestrator={"engine_start": engine_start, "first_contact_timeout_s": 0},
+                          runner={"kind": "simulate"}, engine={"work_until_none_left": False})
+        try:
+            cluster.start_manager(input_closed=False)
+            t0 = time.monotonic()
+            cluster.start_bcorch()
+            _wait(lambda: len(s := cluster.slots()) == gpus
+                  and all(x["state"] == "RUNNING" for x in s), 60, "all READY", interval=0.005)
+            return time.monotonic() - t0
+        finally:
+            cluster.close()
+    from bcorch.orchestrator.control import ControlError, request
+
+    sock = tmp / "ctl" / "c.sock"
+    cfg = tmp / "bcorch.toml"
+    write_config(cfg, orchestrator={"first_contact_timeout_s": 0, "engine_start": engine_start})
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "serve", "--config",
+                             str(cfg), "--gpus", f"virtual:{gpus}", "--socket", str(sock),
+                             "--log-level", "WARNING"], cwd=REPO)
+
+    def ready() -> bool:
+        try:
+            return all(x["state"] == "RUNNING"
+                       for x in request(sock, {"cmd": "status"}, timeout=5)["slots"])
+        except (OSError, ControlError):
+            return False
+    try:
+        _wait(ready, 60, "all READY", interval=0.005)
+        return time.monotonic() - t0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def ready_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bench.py orchestrator ready")
+    p.add_argument("--gpus", type=int, default=16)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--out", default="bench-out/engines-ready.json")
+    args = p.parse_args(argv)
+    results: dict = {"gpus": args.gpus, "machine": f"{os.cpu_count()} cores",
+                     "python": sys.version.split()[0], "runs": []}
+    print(f"launch -> {args.gpus} engines READY, {os.cpu_count()} cores")
+    for real in (True, False):
+        kind = "real" if real else "fake idle"
+        for mode in ("spawn", "zygote"):
+            times = []
+            for _ in range(args.trials):
+                load = os.getloadavg()[0]
+                times.append(_ready_once(args.gpus, mode, real))
+                results["runs"].append({"engines": kind, "engine_start": mode,
+                                        "ready_s": round(times[-1], 3), "load_average": load})
+            print(f"  {kind:9} engines, {mode:6}: median {statistics.median(times):.2f} s  (all: "
+                  f"{', '.join(f'{t:.2f}' for t in times)}; load average {os.getloadavg()[0]:.2f})")
+    write_json(args.out, results)
+    print(f"  JSON: {args.out}")
+    return 0
+
+
+def fleet_main(argv: list[str]) -> int:
+    """bench_fleet's "ours" rows for engine_start spawn and zygote, interleaved."""
+    import functools
+    import shutil
+
+    import bench_fleet
+    from bench_cluster import Cluster
+
+    p = argparse.ArgumentParser(prog="bench.py orchestrator fleet")
+    p.add_argument("--gpus", type=bench_fleet._gpu_list, default=[8, 16])
+    p.add_argument("--per-gpu-s", type=float, default=60.0)
+    p.add_argument("--batch", type=int, default=5, help="files of 1 s per batch")
+    p.add_argument("--startup-s", type=float, default=0.0)
+    p.add_argument("--modes", default="spawn,zygote")
+    p.add_argument("--out", default="bench-out/fleet-engine-start.json")
+    args = p.parse_args(argv)
+    files_per_gpu = max(args.batch, round(args.per_gpu_s / args.batch) * args.batch)
+    root = Path(tempfile.mkdtemp(prefix="bench-fleet-start-"))
+    rows = []
+    try:
+        bench_fleet.write_files(root / "dataset", files_per_gpu * max(args.gpus))
+        for n in args.gpus:
+            for mode in args.modes.split(","):
+                bench_fleet.Cluster = functools.partial(Cluster, orchestrator={"engine_start": mode})
+                load = os.getloadavg()[0]
+                row = bench_fleet.run_once(root, root / "dataset", f"{mode}-{n}", n,
+                                           files_per_gpu * n, file_s=1.0,
+                                           request_size=args.batch, startup_s=args.startup_s)
+                row.update(engine_start=mode, load_average_before=load)
+                rows.append(row)
+                bench_fleet.print_table(f"engine_start {mode}, load average before {load:.2f}", [row])
+    finally:
+        bench_fleet.Cluster = Cluster
+        shutil.rmtree(root, ignore_errors=True)
+    write_json(args.out, {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                          "command": "python scripts/bench.py orchestrator fleet " + " ".join(argv),
+                          "runs": rows})
+    print(f"JSON: {args.out}")
     return 0
 
 
