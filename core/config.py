@@ -82,6 +82,7 @@ class RunnerConfig:
     port: int = 5555
     samples_per_s: float = 2_000_000.0
     startup_s: float = 0.0
+    startup_per: Literal["batch", "engine"] = "batch"
     stop_grace_s: float = 10.0
     stall_timeout_s: float = 900.0
     dorado_path: str = "dorado"

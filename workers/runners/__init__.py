@@ -19,7 +19,7 @@ def _simulate(conf: Config, log) -> Runner:
     from .simulate import SimulateRunner
     return SimulateRunner(conf.runner.samples_per_s, conf.runner.startup_s,
                           conf.runner.fail_fraction, stall_timeout_s=conf.runner.stall_timeout_s,
-                          logger=log)
+                          logger=log, startup_once=conf.runner.startup_per == "engine")
 
 
 def _dorado(conf: Config, log, place: "Placement") -> Runner:

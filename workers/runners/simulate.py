@@ -17,19 +17,26 @@ class SimulateRunner(Runner):
 
     def __init__(self, samples_per_s: float, startup_s: float = 0.0, fail_fraction: float = 0.1,
                  stall_timeout_s: float = 0.0,
-                 logger: logging.Logger | logging.LoggerAdapter | None = None):
+                 logger: logging.Logger | logging.LoggerAdapter | None = None,
+                 startup_once: bool = False):
+        """startup_once: startup_s is paid by the first batch only, as by a dorado-server
+        that keeps its model loaded across batches (issue 14); otherwise by every batch."""
         self.samples_per_s = samples_per_s
         self.startup_s = startup_s
+        self.startup_once = startup_once
+        self.batches_started = 0
         self.fail_fraction = fail_fraction
         self.stall_timeout_s = stall_timeout_s
         self.log = logger or logging.getLogger(__name__)
 
     def start(self, input_dir: Path, output_dir: Path, model: str,
               batch: Sequence[str]) -> RunHandle:
+        startup_s = 0.0 if self.startup_once and self.batches_started else self.startup_s
+        self.batches_started += 1
         argv = [sys.executable, "-m", "bcorch.workers.runners.simulate_main",
                 "--input-dir", str(input_dir), "--output-dir", str(output_dir),
                 "--model", model, "--samples-per-s", repr(self.samples_per_s),
-                "--startup-s", repr(self.startup_s), "--fail-fraction", repr(self.fail_fraction),
+                "--startup-s", repr(startup_s), "--fail-fraction", repr(self.fail_fraction),
                 "--started-at", repr(time.monotonic())]
         count = len(batch)
 
@@ -38,7 +45,7 @@ class SimulateRunner(Runner):
 
         handle = ProcessHandle(argv, output_dir, interpret=interpret,
                                stall_timeout_s=self.stall_timeout_s, logger=self.log)
-        handle.startup_s = self.startup_s
+        handle.startup_s = startup_s
         return handle
 
     @staticmethod
