@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -236,6 +237,11 @@ def ready_main(argv: list[str]) -> int:
     return 0
 
 
+def _cluster_with(cluster: Any, orchestrator: dict, runner: dict, *args: Any, **sections: Any):
+    return cluster(*args, **{**sections, "orchestrator": {**sections.get("orchestrator", {}), **orchestrator},
+                             "runner": {**sections.get("runner", {}), **runner}})
+
+
 def fleet_main(argv: list[str]) -> int:
     """bench_fleet's "ours" rows for engine_start spawn and zygote, interleaved."""
     import functools
@@ -249,6 +255,8 @@ def fleet_main(argv: list[str]) -> int:
     p.add_argument("--per-gpu-s", type=float, default=60.0)
     p.add_argument("--batch", type=int, default=5, help="files of 1 s per batch")
     p.add_argument("--startup-s", type=float, default=0.0)
+    p.add_argument("--startup-per", choices=("batch", "engine"), default="batch",
+                   help="engine: the dorado-server model (start-up paid once per engine)")
     p.add_argument("--modes", default="spawn,zygote")
     p.add_argument("--out", default="bench-out/fleet-engine-start.json")
     args = p.parse_args(argv)
@@ -259,12 +267,17 @@ def fleet_main(argv: list[str]) -> int:
         bench_fleet.write_files(root / "dataset", files_per_gpu * max(args.gpus))
         for n in args.gpus:
             for mode in args.modes.split(","):
-                bench_fleet.Cluster = functools.partial(Cluster, orchestrator={"engine_start": mode})
+                bench_fleet.Cluster = functools.partial(
+                    _cluster_with, Cluster, {"engine_start": mode}, {"startup_per": args.startup_per})
                 load = os.getloadavg()[0]
                 row = bench_fleet.run_once(root, root / "dataset", f"{mode}-{n}", n,
                                            files_per_gpu * n, file_s=1.0,
                                            request_size=args.batch, startup_s=args.startup_s)
-                row.update(engine_start=mode, load_average_before=load)
+                row.update(engine_start=mode, load_average_before=load, startup_per=args.startup_per)
+                if args.startup_per == "engine":     # bench_fleet counts startup_s per batch
+                    busy = row["samples"] / row["samples_per_s"] + args.startup_s * row["engines_used"]
+                    row["ideal_s"], row["ideal_per_gpu_s"] = busy, busy / n
+                    row["efficiency"] = busy / n / row["wall_s"]
                 rows.append(row)
                 bench_fleet.print_table(f"engine_start {mode}, load average before {load:.2f}", [row])
     finally:
