@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 SMOOTHING = 0.5   # weight of a new report in an engine's running pace
+END_OF_RUN = "end of run"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,12 @@ class Sizing:
     work: float | None = None
     why: str = "file count"
 
+    @property
+    def nearest(self) -> bool:
+        """An end-of-run share is a target to come close to, not a floor (files are whole:
+        overshooting by one 15-s file would leave that engine last by 15 s)."""
+        return self.why == END_OF_RUN
+
 
 def size_batch(*, pace: Pace | None, files_cap: int, share: float, closed: bool,
                now: float = 0.0, pending_work: float = 0.0,
@@ -127,5 +134,5 @@ def size_batch(*, pace: Pace | None, files_cap: int, share: float, closed: bool,
         return Sizing(files_cap, steady, "steady")
     mine = finish_together(now, pace, pace.seconds(pending_work), others_free_at) * pace.rate
     if mine < 2 * steady:
-        return Sizing(files_cap, mine, "end of run")
+        return Sizing(files_cap, mine, END_OF_RUN)
     return Sizing(files_cap, steady, "steady")

@@ -220,7 +220,7 @@ class Manager:
         with self._lock:
             self._engines_seen[engine_id] = time.time()
             sizing = self._sizing(engine_id, wanted)
-            job = self.store.assign(engine_id, sizing.files, sizing.work)
+            job = self.store.assign(engine_id, sizing.files, sizing.work, sizing.nearest)
             if job is None:
                 return Answer(200, Batch.empty_answer(engine_id, self.interval,
                                                       self._run_complete()).to_dict())

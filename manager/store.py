@@ -181,13 +181,19 @@ def link_name(index: int, path: str) -> str:
     return f"{index:04d}_~{tail}"
 
 
-def _up_to_work(rows: Iterable[tuple], max_work: float | None) -> list[tuple]:
-    """Rows (id, path, size, ...) in order until their sizes reach max_work (None: all)."""
+def _up_to_work(rows: Iterable[tuple], max_work: float | None,
+                nearest: bool = False) -> list[tuple]:
+    """Rows (id, path, size, ...) in order until their sizes reach max_work (None: all).
+
+    nearest: the file that would cross max_work is left out when that lands closer to it.
+    """
     if max_work is None:
         return list(rows)
     picked: list[tuple] = []
     work = 0
     for row in rows:
+        if nearest and picked and work + row[2] - max_work > max_work - work:
+            break
         picked.append(row)
         work += row[2]
         if work >= max_work:
@@ -439,12 +445,13 @@ class Store:
 
     # -- jobs --------------------------------------------------------------------------
 
-    def assign(self, engine_id: str, wanted: int, max_work: float | None = None) -> Job | None:
+    def assign(self, engine_id: str, wanted: int, max_work: float | None = None,
+               nearest: bool = False) -> Job | None:
         """Hand up to `wanted` PENDING files to a new LIVE job; None when nothing is pending.
 
         max_work: files are taken until their sizes (the work measure, manager.batching)
-        reach it; at least one file. Files that failed before go first, in batches no
-        larger than their retry cap.
+        reach it (nearest: or stop short of it, whichever is closer); at least one file.
+        Files that failed before go first, in batches no larger than their retry cap.
         """
         with self._tx() as db:
             now = retry_clock()
@@ -454,7 +461,7 @@ class Store:
                     "SELECT id, path, size, attempts FROM files WHERE state = 'PENDING' "
                     f"AND {_READY_AGAIN} ORDER BY id LIMIT ?",
                     (now, now + RETRY_BACKOFF_MAX_S, wanted))
-                picked = _up_to_work(rows, max_work)
+                picked = _up_to_work(rows, max_work, nearest)
             if not picked:
                 return None
             now = time.time()

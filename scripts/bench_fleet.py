@@ -51,20 +51,58 @@ def write_files(directory: Path, n: int) -> None:
                   seed=8)
 
 
+def write_mixed_files(directory: Path, n: int, seconds: tuple[int, int] = (1, 15),
+                      seed: int = 14) -> None:
+    """n POD5 files of a random whole number of seconds of work each (in `seconds`, at
+    SAMPLES_PER_FILE samples per second), with a noisy signal so that their VBZ-compressed
+    size grows with their samples as real signal's does (a flat signal compresses to
+    nearly nothing and every file would be the same size)."""
+    import random
+    import uuid
+
+    import numpy as np
+    import pod5
+    from bcorch.orchestrator.pod5_dataset import SAMPLE_RATE, _run_info
+
+    rng = random.Random(seed)
+    noise = np.random.default_rng(seed)
+    run_info = _run_info(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        n_samples = SAMPLES_PER_READ * rng.randint(*seconds)
+        with pod5.Writer(directory / f"mixed_{i:05d}.pod5") as writer:
+            for number in range(READS_PER_FILE):
+                signal = (500 + noise.normal(0, 40, n_samples)).astype(np.int16)
+                writer.add_read(pod5.Read(
+                    read_id=uuid.UUID(int=rng.getrandbits(128), version=4),
+                    pore=pod5.Pore(channel=1 + number, well=1, pore_type="not_set"),
+                    calibration=pod5.Calibration(offset=-240.0, scale=0.18),
+                    read_number=number, start_sample=number * 10 * SAMPLE_RATE,
+                    median_before=210.0,
+                    end_reason=pod5.EndReason(pod5.EndReasonEnum.SIGNAL_POSITIVE, False),
+                    run_info=run_info, signal=signal))
+
+
 def run_once(root: Path, dataset: Path, name: str, gpus: int, n_files: int, *, file_s: float,
              request_size: int, startup_s: float = 0.0, busy_pause_s: float = 0.0,
-             polling_interval: float = 0.01, timeout_s: float = 1800.0) -> dict:
-    """One run of the whole job; returns its figures."""
+             polling_interval: float = 0.01, timeout_s: float = 1800.0,
+             manager_batch_size: int | None = None, pattern: str = "*.pod5") -> dict:
+    """One run of the whole job; returns its figures.
+
+    request_size 0: engines leave the size to the manager (batches sized by work, first
+    batch manager_batch_size files); otherwise they ask for that many files.
+    """
     work = root / name
     input_dir = work / "in"
     input_dir.mkdir(parents=True)
-    sources = sorted(dataset.glob("*.pod5"))[:n_files]
+    sources = sorted(dataset.glob(pattern))[:n_files]
     for path in sources:
         os.link(path, input_dir / path.name)
     samples = samples_in(input_dir)
     rate = SAMPLES_PER_FILE / file_s
     cluster = Cluster(work, input_dir, gpus,
-                      manager={"batch_size": request_size, "report_back_interval": 60.0},
+                      manager={"batch_size": manager_batch_size or request_size or 10,
+                               "report_back_interval": 60.0},
                       engine={"optimal_request_size": request_size, "busy_pause_s": busy_pause_s,
                               "polling_interval": polling_interval},
                       runner={"samples_per_s": rate, "startup_s": startup_s})
@@ -88,10 +126,12 @@ def run_once(root: Path, dataset: Path, name: str, gpus: int, n_files: int, *, f
     first = [rows[0][1] - start for rows in by_engine.values()]
     gaps = [b[1] - a[2] for rows in by_engine.values() for a, b in zip(rows, rows[1:])]
     last = [rows[-1][2] for rows in by_engine.values()]
+    # Where each file holds the same samples, an engine's ideal work is its files x file_s
+    # (for mixed files these two figures are not meaningful: printed as they come).
     batch = [j[2] - j[1] - (j[3] * file_s + startup_s) for j in jobs]
-    # Each file holds the same samples, so an engine's ideal work is its files x file_s.
     running = [sum(r[3] * file_s + startup_s for r in rows) / (rows[-1][2] - rows[0][1])
                for rows in by_engine.values()]
+    sizes = sorted(j[3] for j in jobs)
     return {
         "name": name, "gpus": gpus, "files": n_files, "samples": samples, "samples_per_s": rate,
         "request_size": request_size, "startup_s": startup_s, "busy_pause_s": busy_pause_s,
@@ -105,6 +145,7 @@ def run_once(root: Path, dataset: Path, name: str, gpus: int, n_files: int, *, f
         "gap_s": {"median": statistics.median(gaps) if gaps else 0.0,
                   "max": max(gaps) if gaps else 0.0, "n": len(gaps)},
         "tail_s": max(last) - min(last),
+        "batch_files": {"min": sizes[0], "median": statistics.median(sizes), "max": sizes[-1]},
         "batch_over_ideal_s": {"median": statistics.median(batch), "max": max(batch)},
         "load_average": os.getloadavg(),
     }
@@ -134,6 +175,43 @@ def _gpu_list(text: str) -> list[int]:
     return values
 
 
+def mixed_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """Batches sized by work (engines ask for 0 files) against fixed file counts, on
+    files of 1 to 15 s of work with a per-batch start-up."""
+    gpus = args.mixed_gpus
+    n_files = max(gpus, round(gpus * args.mixed_per_gpu_s / 8.0))   # 8 s per file on average
+    counts = [int(c) for c in args.mixed_file_counts.split(",") if c.strip() and int(c) > 0]
+    root = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                     "command": "python scripts/bench.py fleet " + " ".join(argv),
+                     "load_average_at_start": os.getloadavg()}
+    rows = []
+    try:
+        dataset = root / "dataset"
+        t = time.monotonic()
+        write_mixed_files(dataset, n_files)
+        print(f"wrote {n_files} POD5 files of 1 to 15 s in {time.monotonic() - t:.1f} s")
+        plans = [("work", 0)] + [(f"files-{c}", c) for c in counts]
+        for label, size in plans:
+            row = run_once(root, dataset, f"mixed-{label}", gpus, n_files, file_s=1.0,
+                           request_size=size, startup_s=args.mixed_startup_s,
+                           manager_batch_size=args.mixed_first_batch, pattern="mixed_*.pod5")
+            row["sizing"] = label
+            rows.append(row)
+            print(f"{label}: batches {row['batches']} (files min/median/max "
+                  f"{row['batch_files']['min']}/{row['batch_files']['median']:g}/"
+                  f"{row['batch_files']['max']}), ideal/GPU {row['ideal_per_gpu_s']:.1f} s, "
+                  f"wall {row['wall_s']:.1f} s, efficiency {row['efficiency']:.3f}, "
+                  f"useful {row['useful_efficiency']:.3f}, tail {row['tail_s']:.1f} s, "
+                  f"load {row['load_average'][0]:.2f}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    results["mixed"] = rows
+    out = write_json(args.out, results)
+    print(f"JSON: {out}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench.py fleet", description=__doc__.splitlines()[0])
     p.add_argument("--gpus", type=_gpu_list, default=[1, 4, 8, 16], help="virtual GPU counts")
@@ -149,8 +227,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--skip-batch-size", action="store_true")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 6 s per GPU, GPUs 1,4, short original and batch-size runs")
+    p.add_argument("--mixed", action="store_true",
+                   help="only the mixed-files table: --mixed-gpus GPUs, files of 1 to 15 s, "
+                        "startup_s --mixed-startup-s, batches sized by work vs by file count")
+    p.add_argument("--mixed-gpus", type=int, default=4)
+    p.add_argument("--mixed-per-gpu-s", type=float, default=600.0)
+    p.add_argument("--mixed-startup-s", type=float, default=10.0)
+    p.add_argument("--mixed-first-batch", type=int, default=5,
+                   help="manager.batch_size: the first batch's files, before the pace is known")
+    p.add_argument("--mixed-file-counts", default="10",
+                   help="comma-separated file-count batch sizes to compare (0 = none)")
     p.add_argument("--out", default="bench-out/fleet.json")
     args = p.parse_args(argv)
+    if args.mixed:
+        return mixed_main(args, argv)
     if args.quick:
         args.gpus, args.per_gpu_s, args.original_per_gpu_s = [1, 4], 6.0, 2.0
         args.bs_files, args.bs_file_s = 8, 0.5

@@ -116,6 +116,12 @@ def test_store_takes_files_until_their_work_reaches_the_budget(store):
     assert [f.size for f in store.assign("e1", 10, max_work=1).files] == [50]   # at least one
 
 
+def test_store_nearest_stops_short_when_that_is_closer(store):
+    store.add_files((f"f{i}", s) for i, s in enumerate([10, 10, 150, 10]))
+    assert [f.size for f in store.assign("e1", 10, max_work=40, nearest=True).files] == [10, 10]
+    assert [f.size for f in store.assign("e1", 10, max_work=40, nearest=True).files] == [150]
+
+
 def test_service_counts_files_until_the_pace_is_known(tmp_path, store):
     manager = _manager(tmp_path, store, [KB] * 40, closed=False, clock=FakeClock())
     assert manager.assign("e1", 0).body["batch_size"] == 3        # manager.batch_size
