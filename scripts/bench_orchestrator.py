@@ -237,7 +237,7 @@ def ready_main(argv: list[str]) -> int:
     return 0
 
 
-def _cluster_with(cluster: Any, orchestrator: dict, runner: dict, *args: Any, **sections: Any):
+def _cluster_with(cluster: Any, orchestrator: dict, runner: dict, /, *args: Any, **sections: Any):
     return cluster(*args, **{**sections, "orchestrator": {**sections.get("orchestrator", {}), **orchestrator},
                              "runner": {**sections.get("runner", {}), **runner}})
 
