@@ -191,7 +191,8 @@ def mixed_main(args: argparse.Namespace, argv: list[str]) -> int:
         t = time.monotonic()
         write_mixed_files(dataset, n_files)
         print(f"wrote {n_files} POD5 files of 1 to 15 s in {time.monotonic() - t:.1f} s")
-        plans = [("work", 0)] + [(f"files-{c}", c) for c in counts]
+        plans = ([] if args.mixed_skip_work else [("work", 0)]) + \
+            [(f"files-{c}", c) for c in counts]
         for label, size in plans:
             row = run_once(root, dataset, f"mixed-{label}", gpus, n_files, file_s=1.0,
                            request_size=size, startup_s=args.mixed_startup_s,
@@ -237,6 +238,8 @@ def main(argv: list[str]) -> int:
                    help="manager.batch_size: the first batch's files, before the pace is known")
     p.add_argument("--mixed-file-counts", default="10",
                    help="comma-separated file-count batch sizes to compare (0 = none)")
+    p.add_argument("--mixed-skip-work", action="store_true",
+                   help="only the file-count batch sizes of the mixed table")
     p.add_argument("--out", default="bench-out/fleet.json")
     args = p.parse_args(argv)
     if args.mixed:
