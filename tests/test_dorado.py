@@ -265,7 +265,8 @@ def test_clean_run_every_read_once(tmp_path, procs):
     assert site.files() == {"DONE": 6}
     counts = read_ids_under([site.output_dir / "pass"])
     assert sorted(counts) == site.good_read_ids() and max(counts.values()) == 1
-    assert len(argv_records(tmp_path, "dorado")) == 2  # batches of 4 + 2
+    # the first batch is manager.batch_size (4) files; the rest is sized by the engine's pace
+    assert len(argv_records(tmp_path, "dorado")) >= 2
 
 
 def test_corrupt_file_retried_then_quarantined_others_done(tmp_path, procs):
