@@ -83,6 +83,9 @@ def find_socket(configured: str = "") -> Path:
     return default_socket_path()
 
 
+MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, less its terminating NUL (Linux)
+
+
 def prepare_directory(path: Path) -> None:
     """Create the socket's directory 0700, or refuse one we do not own alone."""
     directory = path.parent
@@ -153,6 +156,11 @@ class ControlServer:
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
+        length = len(os.fsencode(str(self.path)))
+        if length > MAX_SOCKET_PATH:
+            raise ConfigError(f"orchestrator.control_socket: {str(self.path)!r} is {length} bytes, "
+                              f"over the {MAX_SOCKET_PATH} a UNIX socket path may have; "
+                              "choose a shorter one (or --socket)")
         prepare_directory(self.path)
         self._refuse_if_in_use()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

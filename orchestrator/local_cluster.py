@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bcorch.config_writer import write_config
 
-from .control import ControlError, request
+from .control import MAX_SOCKET_PATH, ControlError, request
 
 STOP_TIMEOUT_S = 20.0
 
@@ -211,6 +213,10 @@ class LocalCluster:
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = self.workdir / "bcmanager.sqlite"  # in the workspace, not ~/.local/state
         self.socket = self.workdir / "control" / "control.sock"
+        self._short_socket_dir: Path | None = None
+        if len(os.fsencode(str(self.socket))) > MAX_SOCKET_PATH:  # a deep TMPDIR
+            self._short_socket_dir = Path(tempfile.mkdtemp(prefix="bcorch-ctl-", dir="/tmp"))
+            self.socket = self._short_socket_dir / "control.sock"
         self.config = write_config(
             self.workdir / "bcorch.toml",
             manager={"url": self.url, "port": self.port, "input_dir": str(self.input_dir),
@@ -268,3 +274,5 @@ class LocalCluster:
         for proc, immediately in ((self.bcorch, now), (self.manager, False)):
             if proc is not None:
                 proc.stop(now=immediately)
+        if self._short_socket_dir is not None:
+            shutil.rmtree(self._short_socket_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ import pytest
 
 from bcorch.orchestrator import control
 from bcorch.orchestrator.control import ControlError, ControlServer, request
+from bcorch.orchestrator.local_cluster import LocalCluster
 from support import wait_until
 from bcorch.config import ConfigError
 
@@ -262,3 +263,22 @@ def test_bad_control_flags_exit_78_with_one_line(argv, message, capsys):
     assert cli.main(argv) == 78
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_socket_path_too_long_for_unix_is_a_one_line_config_error(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "control.sock"
+    result = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "--gpus", "virtual:1",
+                             "--socket", str(deep)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.count("\n") == 1 and "orchestrator.control_socket" in result.stderr
+    assert "bytes, over the 107" in result.stderr
+
+
+def test_a_local_cluster_in_a_deep_directory_gets_a_short_socket(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    cluster = LocalCluster(deep, gpus=1)
+    try:
+        assert len(str(cluster.socket)) <= 107 and cluster.socket.parent.is_dir()
+    finally:
+        cluster.close()
+    assert not cluster.socket.parent.exists()
