@@ -17,6 +17,19 @@ def procs():
         p.close()
 
 
+@pytest.fixture
+def bcorch(tmp_path, procs):
+    """A factory of real bcorch processes over fake engines (test_orch_fakes.FakeBcorch),
+    started and registered for teardown. A test module may define its own `bcorch`."""
+    from test_orch_fakes import FakeBcorch
+
+    def make(**kw) -> FakeBcorch:
+        b = FakeBcorch(tmp_path, **kw)
+        procs.append(b)
+        return b.start()
+    return make
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _resource_tracker():
     """multiprocessing's spawn context starts one tracker process for the whole pytest run;

@@ -15,15 +15,6 @@ from support import wait_until
 from test_orch_fakes import FakeBcorch
 
 
-@pytest.fixture
-def bcorch(tmp_path, procs):
-    def make(**kw) -> FakeBcorch:
-        b = FakeBcorch(tmp_path, **kw)
-        procs.append(b)
-        return b.start()
-    return make
-
-
 def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -17,15 +17,6 @@ from bcorch.orchestrator import zygote
 from bcorch.workers.channel import SpawnSpec
 
 
-@pytest.fixture
-def bcorch(tmp_path, procs):
-    def make(**kw) -> FakeBcorch:
-        b = FakeBcorch(tmp_path, **kw)
-        procs.append(b)
-        return b.start()
-    return make
-
-
 def gone(pid: int) -> bool:
     """Exited and waited for (a zombie still counts as there: nobody reaped it)."""
     return not psutil.pid_exists(pid)
