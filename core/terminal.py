@@ -6,6 +6,7 @@ blocks are appended (a log gets a readable history, no escape codes).
 """
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from typing import Callable, Optional, TextIO
@@ -39,6 +40,15 @@ class Redraw:
         self.stream.flush()
 
 
+def stop_on_ctrl_c() -> None:
+    """Make SIGINT raise KeyboardInterrupt even if this process started with it ignored.
+
+    A shell starts background jobs (`cmd &`, nohup, some CI runners) with SIGINT ignored, and
+    Python then leaves it ignored: `--watch` and the demo, which stop on Ctrl-C, would run on.
+    Only for the main thread of an interactive command."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def watch(render: Callable[[], Optional[str]], every_s: float, stamped: bool = True,
           stream: Optional[TextIO] = None) -> int:
     """Show render()'s text every `every_s` seconds until Ctrl-C (0) or render() gives None (1).
@@ -47,6 +57,7 @@ def watch(render: Callable[[], Optional[str]], every_s: float, stamped: bool = T
     which scripts read one line at a time).
     """
     view = Redraw(stream)
+    stop_on_ctrl_c()
     try:
         while True:
             text = render()

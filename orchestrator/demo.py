@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bcorch.terminal import Redraw
+from bcorch.terminal import Redraw, stop_on_ctrl_c
 from bcorch.workers.read_ids import read_files_under, read_ids_in, read_ids_under
 
 from .local_cluster import LocalCluster
@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     code = 1
     interrupted = False
+    stop_on_ctrl_c()
     previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         try:

@@ -101,6 +101,15 @@ def test_bcmanager_watch_without_a_terminal_appends_plain_blocks(procs, tmp_path
     assert text.count("--- ") >= 2 and "Traceback" not in text
 
 
+def test_watch_stops_on_ctrl_c_even_when_started_with_sigint_ignored(procs, tmp_path):
+    """A shell starts background jobs (`&`, nohup, some CI runners) with SIGINT ignored."""
+    manager = start_manager(procs, tmp_path)
+    text = watch_into_file(["bash", "-c", f"trap '' INT; exec {BCMANAGER} status --url "
+                                          f"{manager.url} --watch 0.2"],
+                           tmp_path / "watch.log", "progress    ", procs)
+    assert "Traceback" not in text
+
+
 def test_bcorch_watch_without_a_terminal_appends_plain_tables(fake_bcorch, procs, tmp_path):
     text = watch_into_file([BCORCH, "status", "--socket", str(fake_bcorch.socket), "--watch",
                             "0.2"], tmp_path / "watch.log", "GPU  STATE", procs)
