@@ -136,8 +136,12 @@ class LocalProcess:
             pass
 
     def close(self) -> None:
-        """Kill the child and everything it started, now (a clean-up, not a drain)."""
-        if self.proc is None:
+        """Kill the child and everything it started, now (a clean-up, not a drain).
+
+        Only while the child is not yet reaped: once it has been, its pid (and process group
+        id) may already belong to a new process, another test's bcorch say, which a kill by
+        that number would take down."""
+        if self.proc is None or self.proc.poll() is not None:
             return
         kill_tree(self.proc.pid)
         self.kill_session()
