@@ -20,7 +20,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from bcorch.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, short_job_id
+from bcorch.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL
 from bcorch.workers.channel import Heartbeat, Msg, as_heartbeat
 
 from .gpus import Gpu
@@ -236,10 +236,9 @@ class Slot:
             elif self.on_heartbeat(beat):
                 return Decision(Do.REMEMBER_TREE)
         elif kind == Msg.JOB_START.value:
-            self.log.info("job %s started (%s files)", short_job_id(str(msg.get("job_id"))),
-                          msg.get("batch_size"))
+            self.log.info("job %s started (%s files)", msg.get("job_id"), msg.get("batch_size"))
         elif kind == Msg.JOB_END.value:
-            self.log.info("job %s ended %s (%s files failed)", short_job_id(str(msg.get("job_id"))),
+            self.log.info("job %s ended %s (%s files failed)", msg.get("job_id"),
                           msg.get("state"), msg.get("files_failed"))
         elif kind == Msg.MANAGER_PROBLEM.value:
             reason = str(msg.get("reason", ""))[:200]

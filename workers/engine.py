@@ -35,7 +35,7 @@ from .client import LONG_POLL_S, ManagerClient, ManagerRefused, ManagerUnreachab
 from .keepalive import BCKeepAlive, LeaseLost, ReportOutcome
 from .legacy_config import load_any
 from bcorch.protocol import (EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobState,
-                             ProtocolError, is_valid_id, short_job_id)
+                             ProtocolError, is_valid_id)
 from bcorch import logs
 from bcorch.config import Config, ConfigError
 from bcorch.ids import engine_id_for
@@ -342,16 +342,15 @@ class BCEngine:
             self._wait(0.2 if stop_seen else 1.0)
         batch = future.result()
         if self.intent.stopping and not batch.empty:
-            self.log.info("stop requested while asking: returning job %s as STOPPED",
-                          short_job_id(batch.jobid))
+            self.log.info("stop requested while asking: returning job %s as STOPPED", batch.jobid)
             try:
                 client.completed(batch.jobid, JobState.STOPPED, reason=self.intent.reason,
                                  retries=1, timeout=(1.0, 2.0))
             except (ManagerUnreachable, ProtocolError) as exc:
-                self.log.warning("could not return job %s: %s", short_job_id(batch.jobid), exc)
+                self.log.warning("could not return job %s: %s", batch.jobid, exc)
             return None
         if not batch.empty:
-            self.log.info("got job %s: %d file(s), lease %gs", short_job_id(batch.jobid),
+            self.log.info("got job %s: %d file(s), lease %gs", batch.jobid,
                           batch.batch_size, batch.report_back_interval)
         return batch
 
@@ -393,7 +392,7 @@ class BCEngine:
         timing = timing or BatchTiming(requested=time.monotonic(), received=time.monotonic())
         self._handle = handle = self.runner.start(input_dir, output_dir, model, self._batch.batch)
         timing.runner_started = time.monotonic()
-        self.log.info("job %s: basecaller pid %d started (log %s)", short_job_id(self._batch.jobid),
+        self.log.info("job %s: basecaller pid %d started (log %s)", self._batch.jobid,
                       handle.pid, handle.log_path)
         if self._keepalive.BCManager_PB:  # lost before the handle existed
             handle.terminate()
@@ -444,9 +443,9 @@ class BCEngine:
         if self.PROCESSING_STATE is not EngineState.STOPPING:
             self._set_state(EngineState.REPORTING)
         if result.state is JobState.FAILED:
-            self.log.warning("job %s FAILED: %s", short_job_id(batch.jobid), result.reason)
+            self.log.warning("job %s FAILED: %s", batch.jobid, result.reason)
         elif result.failed_files:
-            self.log.warning("job %s: %d file(s) failed: %s", short_job_id(batch.jobid),
+            self.log.warning("job %s: %d file(s) failed: %s", batch.jobid,
                              len(result.failed_files),
                              "; ".join(f"{k}: {v}" for k, v in list(result.failed_files.items())[:3]))
         deadline = time.monotonic() + self._grace() if self.parent.gone else None
@@ -504,9 +503,8 @@ class BCEngine:
         if timing.runner_started and timing.basecaller_ended:
             self._last_report_s = max(0.0, timing.reported - timing.basecaller_ended)
             self.batch_timings.append(timing)
-            self.log.debug("job %s: engine overhead %.1f ms", short_job_id(batch.jobid),
-                           timing.overhead_s * 1000)
-        self.log.info("job %s %s (%d file(s), %d failed) in %.2fs", short_job_id(batch.jobid),
+            self.log.debug("job %s: engine overhead %.1f ms", batch.jobid, timing.overhead_s * 1000)
+        self.log.info("job %s %s (%d file(s), %d failed) in %.2fs", batch.jobid,
                       result.state.value, batch.batch_size, failed,
                       time.monotonic() - self._batch_started)
 

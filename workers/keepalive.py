@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from .client import ManagerClient, ManagerRefused, ManagerUnreachable
-from bcorch.protocol import Batch, JobState, ProtocolError, short_job_id
+from bcorch.protocol import Batch, JobState, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class BCKeepAlive(threading.Thread):
                 return
             self._report()
         except Exception as exc:  # never die silently: a dead thread would look like a live lease
-            self.log.exception("keep-alive thread of job %s failed", short_job_id(self.job_id))
+            self.log.exception("keep-alive thread of job %s failed", self.job_id)
             self._lose(f"keep-alive thread failed: {exc}")
             if self.outcome is ReportOutcome.PENDING:
                 self.outcome = ReportOutcome.SKIPPED
@@ -180,7 +180,7 @@ class BCKeepAlive(threading.Thread):
                 continue
             if answer.ok:
                 self.outcome = ReportOutcome.OK
-                self.log.info("job %s reported %s", short_job_id(self.job_id), self.final_state.value)
+                self.log.info("job %s reported %s", self.job_id, self.final_state.value)
             else:
                 self.outcome = ReportOutcome.LATE
                 self._lose(f"the manager answered late to the final report "
@@ -211,7 +211,7 @@ class BCKeepAlive(threading.Thread):
             return
         self.lost_reason = reason
         self.BCManager_PB = True
-        self.log.error("lease of job %s lost: %s", short_job_id(self.job_id), reason)
+        self.log.error("lease of job %s lost: %s", self.job_id, reason)
         if self._on_lease_lost is not None:
             try:
                 self._on_lease_lost(reason)
