@@ -32,8 +32,10 @@ def write_files(root: Path, names, data: bytes = b"pod5?") -> None:
     for name in names:
         p = root / name
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        aged(p)
+        part = p.with_name(p.name + ".part")   # the scanner sees only whole files (settle_s 0)
+        part.write_bytes(data)
+        aged(part)
+        part.rename(p)
 
 
 def assign(m: ManagerProcess, engine: str = "gpu0", size: int = 0) -> dict:
