@@ -13,24 +13,18 @@ second, stops accepting, lets the requests in progress finish and exits 0.
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import sqlite3
 import threading
 import time
-from pathlib import Path
+from typing import Any
 
 from bcorch.config import ManagerConfig
 
 from .app import MAX_BODY, App
 from .http_server import HTTPServer, raise_open_files_limit
-from .layout import Layout
 from .metrics import MetricsMiddleware
-from .scanner import Scanner
-from .service import Manager
-from .journal import Journal
+from .run_part import RunPart, RunPlace
 from .statedir import default_db_path
-from .store import DatabaseUnusable, Store
 from .watcher import InputWatcher
 
 log = logging.getLogger("bcmanager")
@@ -41,54 +35,46 @@ def db_path(cfg: ManagerConfig) -> str:
     return cfg.db or str(default_db_path(cfg.output_dir))
 
 
-def _open_store(cfg: ManagerConfig) -> Store:
-    path = db_path(cfg)
-    if not cfg.db:
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DatabaseUnusable(path, f"cannot create its directory ({exc.strerror or exc}); "
-                                         f"set manager.db or --db") from None
-    return Store(path, cfg.max_attempts)
-
-
 class Service:
-    """Everything a serving manager owns, started and stopped together."""
+    """Everything a serving manager owns, started and stopped together.
 
-    def __init__(self, cfg: ManagerConfig, token: str = ""):
+    Single-run mode (manager.input_dir) serves one RunPart; facility mode
+    (manager.watch_root, `facility` given) serves a Facility of one RunPart per run.
+    """
+
+    def __init__(self, cfg: ManagerConfig, token: str = "", facility: Any = None):
         self.cfg = cfg
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        self.store = _open_store(cfg)
-        try:
-            self.layout = Layout(cfg.input_dir, cfg.output_dir)
-            self.manager = Manager(self.store, self.layout, batch_size=cfg.batch_size,
-                                   report_back_interval=cfg.report_back_interval,
-                                   input_closed=cfg.input_closed,
-                                   allow_simulated=cfg.allow_simulated,
-                                   startup_share=cfg.startup_share,
-                                   journal=Journal(cfg.output_dir),
-                                   incomplete_grace_s=cfg.incomplete_grace_s)
-            self.manager.recover()
-            skip = (cfg.output_dir,) if _inside(cfg.output_dir, cfg.input_dir) else ()
-            self.scanner = Scanner(
-                cfg.input_dir, cfg.settle_s, self.manager.add_found, self.store.known_paths(),
-                skip=skip, grace_s=cfg.incomplete_grace_s, quarantined=self.store.quarantined,
-                input_closed=lambda: self.manager.input_closed,
-                on_final_summary=self._final_summary if cfg.close_on_final_summary else None)
-            self.manager.waiting_files = lambda: len(self.scanner.waiting)
-        except sqlite3.DatabaseError as exc:  # damage found past the first page
-            self.store.close()
-            raise DatabaseUnusable(self.store.path, exc) from None
         self.stop_event = threading.Event()
-        self.watcher = InputWatcher(cfg.input_dir, stop=self.stop_event, skip=skip)
-        self.app = App(self.manager, token)
+        self.facility = None
+        self.part: RunPart | None = None
+        if facility is not None:
+            from .facility import Facility  # facility mode only
+            self.facility = Facility(cfg, facility, stop=self.stop_event.is_set)
+            backend: Any = self.facility
+            root, skip = self.facility.root, ()
+        else:
+            self.part = RunPart(cfg, RunPlace(cfg.input_dir, cfg.output_dir, db_path(cfg),
+                                              db_chosen=bool(cfg.db)),
+                                on_final_summary=self._final_summary,
+                                input_closed=cfg.input_closed)
+            self.store, self.layout = self.part.store, self.part.layout
+            self.manager, self.scanner = self.part.manager, self.part.scanner
+            backend, root, skip = self.manager, cfg.input_dir, self.part.skip
+        self.watcher = InputWatcher(root, stop=self.stop_event, skip=skip)
+        if self.facility is not None:
+            self.facility.watcher = self.watcher
+        self.app = App(backend, token)
         self._threads: list[threading.Thread] = []
         wsgi = MetricsMiddleware(self.app, self.app.metrics, self.app.routes)
         # Binds now, so a busy port is an error of the constructor.
-        self.server = HTTPServer(cfg.host, cfg.port, wsgi, threads=cfg.threads, max_body=MAX_BODY,
-                                 request_timeout_s=cfg.request_timeout_s)
+        try:
+            self.server = HTTPServer(cfg.host, cfg.port, wsgi, threads=cfg.threads,
+                                     max_body=MAX_BODY, request_timeout_s=cfg.request_timeout_s)
+        except BaseException:
+            self._close_backend()
+            raise
         self.port = self.server.port
-        self.manager.on_work_may_be_ready(self.server.notify_work)
+        backend.on_work_may_be_ready(self.server.notify_work)
         self._http: threading.Thread | None = None
 
     def _final_summary(self, path: str) -> None:
@@ -108,20 +94,33 @@ class Service:
 
     def _scan(self) -> None:
         self.watcher.start()  # before the first scan, so nothing falls between the two
-        if self.scanner.scan_once(self.stop_event.is_set):
-            self.manager.work_may_be_ready()
-        if not self.stop_event.is_set():
-            self.manager.input_scanned()
+        if self.facility is not None:
+            self.facility.scan_tick()
+        else:
+            assert self.part is not None
+            self.part.scan(self.stop_event.is_set)
+
+    def _reap(self) -> None:
+        if self.facility is not None:
+            self.facility.reap()
+        else:
+            self.manager.reap()
 
     def serve(self) -> int:
         raise_open_files_limit()
-        log.info("serving on http://%s:%d (input %s, output %s, db %s, lease %.0f s, token %s)",
-                 self.cfg.host, self.port, self.cfg.input_dir, self.cfg.output_dir,
-                 self.store.path, self.cfg.report_back_interval,
-                 "required" if self.app._expected else "off")
+        if self.facility is not None:
+            log.info("serving a facility on http://%s:%d (watch root %s, %d runs known, "
+                     "facility db %s, lease %.0f s, token %s)", self.cfg.host, self.port,
+                     self.facility.root, self.facility.run_count(), self.facility.db_path,
+                     self.cfg.report_back_interval, "required" if self.app._expected else "off")
+        else:
+            log.info("serving on http://%s:%d (input %s, output %s, db %s, lease %.0f s, token %s)",
+                     self.cfg.host, self.port, self.cfg.input_dir, self.cfg.output_dir,
+                     self.store.path, self.cfg.report_back_interval,
+                     "required" if self.app._expected else "off")
         self._threads = [
             threading.Thread(target=self._every, name="reaper", daemon=True,
-                             args=(self.reap_tick_s(), "lease reaper", self.manager.reap)),
+                             args=(self.reap_tick_s(), "lease reaper", self._reap)),
             threading.Thread(target=self._every, name="scanner", daemon=True,
                              args=(self.cfg.scan_interval_s, "input scan", self._scan,
                                    self.watcher.wait)),
@@ -152,6 +151,12 @@ class Service:
     def _on_signal(self, signum: int, frame) -> None:
         self.stop_event.set()
 
+    def _close_backend(self) -> None:
+        if self.facility is not None:
+            self.facility.close()
+        elif self.part is not None:
+            self.part.close()
+
     def shutdown(self) -> None:
         self.stop_event.set()
         log.info("stopping: no new requests, finishing those in progress")
@@ -163,11 +168,6 @@ class Service:
         for t in self._threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
         self.watcher.close()
-        self.manager.flush_moved()
-        self.store.close()
+        self._close_backend()
         log.info("stopped")
 
-
-def _inside(child: str, parent: str) -> bool:
-    child_abs, parent_abs = os.path.abspath(child), os.path.abspath(parent)
-    return child_abs != parent_abs and child_abs.startswith(parent_abs.rstrip(os.sep) + os.sep)

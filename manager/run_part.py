@@ -1,0 +1,113 @@
+"""One run's machinery: Store + Layout + Manager + Scanner + Journal, recovered on start.
+
+Single-run mode serves one RunPart (manager.server); facility mode (manager.facility)
+makes one per run directory. Everything that keeps a run's files from being lost or
+done twice (the store, the journal beside the outputs, recovery, the layout's moves)
+lives here and is the same in both modes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bcorch.config import ManagerConfig
+
+from .journal import Journal
+from .layout import Layout
+from .scanner import Scanner
+from .service import Manager
+from .store import DatabaseUnusable, Store
+
+log = logging.getLogger("bcmanager")
+
+
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run part reads, writes and keeps its database."""
+
+    input_dir: str
+    output_dir: str
+    db: str                    # SQLite file on this host's local disk
+    db_chosen: bool = False    # named by the operator (manager.db): its directory must exist
+
+
+def open_store(place: RunPlace, max_attempts: int) -> Store:
+    if not place.db_chosen:
+        try:
+            Path(place.db).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseUnusable(place.db, f"cannot create its directory "
+                                             f"({exc.strerror or exc}); set manager.db or --db") from None
+    return Store(place.db, max_attempts)
+
+
+class RunPart:
+    """A run's store, layout, manager and scanner, built and recovered together.
+
+    on_final_summary, when given, is called with the path of MinKNOW's
+    final_summary_*.txt the first time a scan sees it (manager.close_on_final_summary).
+    """
+
+    def __init__(self, cfg: ManagerConfig, place: RunPlace, *,
+                 on_final_summary: Callable[[str], None] | None = None,
+                 input_closed: bool = False):
+        self.place = place
+        Path(place.output_dir).mkdir(parents=True, exist_ok=True)
+        self.store = open_store(place, cfg.max_attempts)
+        self.skip = (place.output_dir,) if inside(place.output_dir, place.input_dir) else ()
+        try:
+            self.layout = Layout(place.input_dir, place.output_dir)
+            self.journal = Journal(place.output_dir)
+            self.manager = Manager(self.store, self.layout, batch_size=cfg.batch_size,
+                                   report_back_interval=cfg.report_back_interval,
+                                   input_closed=input_closed,
+                                   allow_simulated=cfg.allow_simulated,
+                                   startup_share=cfg.startup_share,
+                                   journal=self.journal,
+                                   incomplete_grace_s=cfg.incomplete_grace_s)
+            self.manager.recover()
+            self.scanner = Scanner(
+                place.input_dir, cfg.settle_s, self.manager.add_found, self.store.known_paths(),
+                skip=self.skip, grace_s=cfg.incomplete_grace_s, quarantined=self.store.quarantined,
+                input_closed=lambda: self.manager.input_closed,
+                on_final_summary=on_final_summary if cfg.close_on_final_summary else None)
+            self.manager.waiting_files = lambda: len(self.scanner.waiting)
+        except sqlite3.DatabaseError as exc:  # damage found past the first page
+            self.store.close()
+            raise DatabaseUnusable(self.store.path, exc) from None
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def scan(self, stop: Callable[[], bool]) -> int:
+        """One scan of the run's input; wakes long polls when files were added."""
+        added = self.scanner.scan_once(stop)
+        if added:
+            self.manager.work_may_be_ready()
+        if not stop():
+            self.manager.input_scanned()
+        return added
+
+    def reap(self) -> int:
+        return self.manager.reap()
+
+    def close(self) -> None:
+        """Acknowledge finished moves and close the database (once)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.manager.flush_moved()
+        finally:
+            self.store.close()
+            self.journal.close()
+
+
+def inside(child: str, parent: str) -> bool:
+    child_abs, parent_abs = os.path.abspath(child), os.path.abspath(parent)
+    return child_abs != parent_abs and child_abs.startswith(parent_abs.rstrip(os.sep) + os.sep)
