@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
+import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Optional
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,6 +61,7 @@ class ManagerConfig:
     request_timeout_s: float = 10.0
     allow_simulated: bool = False
     lock_refresh_s: float = 10.0
+    watch_root: str = ""
 
 
 @dataclass
@@ -117,12 +121,134 @@ class OrchestratorConfig:
     engine_start: Literal["zygote", "spawn"] = "zygote"
 
 
+MODEL_RE = re.compile(r"[A-Za-z0-9._@,/-]{1,200}")
+KIT_RE = re.compile(r"[A-Za-z0-9._-]{0,64}")
+RULE_MATCH_KEYS = ("protocol_group", "sample", "flow_cell")
+RUN_SETTING_KEYS = ("model", "kit", "emit", "priority")
+EMIT_FORMATS = ("fastq", "bam")
+
+
+def setting_problem(key: str, value: Any) -> str:
+    """Why a run setting (model, kit, emit, priority) is unusable; "" when it is fine.
+
+    One check for the config defaults, the rules and a run's bcorch.toml, so a value is
+    refused the same way wherever it is written. A leading "-" is refused for model and kit
+    because they become basecaller arguments and must not read as flags.
+    """
+    if key == "model":
+        if not isinstance(value, str):
+            return f"expected a string, got {value!r}"[:300]
+        if not MODEL_RE.fullmatch(value) or value.startswith("-"):
+            return (f"expected a dorado model complex or name ([A-Za-z0-9._@,/-], 1 to 200 "
+                    f"characters, not starting with '-'), got {value!r}"[:300])
+    elif key == "kit":
+        if not isinstance(value, str):
+            return f"expected a string, got {value!r}"[:300]
+        if not KIT_RE.fullmatch(value) or value.startswith("-"):
+            return (f"expected a kit name such as 'SQK-NBD114-24' ([A-Za-z0-9._-], at most 64 "
+                    f"characters; \"\" = none), got {value!r}"[:300])
+    elif key == "emit":
+        if value not in EMIT_FORMATS:
+            return f"expected one of 'fastq', 'bam', got {value!r}"[:300]
+    elif key == "priority":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number above 0, got {value!r}"[:300]
+        if not (math.isfinite(value) and value > 0):
+            return f"expected a number above 0, got {value!r}"[:300]
+    else:
+        return "unknown key"
+    return ""
+
+
+@dataclass
+class FacilityRule:
+    """One [[facility.rules]] table: globs that pick runs, and the settings they get.
+
+    A matcher left "" matches every run; the rule applies when all its matchers match.
+    A setting left None is not changed by the rule (kit = "" sets "no kit").
+    """
+    protocol_group: str = ""
+    sample: str = ""
+    flow_cell: str = ""
+    model: Optional[str] = None
+    kit: Optional[str] = None
+    emit: Optional[str] = None
+    priority: Optional[float] = None
+
+    def matches(self, protocol_group: str, sample: str, flow_cell: str) -> bool:
+        return all(not pattern or fnmatch.fnmatchcase(value, pattern)
+                   for pattern, value in ((self.protocol_group, protocol_group),
+                                          (self.sample, sample),
+                                          (self.flow_cell, flow_cell)))
+
+    def settings(self) -> dict[str, Any]:
+        """The settings this rule sets (those not None)."""
+        return {key: getattr(self, key) for key in RUN_SETTING_KEYS
+                if getattr(self, key) is not None}
+
+
+@dataclass
+class FacilityConfig:
+    model: str = "hac"
+    kit: str = ""
+    emit: Literal["fastq", "bam"] = "fastq"
+    priority: float = 1.0
+    output: Literal["beside", "mirror"] = "beside"
+    output_root: str = ""
+    switch_slack_s: float = 600.0
+    rules: list[FacilityRule] = field(default_factory=list)
+
+
+def _check_rules(key: str, value: Any) -> list[FacilityRule]:
+    """[[facility.rules]]: a list of tables; each names its problem as facility.rules[N].KEY.
+
+    Rules are numbered from 1, in the order they are written.
+    """
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected [[{key}]] tables, got {value!r}"[:300])
+    rules = []
+    known = list(RULE_MATCH_KEYS + RUN_SETTING_KEYS)
+    for number, table in enumerate(value, start=1):
+        where = f"{key}[{number}]"
+        if isinstance(table, FacilityRule):
+            table = {k: v for k, v in dataclasses.asdict(table).items() if v is not None}
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {table!r}"[:300])
+        for name in table:
+            if name not in known:
+                guess = difflib.get_close_matches(str(name), known, 1, 0.6)
+                raise ConfigError(f"{where}.{name}: unknown key"
+                                  + (f" (did you mean {where}.{guess[0]}?)" if guess else
+                                     f" (expected {', '.join(known)})"))
+        for name in RULE_MATCH_KEYS:
+            if name in table and not isinstance(table[name], str):
+                raise ConfigError(f"{where}.{name}: expected a string (a glob such as "
+                                  f"'cancer_*'), got {table[name]!r}"[:300])
+        if not any(table.get(name) for name in RULE_MATCH_KEYS):
+            raise ConfigError(f"{where}: needs at least one of {', '.join(RULE_MATCH_KEYS)} "
+                              f"(the defaults of [facility] apply to every run)")
+        if not any(name in table for name in RUN_SETTING_KEYS):
+            raise ConfigError(f"{where}: sets nothing (give at least one of "
+                              f"{', '.join(RUN_SETTING_KEYS)})")
+        for name in RUN_SETTING_KEYS:
+            if name in table:
+                problem = setting_problem(name, table[name])
+                if problem:
+                    raise ConfigError(f"{where}.{name}: {problem}")
+        values = dict(table)
+        if "priority" in values:
+            values["priority"] = float(values["priority"])
+        rules.append(FacilityRule(**values))
+    return rules
+
+
 @dataclass
 class Config:
     manager: ManagerConfig = field(default_factory=ManagerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    facility: FacilityConfig = field(default_factory=FacilityConfig)
     source: str = ""
 
     @property
@@ -150,6 +276,7 @@ SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
     "runner": RunnerConfig,
     "orchestrator": OrchestratorConfig,
+    "facility": FacilityConfig,
 }
 
 
@@ -167,6 +294,8 @@ def _check(key: str, value: Any, hint: Any) -> Any:
     if origin is Literal:
         if value in typing.get_args(hint):
             return value
+    elif origin is list and typing.get_args(hint) == (FacilityRule,):
+        return _check_rules(key, value)
     elif origin is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
@@ -201,6 +330,7 @@ _MINIMUMS: dict[str, float] = {
     "orchestrator.restart_window_s": 0, "orchestrator.manager_down_timeout_s": 0,
     "orchestrator.drain_timeout_s": 0, "orchestrator.metrics_port": 0,
     "orchestrator.first_contact_timeout_s": 0,
+    "facility.switch_slack_s": 0,
 }
 _MAXIMUMS: dict[str, float] = {
     "manager.port": 65535, "runner.port": 65535, "orchestrator.metrics_port": 65535,
@@ -224,6 +354,20 @@ def _check_ranges(config: Config) -> None:
     if config.engine.engine_id and not is_valid_id(config.engine.engine_id):
         raise ConfigError(f"engine.engine_id: expected [A-Za-z0-9._-]{{1,64}}, "
                           f"got {config.engine.engine_id!r}")
+    _check_facility(config.facility)
+
+
+def _check_facility(facility: FacilityConfig) -> None:
+    for key in RUN_SETTING_KEYS:
+        problem = setting_problem(key, getattr(facility, key))
+        if problem:
+            raise ConfigError(f"facility.{key}: {problem}")
+    if not math.isfinite(facility.switch_slack_s):
+        raise ConfigError(f"facility.switch_slack_s: expected a finite number, "
+                          f"got {facility.switch_slack_s!r}")
+    if facility.output == "mirror" and not facility.output_root:
+        raise ConfigError('facility.output_root: required when facility.output = "mirror" '
+                          '(the root under which each run\'s outputs mirror the layout)')
 
 
 def from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> Config:

@@ -97,3 +97,80 @@ def test_safe_defaults_for_a_real_gpu_host():
     assert cfg.runner.kind == "dorado"          # never simulated basecalls unless asked
     assert cfg.manager.allow_simulated is False
     assert cfg.runner.min_read_fraction == 1.0  # every read of a file, unless dorado filters
+
+
+def test_example_config_names_every_key_in_its_section():
+    sections: dict[str, set[str]] = {}
+    current = ""
+    for line in (REPO / "config.toml").read_text().splitlines():
+        header = re.match(r"^\[(\w+)\]", line)
+        if header:
+            current = header.group(1)
+        key = re.match(r"^(\w+)\s*=", line)
+        if key:
+            sections.setdefault(current, set()).add(key.group(1))
+    text = (REPO / "config.toml").read_text()
+    for section, defaults in config.defaults_as_dict().items():
+        for key, value in defaults.items():
+            if isinstance(value, list) and key == "rules":
+                assert "[[facility.rules]]" in text   # tables, shown as a commented example
+            else:
+                assert key in sections.get(section, set()), f"{section}.{key} not in config.toml"
+
+
+def test_example_facility_rule_in_config_toml_loads(tmp_path):
+    text = (REPO / "config.toml").read_text()
+    example = [line[4:] for line in text.splitlines() if line.startswith("#   ")]
+    written = tmp_path / "rules.toml"
+    written.write_text("\n".join(example) + "\n")
+    rules = config.load(written).facility.rules
+    assert len(rules) == 1 and rules[0].protocol_group == "cancer_*"
+    assert rules[0].model == "sup,5mCG_5hmCG" and rules[0].priority == 2.0
+    assert rules[0].kit is None and rules[0].matches("cancer_liver", "s1", "PAQ1")
+    assert not rules[0].matches("rna_x", "s1", "PAQ1")
+
+
+def test_facility_rules_load_from_toml_in_order(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[facility]\nmodel = "sup"\n'
+                    '[[facility.rules]]\nsample = "s*"\nkit = "SQK-NBD114-24"\n'
+                    '[[facility.rules]]\nflow_cell = "PAQ*"\nemit = "bam"\npriority = 3\n')
+    cfg = config.load(path).facility
+    assert cfg.model == "sup" and [r.settings() for r in cfg.rules] == [
+        {"kit": "SQK-NBD114-24"}, {"emit": "bam", "priority": 3.0}]
+    assert isinstance(cfg.rules[1].priority, float)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"facility": {"priority": 0}}, "facility.priority: expected a number above 0"),
+    ({"facility": {"priority": float("nan")}}, "facility.priority: expected a number above 0"),
+    ({"facility": {"priority": "high"}}, "facility.priority: expected a number"),
+    ({"facility": {"emit": "sam"}}, "facility.emit: expected one of"),
+    ({"facility": {"model": "sup; rm -rf /"}}, "facility.model: expected a dorado model"),
+    ({"facility": {"model": ""}}, "facility.model: expected a dorado model"),
+    ({"facility": {"model": "--emit-moves"}}, "facility.model: expected a dorado model"),
+    ({"facility": {"kit": "SQK NBD"}}, "facility.kit: expected a kit name"),
+    ({"facility": {"output": "elsewhere"}}, "facility.output: expected one of"),
+    ({"facility": {"output": "mirror"}}, "facility.output_root: required"),
+    ({"facility": {"switch_slack_s": -1}}, "facility.switch_slack_s: expected a value"),
+    ({"facility": {"rules": {"model": "sup"}}}, "facility.rules: expected [[facility.rules]]"),
+    ({"facility": {"rules": [3]}}, "facility.rules[1]: expected a table"),
+    ({"facility": {"rules": [{"sample": "a", "model": "sup"}, {"sampel": "b", "model": "x"}]}},
+     "facility.rules[2].sampel: unknown key (did you mean facility.rules[2].sample?)"),
+    ({"facility": {"rules": [{"model": "sup"}]}}, "facility.rules[1]: needs at least one of"),
+    ({"facility": {"rules": [{"sample": "a"}]}}, "facility.rules[1]: sets nothing"),
+    ({"facility": {"rules": [{"sample": 5, "model": "sup"}]}},
+     "facility.rules[1].sample: expected a string"),
+    ({"facility": {"rules": [{"sample": "a", "priority": -2}]}},
+     "facility.rules[1].priority: expected a number above 0"),
+    ({"facility": {"rules": [{"sample": "a", "emit": "cram"}]}},
+     "facility.rules[1].emit: expected one of"),
+    ({"facility": {"modle": "sup"}}, "facility.modle: unknown key (did you mean facility.model?)"),
+    ({"manager": {"watch_root": 5}}, "manager.watch_root: expected a string"),
+])
+def test_bad_facility_values_name_the_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping(data)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+    assert err.value.exit_code == 78
