@@ -152,6 +152,16 @@ class Batch:
     # them), so an engine on a host with the same mounts needs no directories configured.
     input_root: str = ""
     output_root: str = ""
+    # Facility mode (issue 13): the run the batch belongs to and its settings. The
+    # directories are relative to the shared input and output roots; the engine resolves
+    # input_dir / run_input_dir / job_input_dir. Sent only by a facility: a single-run
+    # manager's answer has none of them.
+    run_id: str = ""
+    run_input_dir: str = ""
+    run_output_dir: str = ""
+    model: str = ""
+    kit: str = ""
+    emit: str = ""
 
     @property
     def batch_size(self) -> int:
@@ -173,7 +183,7 @@ class Batch:
         }
         if self.input_closed is not None:
             answer["input_closed"] = self.input_closed
-        for key in ("input_root", "output_root"):
+        for key in ("input_root", "output_root") + RUN_FIELDS:
             if getattr(self, key):
                 answer[key] = getattr(self, key)
         return answer
@@ -217,7 +227,61 @@ class Batch:
             input_closed=closed,
             input_root=_root(answer, "input_root"),
             output_root=_root(answer, "output_root"),
+            **run_fields(answer),
         )
+
+
+RUN_FIELDS = ("run_id", "run_input_dir", "run_output_dir", "model", "kit", "emit")
+EMIT_FORMATS = ("fastq", "bam")
+MODEL_RE = re.compile(r"[A-Za-z0-9._@,/-]{1,200}")
+KIT_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+MAX_REL_PATH = 4096
+
+
+def validate_rel_path(value: object, what: str) -> str:
+    """A directory relative to a shared root: no leading '/', no '..' or '.', no empty part."""
+    if (not isinstance(value, str) or not value or len(value) > MAX_REL_PATH
+            or value.startswith("/") or "\0" in value or "\\" in value
+            or any(part in ("", ".", "..") for part in value.split("/"))):
+        raise ProtocolError(f"{what} must be a relative path without '..', '.' or empty parts, "
+                            f"got {str(value)[:80]!r}")
+    return value
+
+
+def validate_model(value: object, what: str = "model") -> str:
+    """A dorado model complex or name, e.g. "sup,5mCG_5hmCG" or "hac@v5.0.0"."""
+    if not isinstance(value, str) or not MODEL_RE.fullmatch(value) or ".." in value:
+        raise ProtocolError(f"{what} must match [A-Za-z0-9._@,/-]{{1,200}} without '..', "
+                            f"got {str(value)[:80]!r}")
+    return value
+
+
+def validate_kit(value: object, what: str = "kit") -> str:
+    """A sequencing kit name for --kit-name, e.g. "SQK-NBD114-24"."""
+    if not isinstance(value, str) or not KIT_RE.fullmatch(value):
+        raise ProtocolError(f"{what} must match [A-Za-z0-9._-]{{1,100}}, got {str(value)[:80]!r}")
+    return value
+
+
+def validate_emit(value: object, what: str = "emit") -> str:
+    if value not in EMIT_FORMATS:
+        raise ProtocolError(f"{what} must be one of {', '.join(EMIT_FORMATS)}, "
+                            f"got {str(value)[:40]!r}")
+    return value  # type: ignore[return-value]
+
+
+_RUN_FIELD_CHECKS = {"run_id": validate_id, "run_input_dir": validate_rel_path,
+                     "run_output_dir": validate_rel_path, "model": validate_model,
+                     "kit": validate_kit, "emit": validate_emit}
+
+
+def run_fields(answer: Mapping[str, Any]) -> dict[str, str]:
+    """The facility fields of an /assignwork answer, validated ("" for those not sent)."""
+    fields: dict[str, str] = {}
+    for key, check in _RUN_FIELD_CHECKS.items():
+        value = answer.get(key, "")
+        fields[key] = "" if value == "" else check(value, f"/assignwork {key}")
+    return fields
 
 
 def _root(answer: Mapping[str, Any], key: str) -> str:
