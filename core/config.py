@@ -164,7 +164,8 @@ def setting_problem(key: str, value: Any) -> str:
 class FacilityRule:
     """One [[facility.rules]] table: globs that pick runs, and the settings they get.
 
-    A matcher left "" matches every run; the rule applies when all its matchers match.
+    A matcher left "" matches every run; the rule applies when all its matchers match. A
+    field the run does not have (a flow cell in a name that does not parse) matches no glob.
     A setting left None is not changed by the rule (kit = "" sets "no kit").
     """
     protocol_group: str = ""
@@ -176,7 +177,7 @@ class FacilityRule:
     priority: Optional[float] = None
 
     def matches(self, protocol_group: str, sample: str, flow_cell: str) -> bool:
-        return all(not pattern or fnmatch.fnmatchcase(value, pattern)
+        return all(not pattern or (value != "" and fnmatch.fnmatchcase(value, pattern))
                    for pattern, value in ((self.protocol_group, protocol_group),
                                           (self.sample, sample),
                                           (self.flow_cell, flow_cell)))
