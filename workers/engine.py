@@ -6,6 +6,12 @@ completion -> next. The main thread never blocks in one long call: it waits in
 select() on the basecaller's pidfd, the parent pipe and a self-pipe (signals,
 lease loss), at most until the next heartbeat is due.
 
+Facility mode (issue 13): a batch may name its run's directories, relative to the
+shared roots (engine.input_dir / run_input_dir / job_input_dir, the same for outputs),
+and its run's model, kit and output format, which replace the engine's configured ones
+for that batch. A batch without them (a single-run manager, the original manager) is
+run exactly as before.
+
 What the engine means to do next (work, drain, stop) and why is one `Intent`
 (workers/intent.py), changed only in `BCEngine._intend`; the pipe to the
 orchestrator is a `ParentPipe` (workers/parent_pipe.py).
@@ -42,6 +48,7 @@ from bcorch.ids import engine_id_for
 from .output_check import OutputChecker
 from .parent_pipe import ParentPipe
 from .runners import Placement, RunHandle, RunResult, make_runner
+from .runners.base import BatchSettingsError
 
 AFTER_OUTAGE_ENV = "BCORCH_AFTER_OUTAGE"
 AFTER_OUTAGE_CAP_S = 30.0
@@ -73,6 +80,8 @@ class BatchTiming:
     basecaller_ended: float = 0.0
     reported: float = 0.0
     runner_startup_s: float = 0.0   # the basecaller's own start-up (model loading), if known
+    idle_s: float = 0.0             # waiting for work before this batch (empty answers and after)
+    completing: float = 0.0         # its /completed report sent (reported - completing: the call)
 
     @property
     def overhead_s(self) -> float:
@@ -185,7 +194,7 @@ class BCEngine:
         self.files_failed = 0
         self.last_error = ""
         self.batch_timings: list[BatchTiming] = []
-        self._last_report_s = 0.0
+        self._idle_s = 0.0         # waiting for work since the last batch was received
 
     @property
     def bc_script(self) -> str:
@@ -350,13 +359,14 @@ class BCEngine:
                 self.log.warning("could not return job %s: %s", batch.jobid, exc)
             return None
         if not batch.empty:
-            self.log.info("got job %s: %d file(s), lease %gs", batch.jobid,
-                          batch.batch_size, batch.report_back_interval)
+            self.log.info("got job %s: %d file(s), lease %gs%s", batch.jobid,
+                          batch.batch_size, batch.report_back_interval, _run_note(batch))
         return batch
 
     def _run_batch(self, batch: Batch, requested_at: float) -> tuple[int, str] | None:
         """One batch from lease to report; an (exit code, reason) to end the loop, else None."""
-        timing = BatchTiming(requested=requested_at, received=time.monotonic())
+        timing = BatchTiming(requested=requested_at, received=time.monotonic(), idle_s=self._idle_s)
+        self._idle_s = 0.0
         self._batch, self._batch_started = batch, time.monotonic()
         self._keepalive = BCKeepAlive.started_instance(
             batch, JobState.PROCESSING, self.conf, client=self.client,
@@ -367,16 +377,21 @@ class BCEngine:
         try:
             self.INPUTDIR = self._shared_dir("input_dir", batch.input_root)
             self.OUTPUTDIR = self._shared_dir("output_dir", batch.output_root)
-            input_dir = self.INPUTDIR / batch.job_input_dir
-            output_dir = self.OUTPUTDIR / batch.job_output_dir
+            input_dir, output_dir = self._job_dirs(batch)
             if not input_dir.is_dir():
                 raise ConfigError(f"engine.input_dir: the job's input dir {str(input_dir)!r} does "
                                   f"not exist here (is engine.input_dir this host's mount of the "
                                   f"manager's INPUT_DIR?)")
-            result = self._basecalling_work(input_dir, output_dir, self.bc_model, timing)
+            result = self._basecalling_work(input_dir, output_dir, batch.model or self.bc_model,
+                                            timing, kit=batch.kit, emit=batch.emit)
             result = self.output_check.apply(result, input_dir, output_dir, batch.batch)
         except LeaseLost as exc:
             return self._end_batch_lost(str(exc))
+        except BatchSettingsError as exc:
+            # The run's settings cannot be honoured here: its files fail (and are retried or
+            # quarantined with this reason); this engine goes on with other runs' batches.
+            reason = f"run {batch.run_id or '?'}: {str(exc).splitlines()[0]}"
+            return self._report(RunResult(JobState.FAILED, reason=reason), timing)
         except (ConfigError, OSError) as exc:
             # Not the files' fault: give them back without counting an attempt, do not restart.
             reason = str(exc).splitlines()[0]
@@ -385,12 +400,24 @@ class BCEngine:
                 f"runner.kind {self.conf.runner.kind}: cannot start the basecaller: {reason}"
         return self._report(result, timing)
 
+    def _job_dirs(self, batch: Batch) -> tuple[Path, Path]:
+        """The batch's input and output dirs on this host: under its run's directories
+        (relative to the shared roots) when the batch names them."""
+        assert self.INPUTDIR is not None and self.OUTPUTDIR is not None
+        input_root = self.INPUTDIR / batch.run_input_dir if batch.run_input_dir else self.INPUTDIR
+        output_root = (self.OUTPUTDIR / batch.run_output_dir if batch.run_output_dir
+                       else self.OUTPUTDIR)
+        return input_root / batch.job_input_dir, output_root / batch.job_output_dir
+
     def _basecalling_work(self, input_dir: Path, output_dir: Path, model: str,
-                          timing: BatchTiming | None = None) -> RunResult:
-        """Run the basecaller on one batch, polling it; raises LeaseLost."""
+                          timing: BatchTiming | None = None, *, kit: str = "",
+                          emit: str = "") -> RunResult:
+        """Run the basecaller on one batch, polling it; raises LeaseLost (and
+        BatchSettingsError for a setting of the batch the runner cannot honour)."""
         assert self._batch is not None and self._keepalive is not None
         timing = timing or BatchTiming(requested=time.monotonic(), received=time.monotonic())
-        self._handle = handle = self.runner.start(input_dir, output_dir, model, self._batch.batch)
+        self._handle = handle = self.runner.start(input_dir, output_dir, model, self._batch.batch,
+                                                  kit=kit, emit=emit)
         timing.runner_started = time.monotonic()
         self.log.info("job %s: basecaller pid %d started (log %s)", self._batch.jobid,
                       handle.pid, handle.log_path)
@@ -451,6 +478,7 @@ class BCEngine:
         deadline = time.monotonic() + self._grace() if self.parent.gone else None
         if result.state is JobState.DONE:
             keepalive.pace = self._pace(batch, timing)
+        timing.completing = time.monotonic()
         keepalive.finish(result.state, result.failed_files, result.reason, deadline)
         while keepalive.is_alive():
             keepalive.join(timeout=max(0.0, min(0.2, self._next_heartbeat - time.monotonic())))
@@ -479,7 +507,7 @@ class BCEngine:
         and the previous batch's report), for the manager's batch sizing; {} if unknown."""
         if not (timing.runner_started and timing.basecaller_ended) or self.INPUTDIR is None:
             return {}
-        input_dir = Path(self.INPUTDIR) / batch.job_input_dir
+        input_dir, _ = self._job_dirs(batch)
         work = 0
         for name in batch.batch:
             try:
@@ -488,9 +516,34 @@ class BCEngine:
                 return {}
         ran = timing.basecaller_ended - timing.runner_started
         basecalling = max(ran - timing.runner_startup_s, 1e-3)
-        startup = (timing.runner_started - timing.received + timing.runner_startup_s
-                   + self._last_report_s)
+        startup = self._between_basecalls_s(batch, timing) + timing.runner_startup_s
         return {"rate": work / basecalling, "startup_s": max(0.0, startup)}
+
+    def _between_basecalls_s(self, batch: Batch, timing: BatchTiming) -> float:
+        """What this batch cost the GPU outside basecalling, waiting for work left out.
+
+        From the end of the previous basecall to the start of this one: that batch's output
+        check and report, any busy pause, the request, the lease and the runner's start.
+        Waiting for work that did not exist yet is not a cost of the batch: empty answers
+        (and the pauses after them) are left out, and so is the part of the answering
+        request that the manager may have held (a long poll). A manager holds only while
+        the input is open, so with `input_closed` the whole round trip counts; otherwise at
+        most as long as the previous /completed took (a round trip to the same manager
+        that is never held). Before any previous batch, this batch's own output check
+        stands in for the finish.
+        """
+        request = timing.received - timing.requested
+        previous = self.batch_timings[-1] if self.batch_timings else None
+        if batch.input_closed is True:
+            held = 0.0
+        elif previous is not None and previous.completing:
+            held = max(0.0, request - (previous.reported - previous.completing))
+        else:
+            held = request
+        if previous is not None:
+            return timing.runner_started - previous.basecaller_ended - timing.idle_s - held
+        return (timing.runner_started - timing.requested - held
+                + time.monotonic() - timing.basecaller_ended)
 
     def _record(self, batch: Batch, result: RunResult, timing: BatchTiming) -> None:
         failed = len(result.failed_files) if result.state is not JobState.FAILED else batch.batch_size
@@ -501,7 +554,6 @@ class BCEngine:
         if result.state is JobState.FAILED:
             self.last_error = f"job {batch.jobid}: {result.reason}"
         if timing.runner_started and timing.basecaller_ended:
-            self._last_report_s = max(0.0, timing.reported - timing.basecaller_ended)
             self.batch_timings.append(timing)
             self.log.debug("job %s: engine overhead %.1f ms", batch.jobid, timing.overhead_s * 1000)
         self.log.info("job %s %s (%d file(s), %d failed) in %.2fs", batch.jobid,
@@ -540,6 +592,8 @@ class BCEngine:
         else:
             pause = self.polling_interval * 60.0 * random.uniform(0.9, 1.1)
         self._pause(pause - (time.monotonic() - end))
+        if not had_work:
+            self._idle_s += time.monotonic() - start
 
     def _pause(self, seconds: float) -> None:
         deadline = time.monotonic() + max(0.0, seconds)
@@ -644,6 +698,13 @@ class BCEngine:
         self.runner.close()
         self.client.close()
         self._waker.close()
+
+
+def _run_note(batch: Batch) -> str:
+    """What a facility batch adds to its log line ("" for a single-run batch)."""
+    parts = [f"{key} {getattr(batch, key)}" for key in ("run_id", "model", "kit", "emit")
+             if getattr(batch, key)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _configure_logging(level: str) -> None:

@@ -121,6 +121,34 @@ def read_ids_under(dirs: Iterable[str | Path]) -> WrittenReads:
     return written
 
 
+_SETTING_WORD = re.compile(r"(?:^|\s)(model|kit)=(\S+)")
+
+
+def settings_under(dirs: Iterable[str | Path]) -> dict[str, dict[str, str]]:
+    """{read id: {"model": ..., "kit": ...}}: what each read was basecalled with, as the
+    simulated basecaller and the test fakes record it (the `model=` and `kit=` words of a
+    FASTQ header, or of a BAM record's DS tag; a read without them maps to {}). Real
+    dorado does not write these words: this checks simulations and tests (facility mode
+    runs each run's batches with that run's model)."""
+    found: dict[str, dict[str, str]] = {}
+    for path in read_files_under(dirs):
+        if path.name.endswith(FASTQ_SUFFIXES):
+            opener = gzip.open if path.name.endswith(".gz") else open
+            with opener(path, "rt", encoding="ascii", errors="replace") as fh:
+                for number, line in enumerate(fh):
+                    if number % 4 == 0 and line.startswith("@") and line[1:].strip():
+                        read_id, *rest = line[1:].split(None, 1)
+                        found[read_id] = dict(_SETTING_WORD.findall(" ".join(rest)))
+        elif path.name.endswith(BAM_SUFFIXES):
+            import pysam
+
+            with pysam.AlignmentFile(str(path), "rb", check_sq=False) as bam:
+                for record in bam.fetch(until_eof=True):
+                    text = str(record.get_tag("DS")) if record.has_tag("DS") else ""
+                    found[record.query_name] = dict(_SETTING_WORD.findall(text))
+    return found
+
+
 def _fastq_records(path: Path) -> Iterator[Record]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="ascii", errors="replace") as fh:

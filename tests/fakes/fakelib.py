@@ -67,21 +67,32 @@ def _unsplit(records) -> list[tuple[str, int, str | None]]:
     return [r if len(r) == 3 else (*r, None) for r in records]
 
 
-def fastq(records, model: str) -> str:
+def description(model: str, given: str = "", kit: str = "") -> str:
+    """The DS:Z tag's text: the model dorado resolved, and what the fake was given on its
+    command line (`model=` the model argument, `kit=` the --kit-name), so a test can tell
+    which run's settings basecalled each read."""
+    words = [f"basecall_model={model}", f"model={given or model}"]
+    if kit:
+        words.append(f"kit={kit}")
+    return " ".join(words)
+
+
+def fastq(records, model: str, given: str = "", kit: str = "") -> str:
     """FASTQ text with dorado's header tags (and `pi:Z:` for a split read's child)."""
     out = []
     for read_id, samples, parent in _unsplit(records):
         seq, qual = sequence(read_id, samples)
-        tags = f"\tst:Z:2026-11-01T09:00:00Z\tDS:Z:basecall_model={model}"
+        tags = f"\tst:Z:2026-11-01T09:00:00Z\tDS:Z:{description(model, given, kit)}"
         if parent:
             tags += f"\tpi:Z:{parent}"
         out.append(f"@{read_id}{tags}\n{seq}\n+\n{qual}\n")
     return "".join(out)
 
 
-def bam(records, model: str) -> bytes:
+def bam(records, model: str, given: str = "", kit: str = "") -> bytes:
     """An unaligned BAM file, written by pysam as dorado writes one (no references, the
-    read group and model in tags; `pi:Z:` for a split read's child)."""
+    read group and model in tags, DS as in `description`; `pi:Z:` for a split read's
+    child)."""
     import pysam
 
     header = {"HD": {"VN": "1.6", "SO": "unknown"},
@@ -96,7 +107,8 @@ def bam(records, model: str) -> bytes:
                 record.flag = 4
                 record.query_sequence = seq
                 record.query_qualities = pysam.qualitystring_to_array(qual)
-                tags = [("st", "2026-11-01T09:00:00Z"), ("RG", f"fake_{model}")]
+                tags = [("st", "2026-11-01T09:00:00Z"), ("RG", f"fake_{model}"),
+                        ("DS", description(model, given, kit))]
                 if parent:
                     tags.append(("pi", parent))
                 record.set_tags(tags)

@@ -7,6 +7,13 @@ stop is TERM to the group, then KILL after a grace period.
 
 `Runner.start` returns a `RunHandle`, a Protocol: `ProcessHandle` (one basecaller
 process) and the dorado-server runner's `ServerBatchHandle` both honour it.
+
+Per-batch settings (facility mode, issue 13): `start` gets the batch's model, and
+keyword-only its kit (`--kit-name`, "" none) and output format (`emit`, "" the runner's
+configured one). A setting of the batch that this runner cannot honour (a model not
+installed on this host) raises `BatchSettingsError`: the batch FAILS with that reason and
+the engine goes on with other runs' batches; a configuration error of the engine itself
+stays a ConfigError (exit 78).
 """
 from __future__ import annotations
 
@@ -24,6 +31,20 @@ from bcorch.protocol import JobState
 
 LOG_NAME = "basecaller.log"
 FAILED_FILES_NAME = "failed_files.json"
+
+
+class BatchSettingsError(ValueError):
+    """A batch's own setting (model, kit, emit) this runner cannot honour; str() is one line."""
+
+
+EMITS = ("fastq", "bam")
+
+
+def batch_emit(emit: str, configured: str) -> str:
+    """The output format of a batch: its own, else the runner's configured one."""
+    if emit and emit not in EMITS:
+        raise BatchSettingsError(f"emit must be one of {', '.join(EMITS)}, got {emit!r}")
+    return emit or configured
 
 
 @dataclass
@@ -179,9 +200,12 @@ class Runner(abc.ABC):
     kind: str = ""
 
     @abc.abstractmethod
-    def start(self, input_dir: Path, output_dir: Path, model: str,
-              batch: Sequence[str]) -> RunHandle:
-        """Start the basecaller on the batch's files in input_dir, writing into output_dir."""
+    def start(self, input_dir: Path, output_dir: Path, model: str, batch: Sequence[str], *,
+              kit: str = "", emit: str = "") -> RunHandle:
+        """Start the basecaller on the batch's files in input_dir, writing into output_dir,
+        with `model`, demultiplexing with `kit` ("" none), writing `emit` ("fastq" or
+        "bam"; "" the runner's configured format). Raises BatchSettingsError for a
+        setting it cannot honour."""
 
     def close(self) -> None:
         """Stop what the runner keeps between batches (a basecall server); called on exit."""

@@ -3,7 +3,13 @@
 Written against dorado 1.x (the `basecaller` subcommand and flags are unchanged in 2.x):
 
     dorado basecaller <model> <job input dir> --device cuda:<n>
-        --output-dir <job output dir>/pass [--emit-fastq] [--models-directory D] <extra_args>
+        --output-dir <job output dir>/pass [--emit-fastq] [--models-directory D]
+        [--kit-name KIT] <extra_args>
+
+- Per batch (facility mode): the batch's model, kit and output format replace the engine's
+  (`engine.model`, none, `runner.emit`) when the manager's answer carries them. A batch's
+  model that is not installed here FAILS that batch (BatchSettingsError); the engine goes on.
+  A batch's kit replaces a `--kit-name` given in `runner.extra_args`.
 
 - `<model>` is a model complex (`hac`, `sup@v5.2.0`, `hac,5mCG_5hmCG`), a model name
   (`dna_r10.4.1_e8.2_400bps_hac@v5.2.0`) or a model directory. In a cluster nothing is
@@ -29,7 +35,8 @@ from typing import Sequence
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError
 from ..read_ids import require_bam_reader
-from .base import LOG_NAME, ProcessHandle, RunHandle, RunResult, Runner
+from .base import (LOG_NAME, BatchSettingsError, ProcessHandle, RunHandle, RunResult,
+                   Runner, batch_emit)
 
 TIERS = ("fast", "hac", "sup")
 _COMPLEX = re.compile(r"(?P<tier>fast|hac|sup)(?:@(?P<version>v\d+(?:\.\d+)*|latest))?"
@@ -140,24 +147,38 @@ class DoradoRunner(Runner):
         check_model(model, models_directory)
         if emit == "bam":
             require_bam_reader("runner.emit")
+        self.model = model
         self.emit = emit
         self.extra_args = list(extra_args)
         self.device = f"cuda:{device_index}"
         self.stall_timeout_s = stall_timeout_s
         self.log = logger or logging.getLogger(__name__)
 
-    def argv(self, input_dir: Path, output_dir: Path, model: str) -> list[str]:
+    def argv(self, input_dir: Path, output_dir: Path, model: str, *, kit: str = "",
+             emit: str = "") -> list[str]:
         argv = [self.dorado, "basecaller", model, str(input_dir), "--device", self.device,
                 "--output-dir", str(output_dir / "pass")]
-        if self.emit == "fastq":
+        if (emit or self.emit) == "fastq":
             argv.append("--emit-fastq")
         if self.models_directory:
             argv += ["--models-directory", self.models_directory]
-        return argv + self.extra_args
+        extra = self.extra_args
+        if kit:
+            argv += ["--kit-name", kit]
+            extra = _without_option(extra, "--kit-name")
+        return argv + extra
 
-    def start(self, input_dir: Path, output_dir: Path, model: str,
-              batch: Sequence[str]) -> RunHandle:
-        check_model(model, self.models_directory)
+    def start(self, input_dir: Path, output_dir: Path, model: str, batch: Sequence[str], *,
+              kit: str = "", emit: str = "") -> RunHandle:
+        emit = batch_emit(emit, self.emit)
+        try:
+            check_model(model, self.models_directory)
+            if emit == "bam":
+                require_bam_reader("runner.emit")
+        except ConfigError as exc:
+            if model == self.model and emit == self.emit:
+                raise
+            raise BatchSettingsError(str(exc)) from None
         log_path = output_dir / LOG_NAME
 
         def interpret(code: int) -> RunResult:
@@ -165,6 +186,20 @@ class DoradoRunner(Runner):
                 return RunResult(JobState.DONE, code)
             return RunResult(JobState.FAILED, code, reason=describe_exit("dorado", code, log_path))
 
-        return ProcessHandle(self.argv(input_dir, output_dir, model), output_dir,
-                         interpret=interpret, stall_timeout_s=self.stall_timeout_s,
-                         logger=self.log)
+        return ProcessHandle(self.argv(input_dir, output_dir, model, kit=kit, emit=emit),
+                             output_dir, interpret=interpret,
+                             stall_timeout_s=self.stall_timeout_s, logger=self.log)
+
+
+def _without_option(args: Sequence[str], option: str) -> list[str]:
+    """args less `option VALUE` and `option=VALUE`."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out

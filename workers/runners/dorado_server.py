@@ -5,6 +5,7 @@ batch by ont_basecaller_supervisor (how the original pipeline ran).
                            --log_path <OUTPUT_DIR>/SERVERLOG_<engine id> [--use_tcp] <extra_args>
     ont_basecaller_supervisor --input_path <job input dir> --save_path <job output dir>
                               --config <engine.model> --port <port> --num_clients <n>
+                              [--use_tcp] [--bam_out] [--barcode_kits KIT]
 
 The server loads the model once and stays up between batches. It is started (without
 blocking the engine's loop) when the first batch arrives; the batch's supervisor starts
@@ -17,6 +18,14 @@ A server that dies is started again at the next batch (a crash of the runner, no
 the engine); a batch whose server died under it is FAILED. Exit code 2 of the server
 (bad configuration, model, device or memory) is a configuration error: the engine
 reports the batch STOPPED and exits 78.
+
+Per batch (facility mode): a batch's output format and kit go to its supervisor. A batch
+whose model is not the one the server has loaded restarts the server with that model
+(stop, then start with the new --config: a model switch, counted in `model_switches`;
+the wait for the server is the batch's start-up, `startup_s`). The manager's fair share
+keeps an engine on one model while it can, so switches are rare. A batch's model the
+server refuses (exit 2) FAILS that batch instead of stopping the engine: the next batch
+with another model restarts the server again.
 """
 from __future__ import annotations
 
@@ -35,7 +44,8 @@ from typing import Sequence
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError
 from ..read_ids import require_bam_reader
-from .base import LOG_NAME, ProcessHandle, RunHandle, RunResult, Runner
+from .base import (LOG_NAME, BatchSettingsError, ProcessHandle, RunHandle, RunResult, Runner,
+                   batch_emit)
 from .dorado import describe_exit, find_executable, last_error_line
 
 READY_MARKERS = ("Starting server on port", "Basecall Service started on port")
@@ -74,7 +84,7 @@ class BasecallServer:
     def __init__(self, argv: Sequence[str], log_dir: Path, *, port: str, use_tcp: bool,
                  start_timeout_s: float,
                  logger: logging.Logger | logging.LoggerAdapter | None = None):
-        self.argv = list(argv)
+        self.argv = list(argv)   # argv[2] is the --config (the model)
         self.log_dir = log_dir
         self.port = port
         self.use_tcp = use_tcp
@@ -90,6 +100,17 @@ class BasecallServer:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
+
+    @property
+    def config(self) -> str:
+        """The model (--config) it runs, or will run at its next start."""
+        return self.argv[2]
+
+    def reconfigure(self, config: str) -> None:
+        """Use `config` from the next start on; only while stopped or dead."""
+        if self.state in (ServerState.STARTING, ServerState.READY):
+            raise RuntimeError("reconfigure a running dorado_basecall_server: stop it first")
+        self.argv[2] = config
 
     def _set(self, new: ServerState) -> None:
         if new is self.state:
@@ -206,9 +227,14 @@ class ServerBatchHandle:
     """
 
     def __init__(self, server: BasecallServer, supervisor_argv: Sequence[str], output_dir: Path,
-                 *, stall_timeout_s: float,
+                 *, stall_timeout_s: float, model_from_batch: bool = False,
                  logger: logging.Logger | logging.LoggerAdapter | None = None):
+        """model_from_batch: the server runs the batch's own model, not the engine's; a
+        server that refuses it (exit 2) fails this batch instead of stopping the engine."""
         self.server = server
+        self.model_from_batch = model_from_batch
+        self.startup_s: float | None = None   # the wait for the server (loading its model)
+        self._created = time.monotonic()
         self.supervisor_argv = list(supervisor_argv)
         self.output_dir = output_dir
         self.log_path = output_dir / LOG_NAME
@@ -236,6 +262,12 @@ class ServerBatchHandle:
         except TimeoutError as exc:
             self._finish(RunResult(JobState.FAILED, reason=str(exc)))
             return
+        except ConfigError as exc:
+            if not self.model_from_batch:
+                raise
+            self._finish(RunResult(JobState.FAILED, self.server.last_exit,
+                                   reason=f"the batch's model: {exc}"))
+            return
         if self.supervisor is not None:
             result = self.supervisor.poll()
             if result is None and state is ServerState.DEAD:
@@ -261,6 +293,7 @@ class ServerBatchHandle:
             self._starts_here += 1
             self.server.start()
         elif state is ServerState.READY:
+            self.startup_s = time.monotonic() - self._created
             self.supervisor = ProcessHandle(self.supervisor_argv, self.output_dir,
                                         interpret=self._interpret,
                                         stall_timeout_s=self.stall_timeout_s, logger=self.log)
@@ -317,6 +350,7 @@ class DoradoServerRunner(Runner):
         if emit == "bam":
             require_bam_reader("runner.emit")
         self.model = model
+        self.model_switches = 0
         self.port = str(base_port + gpu_index) if use_tcp else ipc_port(engine_id)
         self.use_tcp = use_tcp
         self.num_clients = num_clients
@@ -334,24 +368,45 @@ class DoradoServerRunner(Runner):
                                      port=self.port, use_tcp=use_tcp,
                                      start_timeout_s=start_timeout_s, logger=self.log)
 
-    def supervisor_argv(self, input_dir: Path, output_dir: Path, model: str) -> list[str]:
+    def supervisor_argv(self, input_dir: Path, output_dir: Path, model: str, *, kit: str = "",
+                        emit: str = "") -> list[str]:
         argv = [self.supervisor_exe, "--input_path", str(input_dir), "--save_path",
                 str(output_dir), "--config", model, "--port", self.port,
                 "--num_clients", str(self.num_clients)]
         if self.use_tcp:
             argv.append("--use_tcp")
-        if self.emit == "bam":
+        if (emit or self.emit) == "bam":
             argv.append("--bam_out")
+        if kit:
+            argv += ["--barcode_kits", kit]
         return argv
 
-    def start(self, input_dir: Path, output_dir: Path, model: str,
-              batch: Sequence[str]) -> RunHandle:
-        if model != self.model:
-            raise ConfigError(f"engine.model: the server was started with {self.model!r}, "
-                              f"a batch asked for {model!r}")
-        return ServerBatchHandle(self.server, self.supervisor_argv(input_dir, output_dir, model),
+    def start(self, input_dir: Path, output_dir: Path, model: str, batch: Sequence[str], *,
+              kit: str = "", emit: str = "") -> RunHandle:
+        emit = batch_emit(emit, self.emit)
+        if emit == "bam" and emit != self.emit:
+            try:
+                require_bam_reader("runner.emit")
+            except ConfigError as exc:
+                raise BatchSettingsError(str(exc)) from None
+        if model != self.server.config:
+            self._switch_model(model)
+        return ServerBatchHandle(self.server,
+                                 self.supervisor_argv(input_dir, output_dir, model, kit=kit,
+                                                      emit=emit),
                                  output_dir, stall_timeout_s=self.stall_timeout_s,
-                                 logger=self.log)
+                                 model_from_batch=model != self.model, logger=self.log)
+
+    def _switch_model(self, model: str) -> None:
+        """Stop the server (if it runs) so that the batch's handle starts it with `model`."""
+        if not model or (os.sep in model and not Path(model).is_file()):
+            raise BatchSettingsError(f"the batch's model {model!r} is not a server config "
+                                     f"(file or name)")
+        self.model_switches += 1
+        self.log.info("model switch %d: %s -> %s; restarting dorado_basecall_server",
+                      self.model_switches, self.server.config, model)
+        self.server.stop(self.stop_grace_s)
+        self.server.reconfigure(model)
 
     def close(self) -> None:
         self.server.stop(self.stop_grace_s)

@@ -1,4 +1,6 @@
-"""The seed's runner: `bc_script INPUT_DIR OUTPUT_DIR MODEL PORT`; exit 0 = DONE."""
+"""The seed's runner: `bc_script INPUT_DIR OUTPUT_DIR MODEL PORT`; exit 0 = DONE.
+
+A batch's kit and output format (facility mode) are in $BCORCH_KIT and $BCORCH_EMIT."""
 from __future__ import annotations
 
 import logging
@@ -28,10 +30,16 @@ class ScriptRunner(Runner):
         self.stall_timeout_s = stall_timeout_s
         self.log = logger or logging.getLogger(__name__)
 
-    def start(self, input_dir: Path, output_dir: Path, model: str,
-              batch: Sequence[str]) -> RunHandle:
+    def start(self, input_dir: Path, output_dir: Path, model: str, batch: Sequence[str], *,
+              kit: str = "", emit: str = "") -> RunHandle:
+        """The seed's command line has no place for a kit or an output format: a batch's
+        own are in the environment, BCORCH_KIT and BCORCH_EMIT (unset when it has none)."""
         argv = [self.bc_script, str(input_dir), str(output_dir), model, str(self.port)]
-        return ProcessHandle(argv, output_dir, interpret=self._interpret,
+        env = None
+        if kit or emit:
+            env = dict(os.environ)
+            env.update({k: v for k, v in (("BCORCH_KIT", kit), ("BCORCH_EMIT", emit)) if v})
+        return ProcessHandle(argv, output_dir, env=env, interpret=self._interpret,
                          stall_timeout_s=self.stall_timeout_s, logger=self.log)
 
     @staticmethod

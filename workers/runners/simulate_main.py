@@ -1,12 +1,16 @@
 """A simulated basecaller: real POD5 input, synthetic FASTQ output, no GPU.
 
     python -m workers.runners.simulate_main --input-dir D --output-dir O [--samples-per-s R]
+        [--model M] [--kit K] [--emit fastq|bam]
 
 For each POD5 file in the job's input dir it reads every read's id and sample
 count with the pod5 library, sleeps until num_samples / samples_per_s seconds of its
 budget have passed (it sleeps, it does not burn CPU: many of these run side by side in
 benchmarks), and writes pass/<stem>.fastq and fail/<stem>.fastq with every real read id, a
-sequence and qualities derived from the read id (so reruns are identical).
+sequence and qualities derived from the read id (so reruns are identical). The header
+records what the read was "basecalled" with: `@<id> simulated=true model=<M> [kit=<K>]
+mean_qscore=<q>`. With --emit bam the same records go into unaligned BAM files
+(pass/<stem>.bam, fail/<stem>.bam), those words in each record's DS:Z tag.
 A read goes to fail/ for a deterministic share `fail_fraction` of read ids (a
 simulated low q-score). A file the pod5 library cannot open is listed with its
 error in failed_files.json; the rest of the batch is still done. Exit 0 unless
@@ -45,15 +49,43 @@ def is_fail(read_id: str, fail_fraction: float) -> bool:
     return int.from_bytes(_hash(read_id)[:8], "big") / 2 ** 64 < fail_fraction
 
 
-def fastq_record(read_id: str, num_samples: int, fail: bool, model: str) -> str:
+def simulated_call(read_id: str, num_samples: int, fail: bool, model: str,
+                   kit: str = "") -> tuple[str, str, str]:
+    """(description, sequence, qualities) of one read, derived from its id."""
     rng = random.Random(_hash(read_id))
     length = max(20, min(MAX_BASES, num_samples // SAMPLES_PER_BASE))
     seq = "".join(rng.choices("ACGT", k=length))
     low, high = (3, 9) if fail else (12, 30)
     qual = "".join(chr(33 + q) for q in rng.choices(range(low, high + 1), k=length))
     mean_q = 6 if fail else 20
-    return (f"@{read_id} simulated=true model={model} mean_qscore={mean_q}\n"
-            f"{seq}\n+\n{qual}\n")
+    kit_word = f" kit={kit}" if kit else ""
+    return f"simulated=true model={model}{kit_word} mean_qscore={mean_q}", seq, qual
+
+
+def fastq_record(read_id: str, num_samples: int, fail: bool, model: str, kit: str = "") -> str:
+    description, seq, qual = simulated_call(read_id, num_samples, fail, model, kit)
+    return f"@{read_id} {description}\n{seq}\n+\n{qual}\n"
+
+
+def write_bam(path: Path, records: list[tuple[str, int]], fail: bool, model: str,
+              kit: str) -> None:
+    """Unaligned BAM records (pysam), written beside and renamed into place."""
+    import pysam
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    header = {"HD": {"VN": "1.6", "SO": "unknown"},
+              "PG": [{"ID": "basecaller", "PN": "bcorch-simulate", "CL": model}]}
+    with pysam.AlignmentFile(str(tmp), "wb", header=header) as out:
+        for read_id, n in records:
+            description, seq, qual = simulated_call(read_id, n, fail, model, kit)
+            record = pysam.AlignedSegment(out.header)
+            record.query_name = read_id
+            record.flag = 4
+            record.query_sequence = seq
+            record.query_qualities = pysam.qualitystring_to_array(qual)
+            record.set_tags([("DS", description)])
+            out.write(record)
+    os.replace(tmp, path)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -63,7 +95,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def simulate_file(path: Path, out: Path, samples_per_s: float, fail_fraction: float,
-                  model: str, due: float | None = None) -> tuple[int, int, int]:
+                  model: str, due: float | None = None, kit: str = "",
+                  emit: str = "fastq") -> tuple[int, int, int]:
     """Basecall one file (simulated); returns (reads, passed, samples).
 
     Sleeps until `due` + samples / samples_per_s on the monotonic clock (from now when
@@ -78,15 +111,17 @@ def simulate_file(path: Path, out: Path, samples_per_s: float, fail_fraction: fl
     samples = sum(n for _, n in records)
     due = (time.monotonic() if due is None else due) + samples / samples_per_s
     time.sleep(max(0.0, due - time.monotonic()))
-    passed, failed = [], []
-    for read_id, n in records:
-        fail = is_fail(read_id, fail_fraction)
-        (failed if fail else passed).append(fastq_record(read_id, n, fail, model))
+    passed = [r for r in records if not is_fail(r[0], fail_fraction)]
+    failed = [r for r in records if is_fail(r[0], fail_fraction)]
     stem = path.name[:-5] if path.name.endswith(".pod5") else path.name
-    if passed:
-        _write_atomic(out / "pass" / f"{stem}.fastq", "".join(passed))
-    if failed:
-        _write_atomic(out / "fail" / f"{stem}.fastq", "".join(failed))
+    for folder, calls, fail in (("pass", passed, False), ("fail", failed, True)):
+        if not calls:
+            continue
+        if emit == "bam":
+            write_bam(out / folder / f"{stem}.bam", calls, fail, model, kit)
+        else:
+            _write_atomic(out / folder / f"{stem}.fastq",
+                          "".join(fastq_record(r, n, fail, model, kit) for r, n in calls))
     return len(records), len(passed), samples
 
 
@@ -95,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-dir", required=True, type=Path)
     parser.add_argument("--output-dir", required=True, type=Path)
     parser.add_argument("--model", default="hac")
+    parser.add_argument("--kit", default="")
+    parser.add_argument("--emit", choices=("fastq", "bam"), default="fastq")
     parser.add_argument("--samples-per-s", type=float, default=2_000_000.0)
     parser.add_argument("--startup-s", type=float, default=0.0)
     parser.add_argument("--fail-fraction", type=float, default=0.1)
@@ -109,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples_per_s <= 0 or not 0 <= args.fail_fraction <= 1 or args.startup_s < 0:
         parser.error("--samples-per-s must be > 0, --fail-fraction in [0, 1], --startup-s >= 0")
     print(f"SIMULATION: bcorch simulated basecaller, no real basecalling is done "
-          f"(model {args.model!r}, {args.samples_per_s:g} samples/s, "
-          f"fail_fraction {args.fail_fraction:g})", flush=True)
+          f"(model {args.model!r}, kit {args.kit!r}, {args.emit}, "
+          f"{args.samples_per_s:g} samples/s, fail_fraction {args.fail_fraction:g})", flush=True)
     try:
         names = sorted(os.listdir(args.input_dir))
     except OSError as exc:
@@ -128,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             reads, passed, samples = simulate_file(path, args.output_dir, args.samples_per_s,
-                                                   args.fail_fraction, args.model, due)
+                                                   args.fail_fraction, args.model, due,
+                                                   kit=args.kit, emit=args.emit)
             due += samples / args.samples_per_s
         except Exception as exc:  # whatever pod5/pyarrow raise for a bad file
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
