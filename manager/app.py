@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .service import Answer, Manager
 from .states import FileState
 from .store import UnknownFailedFile
+from .web_page import LivePage
 
 log = logging.getLogger("bcmanager.http")
 
@@ -146,10 +147,18 @@ def _simulated(params: Params) -> bool:
 
 
 class App:
+    """Serves a Manager (single-run mode) or a Facility (facility mode: /runs routes too)."""
+
     def __init__(self, manager: Manager, token: str = ""):
         self.manager = manager
         self._expected = f"Bearer {token}".encode() if token else None
-        self.metrics = Metrics(manager)
+        self.facility = None if isinstance(manager, Manager) else manager
+        if self.facility is None:
+            self.metrics = Metrics(manager)
+        else:
+            from .facility_metrics import FacilityMetrics
+            self.metrics = FacilityMetrics(self.facility)
+        self.page = LivePage(manager, token)   # GET / and /live (manager.web_page)
         self.routes: dict[str, tuple[frozenset[str], bool, Callable[[Params], Answer]]] = {
             "/assignwork": (frozenset({"GET", "POST"}), True, self.assignwork),
             "/keepalive": (frozenset({"GET", "POST"}), True, self.keepalive),
@@ -159,6 +168,7 @@ class App:
             "/files": (frozenset({"GET", "HEAD"}), True, self.files),
             "/close-input": (frozenset({"POST"}), True, self.close_input),
             "/metrics": (frozenset({"GET", "HEAD"}), True, self.metrics_text),
+            "/live": (frozenset({"GET", "HEAD"}), True, self.page.live),
         }
 
     # -- WSGI --------------------------------------------------------------------------
@@ -166,6 +176,9 @@ class App:
     def __call__(self, environ: dict, start_response: StartResponse) -> list[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "") or "/"
+        self.page.sample()
+        if path == "/":   # the live page and its log-in: HTML, not JSON
+            return self.page.index(environ, start_response)
         try:
             answer = self._dispatch(environ, method, path)
             if isinstance(answer, Held):
@@ -205,7 +218,7 @@ class App:
         return handler(self._params(environ, method))
 
     def _authorize(self, environ: dict) -> None:
-        if self._expected is None:
+        if self._expected is None or self.page.cookie_authorizes(environ):
             return
         given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
         if not hmac.compare_digest(given, self._expected):
@@ -299,8 +312,16 @@ class App:
                                  f"{', '.join(s.value for s in FileState)}, got {str(raw)[:40]!r}") from None
         limit_raw = params.one("limit", required=False)
         limit = 1000 if limit_raw is None else _int_param(limit_raw, "limit", 1, MAX_LIST_LIMIT)
-        files = [{**f, "job_id": f["job_id"] and short_job_id(f["job_id"])}
-                 for f in self.manager.store.files_in_state(state, limit)]
+        if self.facility is not None:
+            from .facility import UnknownRun
+            try:
+                found = self.facility.files_in_state(state, limit,
+                                                     params.one("run", required=False))
+            except UnknownRun as exc:
+                raise HTTPError(400, str(exc)) from None
+        else:
+            found = self.manager.store.files_in_state(state, limit)
+        files = [{**f, "job_id": f["job_id"] and short_job_id(f["job_id"])} for f in found]
         return Answer(200, {"state": state.value, "count": len(files), "files": files})
 
     def metrics_text(self, params: Params) -> RawAnswer:

@@ -1,0 +1,282 @@
+"""The live page: `GET /`, one self-contained HTML page that polls the manager's JSON routes.
+
+The page (static/page.html, inline CSS and JS, no CDN) is the same bytes for everyone and
+holds no data: it fetches /status, /live and /files?state=QUARANTINED every few seconds.
+
+Logging in without a header: with a token set, `/?token=T` once answers 303 to `/` with an
+HttpOnly, SameSite=Strict cookie whose value is an HMAC of the token under a key drawn at
+start (so the cookie is never the token, and a restart logs every browser out). The cookie
+authorises only GET/HEAD of the read-only routes the page fetches; everything else still
+needs `Authorization: Bearer`. Nothing here logs a query string.
+
+/live adds what /status does not say: a per-minute throughput history per run (the last
+hour, kept in memory, sampled from /status at most every SAMPLE_EVERY_S seconds whenever
+any request arrives) and, per engine, its host and GPU, a state and the age of its job.
+Engines send neither host nor GPU: both come from the engine id, which bcorch forms as
+`<engine.engine_id or hostname>-gpu<index>` (bcorch.ids.engine_id_for).
+"""
+from __future__ import annotations
+
+import base64
+import bisect
+import collections
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from http.cookies import CookieError, SimpleCookie
+from importlib import resources
+from typing import Any, Callable, Iterable
+from urllib.parse import parse_qs
+
+from .service import Answer
+
+log = logging.getLogger("bcmanager.http")
+
+COOKIE = "bcmanager_session"
+# GET/HEAD of these routes accept the page's cookie in place of the bearer token.
+COOKIE_ROUTES = frozenset({"/status", "/files", "/live", "/runs"})
+SAMPLE_EVERY_S = 5.0
+MINUTE_S = 60
+HISTORY_MINUTES = 60
+SINGLE_RUN = ""          # the history key of the one run of a single-run manager
+SILENT_AFTER_S = 60.0    # an engine not heard of for longer (and 2 lease intervals) is GONE
+_ENGINE_ID = re.compile(r"(?P<host>.+)-gpu(?P<gpu>[0-9]+)")
+_INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.S)
+
+StartResponse = Callable[..., Any]
+
+
+def engine_place(engine_id: str) -> tuple[str, str]:
+    """(host, GPU index) from an engine id `<host>-gpu<index>`; (id, "") for other ids."""
+    m = _ENGINE_ID.fullmatch(engine_id)
+    return (m["host"], m["gpu"]) if m else (engine_id, "")
+
+
+def engine_state(jobs_in_flight: int, silent_s: float, lease_s: float) -> str:
+    """What the manager can tell of an engine: BUSY (holds a lease), IDLE (asked for work
+    lately) or GONE (not heard of for longer than SILENT_AFTER_S and two lease intervals)."""
+    if jobs_in_flight:
+        return "BUSY"
+    return "IDLE" if silent_s <= max(SILENT_AFTER_S, 2 * lease_s) else "GONE"
+
+
+class ThroughputHistory:
+    """Cumulative (files, bytes) DONE of one run, sampled over time, read as per-minute amounts.
+
+    Samples are thinned to one per SAMPLE_EVERY_S and kept for HISTORY_MINUTES + 1 minutes;
+    the amount of a minute is the change of the cumulative counts, linearly interpolated
+    between samples, over that minute (None before the first sample)."""
+
+    def __init__(self) -> None:
+        self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
+
+    def record(self, now: float, files_done: int, bytes_done: int) -> None:
+        if self._samples and now - self._samples[-1][0] < SAMPLE_EVERY_S / 2:
+            self._samples[-1] = (self._samples[-1][0], files_done, bytes_done)
+        else:
+            self._samples.append((now, files_done, bytes_done))
+        while self._samples and self._samples[0][0] < now - (HISTORY_MINUTES + 1) * MINUTE_S:
+            self._samples.popleft()
+
+    def _at(self, t: float) -> tuple[float, float] | None:
+        samples = self._samples
+        if not samples or t < samples[0][0]:
+            return None
+        i = bisect.bisect_right(samples, t, key=lambda s: s[0])
+        if i >= len(samples):
+            return float(samples[-1][1]), float(samples[-1][2])
+        (t0, f0, b0), (t1, f1, b1) = samples[i - 1], samples[i]
+        share = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+        return f0 + (f1 - f0) * share, b0 + (b1 - b0) * share
+
+    def per_minute(self, now: float) -> dict[str, Any]:
+        """The last HISTORY_MINUTES whole minutes and the current one (its amount so far)."""
+        first = (int(now) // MINUTE_S - HISTORY_MINUTES) * MINUTE_S
+        edges = [first + i * MINUTE_S for i in range(HISTORY_MINUTES + 1)] + [now]
+        values = [self._at(t) for t in edges]
+        files: list[float | None] = []
+        size: list[float | None] = []
+        for a, b in zip(values, values[1:]):
+            if a is None or b is None:
+                files.append(None)
+                size.append(None)
+            else:
+                files.append(round(max(0.0, b[0] - a[0]), 2))
+                size.append(round(max(0.0, b[1] - a[1])))
+        return {"start": first, "minute_s": MINUTE_S, "files": files, "bytes": size}
+
+
+@dataclass(frozen=True)
+class Page:
+    """The page's bytes and the Content-Security-Policy that lets only its own inline code run."""
+
+    html: bytes
+    csp: str
+
+
+def load_page() -> Page:
+    html = resources.files(__package__).joinpath("static", "page.html").read_text("utf-8")
+    hashes = {"script": [], "style": []}
+    for kind, body in _INLINE.findall(html):
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        hashes[kind].append(f"'sha256-{digest}'")
+    csp = (f"default-src 'none'; script-src {' '.join(hashes['script'])}; "
+           f"style-src {' '.join(hashes['style'])}; connect-src 'self'; img-src 'self' data:; "
+           f"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return Page(html.encode(), csp)
+
+
+class LivePage:
+    """`GET /` (the page and its log-in), the /live JSON route, and the cookie check."""
+
+    def __init__(self, manager: Any, token: str = "", clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.manager = manager
+        self._token = token
+        self._key = secrets.token_bytes(32)
+        self._session = hmac.new(self._key, token.encode(), hashlib.sha256).hexdigest() \
+            if token else ""
+        self._clock = clock
+        self._monotonic = monotonic
+        self._page: Page | None = None
+        self._lock = threading.Lock()
+        self._sampled_at: float | None = None
+        self._history: dict[str, ThroughputHistory] = {}
+        self._job_seen: dict[str, float] = {}   # short job id -> wall time first seen live
+
+    # -- authorisation -------------------------------------------------------------------
+
+    def _cookie_valid(self, environ: dict) -> bool:
+        if not self._session:
+            return False
+        try:
+            jar = SimpleCookie(environ.get("HTTP_COOKIE", ""))
+        except CookieError:
+            return False
+        morsel = jar.get(COOKIE)
+        return morsel is not None and hmac.compare_digest(morsel.value.encode(),
+                                                          self._session.encode())
+
+    def cookie_authorizes(self, environ: dict) -> bool:
+        """A read-only GET/HEAD of the page's routes carrying the page's cookie."""
+        path = (environ.get("PATH_INFO") or "/").rstrip("/") or "/"
+        return (environ.get("REQUEST_METHOD") in ("GET", "HEAD") and path in COOKIE_ROUTES
+                and self._cookie_valid(environ))
+
+    def _bearer_valid(self, environ: dict) -> bool:
+        given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
+        return hmac.compare_digest(given, f"Bearer {self._token}".encode())
+
+    # -- GET / ---------------------------------------------------------------------------
+
+    def index(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            return self._text(start_response, 405, "405 Method Not Allowed: the page is read-only "
+                              "(GET)", method, [("Allow", "GET, HEAD")])
+        try:
+            query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True,
+                             max_num_fields=20)
+        except ValueError:
+            query = {}
+        given = query.get("token")
+        if given is not None:
+            if self._token and not (len(given) == 1 and hmac.compare_digest(
+                    given[0].encode("utf-8", "replace"), self._token.encode())):
+                log.info("GET / -> 401 wrong token in ?token= (the value is not logged)")
+                return self._refused(start_response, method)
+            headers = [("Location", "/"), ("Cache-Control", "no-store"),
+                       ("Referrer-Policy", "no-referrer")]
+            if self._token:
+                headers.append(("Set-Cookie", f"{COOKIE}={self._session}; Path=/; HttpOnly; "
+                                              f"SameSite=Strict"))
+            start_response("303 See Other", [*headers, ("Content-Length", "0")])
+            return [b""]
+        if self._token and not (self._cookie_valid(environ) or self._bearer_valid(environ)):
+            return self._refused(start_response, method)
+        if self._page is None:
+            self._page = load_page()
+        payload = b"" if method == "HEAD" else self._page.html
+        start_response("200 OK", [
+            ("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(payload))),
+            ("Cache-Control", "no-store"), ("Content-Security-Policy", self._page.csp),
+            ("Referrer-Policy", "no-referrer"), ("X-Content-Type-Options", "nosniff")])
+        return [payload]
+
+    def _refused(self, start_response: StartResponse, method: str) -> Iterable[bytes]:
+        return self._text(start_response, 401, "401 Unauthorized: wrong or missing token; open "
+                          "this page once as /?token=YOUR_TOKEN", method)
+
+    @staticmethod
+    def _text(start_response: StartResponse, status: int, line: str, method: str,
+              headers: list[tuple[str, str]] = ()) -> Iterable[bytes]:
+        payload = b"" if method == "HEAD" else (
+            f"<!doctype html><title>bcmanager</title><p>{line}</p>\n").encode()
+        reason = {401: "Unauthorized", 405: "Method Not Allowed"}[status]
+        start_response(f"{status} {reason}", [
+            ("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(payload))),
+            ("Cache-Control", "no-store"), *headers])
+        return [payload]
+
+    # -- /live ---------------------------------------------------------------------------
+
+    def sample(self, status: dict | None = None) -> None:
+        """Record the runs' DONE counts and the live jobs, at most every SAMPLE_EVERY_S
+        (called on every request; `status` given: record it now)."""
+        now_m = self._monotonic()
+        if status is None:
+            with self._lock:
+                if self._sampled_at is not None and now_m - self._sampled_at < SAMPLE_EVERY_S:
+                    return
+                self._sampled_at = now_m
+            try:
+                status = self.manager.status()
+            except Exception:
+                log.exception("live page: sampling /status failed")
+                return
+        now = self._clock()
+        with self._lock:
+            self._sampled_at = now_m
+            for key, progress in _runs_progress(status):
+                self._history.setdefault(key, ThroughputHistory()).record(
+                    now, int(progress.get("files_done", 0)), int(progress.get("bytes_done", 0)))
+            live = {j for jobs in (status.get("jobs") or {}).values() for j in jobs}
+            self._job_seen = {j: self._job_seen.get(j, now) for j in live}
+
+    def live(self, params: Any = None) -> Answer:
+        status = self.manager.status()
+        self.sample(status)
+        now = self._clock()
+        with self._lock:
+            history = {key: h.per_minute(now) for key, h in self._history.items()}
+            seen = dict(self._job_seen)
+        lease_s = float(status.get("report_back_interval") or 0)
+        jobs = status.get("jobs") or {}
+        engines = []
+        for engine_id, info in sorted((status.get("engines") or {}).items()):
+            held = sorted(jobs.get(engine_id, ()), key=lambda j: seen.get(j, now))
+            host, gpu = engine_place(engine_id)
+            silent_s = max(0.0, now - float(info.get("last_seen") or 0))
+            engines.append({
+                "id": engine_id, "host": host, "gpu": gpu,
+                "state": engine_state(int(info.get("jobs_in_flight") or len(held)), silent_s,
+                                      lease_s),
+                "job": held[0] if held else None, "jobs": len(held),
+                "job_age_s": round(now - seen.get(held[0], now), 1) if held else None,
+                "last_seen_s": round(silent_s, 1)})
+        return Answer(200, {"now": now, "sample_every_s": SAMPLE_EVERY_S, "history": history,
+                            "engines": engines})
+
+
+def _runs_progress(status: dict) -> list[tuple[str, dict]]:
+    """(history key, progress) of each run: status["runs"] in facility mode, else the one."""
+    runs = status.get("runs")
+    if isinstance(runs, list):
+        return [(str(r.get("run_id")), r.get("progress") or {}) for r in runs
+                if isinstance(r, dict)]
+    return [(SINGLE_RUN, status.get("progress") or {})]
