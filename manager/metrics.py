@@ -43,6 +43,12 @@ class ManagerCollector:
         yield GaugeMetricFamily("bcmanager_files_quarantined",
                                 "Files given up on after max_attempts failures",
                                 value=counters.files.get("QUARANTINED", 0))
+        yield CounterMetricFamily("bcmanager_files_done",  # DONE is final: rate() is throughput
+                                  "Files basecalled (DONE), since the database began",
+                                  value=counters.files.get("DONE", 0))
+        yield CounterMetricFamily("bcmanager_bytes_done",
+                                  "Bytes of input files basecalled (DONE), since the database began",
+                                  value=counters.bytes.get("DONE", 0))
 
         jobs = self.manager.store.job_counts()
         yield CounterMetricFamily("bcmanager_assignments",
