@@ -170,6 +170,9 @@ class App:
             "/metrics": (frozenset({"GET", "HEAD"}), True, self.metrics_text),
             "/live": (frozenset({"GET", "HEAD"}), True, self.page.live),
         }
+        if self.facility is not None:
+            from .facility_app import run_routes
+            self.routes.update(run_routes(self.facility, HTTPError))
 
     # -- WSGI --------------------------------------------------------------------------
 
@@ -329,4 +332,6 @@ class App:
 
     def close_input(self, params: Params) -> Answer:
         self.manager.close_input()
+        if self.facility is not None:
+            return Answer(200, {"ok": True, "input_closed": True, "facility": True})
         return Answer(200, {"ok": True, "input_closed": True})

@@ -1,4 +1,5 @@
-"""`bcmanager`: serve, `bcmanager status [--watch]`, `bcmanager close-input`, `--version`."""
+"""`bcmanager`: serve, `bcmanager status [--watch]`, `bcmanager close-input`, `bcmanager runs`,
+`bcmanager run pause|resume|cancel|close RUN`, `--version`."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,8 @@ from bcorch import config as config_mod, logs
 from bcorch.config import Config, ConfigError
 from bcorch.terminal import watch
 
-COMMANDS = ("status", "close-input")
+COMMANDS = ("status", "close-input", "runs", "run")
+RUN_ACTIONS = ("pause", "resume", "cancel", "close")
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -26,7 +28,10 @@ def _serve_parser() -> argparse.ArgumentParser:
         description="Serve batches of POD5 files to basecalling engines (HTTP, SQLite).",
         epilog="commands (each has its own --help):\n"
                "  bcmanager status [--json] [--watch [S]]   progress, throughput, engines\n"
-               "  bcmanager close-input                     the run has written every file\n\n"
+               "  bcmanager close-input                     the run has written every file\n"
+               "                                            (facility: no new runs)\n"
+               "  bcmanager runs [--json]                   a facility's runs\n"
+               "  bcmanager run pause|resume|cancel|close RUN\n\n"
                "exit codes: 0 stopped cleanly, 1 cannot serve (port, files), "
                "75 manager unreachable (status, close-input), 78 configuration error "
                "(also: a refused token; OUTPUT_DIR served by another manager)",
@@ -34,6 +39,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"bcmanager {bcorch.version()}")
     p.add_argument("--config", help="config.toml (defaults when not given)")
     p.add_argument("--input-dir", help="INPUT_DIR scanned for *.pod5 (manager.input_dir)")
+    p.add_argument("--watch-root", help="serve a facility: every MinKNOW run directory found "
+                                        "under this root is a run of its own "
+                                        "(manager.watch_root; not with --input-dir)")
     p.add_argument("--output-dir", help="OUTPUT_DIR for pass/, fail/ and job logs (manager.output_dir)")
     p.add_argument("--db", help="SQLite file on this host's local disk (default: in "
                                  "$STATE_DIRECTORY, $XDG_STATE_HOME/bcorch or "
@@ -53,7 +61,10 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 CLIENT_HELP = {"status": "Show progress, throughput, time left and engines of a manager.",
                "close-input": "Tell the manager the run has written every file: when all are "
-                              "done, engines are told nothing is left."}
+                              "done, engines are told nothing is left. In facility mode: take "
+                              "no new runs (each run still closes on its own).",
+               "runs": "List a facility's runs: state, model, progress, time left.",
+               "run": "Pause, resume, cancel or close one run of a facility."}
 
 
 def _client_parser(command: str) -> argparse.ArgumentParser:
@@ -61,6 +72,14 @@ def _client_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="config.toml (for manager.url and the token)")
     p.add_argument("--url", help="the manager's URL (default manager.url)")
     p.add_argument("--token", help="bearer token (or env BCORCH_TOKEN)")
+    if command == "run":
+        p.add_argument("action", choices=RUN_ACTIONS,
+                       help="pause: no new batches (running ones finish); resume; cancel: no "
+                            "new batches ever, unfinished files left as they are; close: no "
+                            "new files")
+        p.add_argument("run", help="the run id (see bcmanager runs)")
+    if command == "runs":
+        p.add_argument("--json", action="store_true", help="print the raw /runs answer")
     if command == "status":
         p.add_argument("--json", action="store_true", help="print the raw /status answer")
         p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="S",
@@ -86,7 +105,8 @@ def _main(argv: list[str]) -> int:
             args = _client_parser(argv[0]).parse_args(argv[1:])
             cfg = _load(args.config)
             cfg.override("manager", token=args.token, url=args.url)
-            return _status(cfg, args) if argv[0] == "status" else _close_input(cfg)
+            return {"status": _status, "close-input": lambda c, a: _close_input(c),
+                    "runs": _runs, "run": _run_command}[argv[0]](cfg, args)
         return _serve(_serve_parser().parse_args(argv))
     except ConfigError as exc:
         print(f"bcmanager: {exc}", file=sys.stderr)
@@ -101,7 +121,9 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     cfg.override("manager", input_dir=args.input_dir, output_dir=args.output_dir, db=args.db,
                  host=args.host, port=args.port, token=args.token,
-                 input_closed=args.input_closed)
+                 input_closed=args.input_closed, watch_root=args.watch_root)
+    if cfg.manager.watch_root:
+        return _serve_facility(cfg, args)
     config_mod.require(cfg, "manager.input_dir", "or --input-dir")
     config_mod.require(cfg, "manager.output_dir", "or --output-dir")
     if not os.path.isdir(cfg.manager.input_dir):
@@ -133,9 +155,52 @@ def _serve(args: argparse.Namespace) -> int:
     return _fail(lock.lost, EXIT_CONFIG) if lock.lost else code
 
 
-def _request(cfg: Config, route: str, method: str = "GET") -> Any:
+def _serve_facility(cfg: Config, args: argparse.Namespace) -> int:
+    """--watch-root: one manager for every run under the root (manager.facility)."""
+    if args.input_dir:
+        raise ConfigError("--input-dir and --watch-root: give one (--input-dir serves one run, "
+                          "--watch-root a facility of runs)")
+    if args.output_dir:
+        raise ConfigError("--output-dir: not used with --watch-root (each run's output is "
+                          "set by facility.output and facility.output_root)")
+    if cfg.manager.input_dir:
+        raise ConfigError(f"manager.input_dir and manager.watch_root: give one (input_dir "
+                          f"{cfg.manager.input_dir!r} serves one run, watch_root a facility)")
+    if not os.path.isdir(cfg.manager.watch_root):
+        raise ConfigError(f"manager.watch_root: no such directory {cfg.manager.watch_root!r}")
+    logs.configure(args.log_level)
+    from .instance_lock import InstanceLock
+    from .server import Service
+    from .store import DatabaseUnusable
+
+    fcfg = cfg.facility
+    lock = InstanceLock(fcfg.output_root if fcfg.output == "mirror" else cfg.manager.watch_root,
+                        cfg.manager.lock_refresh_s)
+    lock.acquire(take_over=args.take_over)
+    try:
+        service = Service(cfg.manager, cfg.token, facility=fcfg)
+    except DatabaseUnusable as exc:
+        print(f"bcmanager: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"bcmanager: cannot serve on {cfg.manager.host}:{cfg.manager.port} "
+              f"(--host/--port) or open its files: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a start-up failure is one line, never a traceback
+        logging.getLogger("bcmanager").debug("start-up failed", exc_info=True)
+        print(f"bcmanager: cannot start: {type(exc).__name__}: {exc}".splitlines()[0],
+              file=sys.stderr)
+        return 1
+    lock.start_refreshing(on_lost=lambda _reason: service.stop_event.set())
+    code = service.serve()
+    lock.release()
+    return _fail(lock.lost, EXIT_CONFIG) if lock.lost else code
+
+
+def _request(cfg: Config, route: str, method: str = "GET", body: dict | None = None) -> Any:
     url = cfg.manager.url.rstrip("/") + route
-    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    data = json.dumps(body or {}).encode() if method == "POST" else None
+    req = urllib.request.Request(url, method=method, data=data)
     req.add_header("Content-Type", "application/json")
     if cfg.token:
         req.add_header("Authorization", f"Bearer {cfg.token}")
@@ -147,6 +212,11 @@ def _request(cfg: Config, route: str, method: str = "GET") -> Any:
         if err.code == 401:
             raise SystemExit(_fail(f"{url}: the manager refused the token (manager.token, --token "
                                    f"or BCORCH_TOKEN): HTTP 401", EXIT_CONFIG)) from None
+        if err.code in (400, 409) and route.startswith("/runs"):
+            raise SystemExit(_fail(_error_of(detail), 1)) from None
+        if err.code == 404 and route.startswith("/runs"):
+            raise SystemExit(_fail(f"{url}: this manager serves one run, not a facility "
+                                   f"(start it with --watch-root)", 1)) from None
         raise SystemExit(_fail(f"{url}: HTTP {err.code} {detail}", EXIT_PROTOCOL)) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise SystemExit(_fail(f"{url}: manager unreachable ({exc}) (--url)", EXIT_PROTOCOL)) from None
@@ -173,9 +243,52 @@ def _status(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _close_input(cfg: Config) -> int:
-    _request(cfg, "/close-input", "POST")
-    print("input closed: the manager will tell engines when nothing is left")
+    answer = _request(cfg, "/close-input", "POST")
+    if answer.get("facility"):
+        print("facility closed: no new runs; each run still closes by its final summary or "
+              "`bcmanager run close`")
+    else:
+        print("input closed: the manager will tell engines when nothing is left")
     return 0
+
+
+def _error_of(detail: str) -> str:
+    try:
+        return str(json.loads(detail)["error"])
+    except (ValueError, KeyError, TypeError):
+        return detail
+
+
+def _runs(cfg: Config, args: argparse.Namespace) -> int:
+    answer = _request(cfg, "/runs")
+    print(json.dumps(answer, indent=2) if args.json else format_runs(answer["runs"]), flush=True)
+    return 0
+
+
+def _run_command(cfg: Config, args: argparse.Namespace) -> int:
+    answer = _request(cfg, f"/runs/{args.action}", "POST", {"run": args.run})
+    run = answer["run"]
+    print(f"run {run['run_id']}: {run['state']}"
+          + (f" ({run['files_not_basecalled']} files not basecalled, left as they are)"
+             if run["state"] == "CANCELLED" else ""))
+    return 0
+
+
+def format_runs(runs: list[dict]) -> str:
+    if not runs:
+        return "no runs found yet under the watch root"
+    header = f"{'RUN':24} {'STATE':11} {'MODEL':18} {'PRIO':>5} {'DONE':>13} {'LEFT':>9}  REL"
+    lines = [header]
+    for r in runs:
+        p = r["progress"]
+        pct = 100.0 * p["files_done"] / p["files_total"] if p["files_total"] else 0.0
+        lines.append(f"{r['run_id'][:24]:24} {r['state']:11} {str(r['model'] or '-')[:18]:18} "
+                     f"{r['priority'] if r['priority'] is not None else '-':>5} "
+                     f"{p['files_done']:>5}/{p['files_total']:<5}{pct:3.0f}% "
+                     f"{_duration(r['eta_s']) if r['eta_s'] is not None else '-':>9}  {r['rel']}")
+        if r.get("reason"):
+            lines.append(f"{'':24} {r['reason']}")
+    return "\n".join(lines)
 
 
 def _size(n: float) -> str:
@@ -208,6 +321,19 @@ def format_status(st: dict) -> str:
         f"input       {'closed' if st['input_closed'] else 'open (more files may come)'}; "
         f"lease {st['report_back_interval']:.0f} s",
     ]
+    if "runs" in st:
+        fac = st.get("facility", {})
+        lines.append(f"facility    {fac.get('root', '')}: {len(st['runs'])} runs, "
+                     f"{'closed (no new runs)' if fac.get('closed') else 'taking new runs'}; "
+                     f"model switches {fac.get('model_switches_total', 0)}")
+        for i, r in enumerate(st["runs"]):
+            p = r["progress"]
+            pct = 100.0 * p["files_done"] / p["files_total"] if p["files_total"] else 0.0
+            left = f"time left {_duration(r['eta_s'])}" if r["state"] in ("ACTIVE", "CLOSED") \
+                else (r["reason"] or r["state"].lower())
+            lines.append(f"{'runs' if i == 0 else '':12}{r['run_id']} {r['state']} "
+                         f"{r['model'] or '-'}: {p['files_done']} / {p['files_total']} files "
+                         f"({pct:.1f}%); {left}")
     now = time.time()
     engines = st.get("engines", {})
     if not engines:

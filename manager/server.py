@@ -62,7 +62,7 @@ class Service:
             backend, root, skip = self.manager, cfg.input_dir, self.part.skip
         self.watcher = InputWatcher(root, stop=self.stop_event, skip=skip)
         if self.facility is not None:
-            self.facility.watcher = self.watcher
+            self.facility.attach_watcher(self.watcher)
         self.app = App(backend, token)
         self._threads: list[threading.Thread] = []
         wsgi = MetricsMiddleware(self.app, self.app.metrics, self.app.routes)

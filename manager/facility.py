@@ -1,0 +1,616 @@
+"""Facility mode: one manager serving every sequencing run found under a watch root.
+
+Each run directory (manager.run_discovery) becomes one RunPart (manager.run_part), the
+single-run machinery unchanged: its own store, journal, layout and scanner, so nothing
+about losing or repeating files is new here. The Facility adds what is between runs:
+
+- discovery: every scan tick looks for new runs, then scans each run that still takes
+  files (one pass of its scanner each, stopped between chunks when the service stops);
+- each run's state (manager.facility_states) and settings, kept in a small database of
+  its own (manager.facility_db), so pause, cancel and settings survive a restart;
+- assignment: FairShare.pick chooses among the runs that are serving and have PENDING
+  files; that run's Manager.assign sizes and hands out the batch (if it has nothing after
+  all, e.g. every PENDING file is backing off, the next run is tried). The answer carries
+  the run's directories (relative to the shared roots) and its model, kit and format;
+- keep-alives and completions go to the run that issued the job (job id -> run);
+- a closed run whose files are all settled writes bcorch_summary.json and is COMPLETE.
+
+Engines are told that nothing is left only when the facility is closed (`bcmanager
+close-input`: no new runs) and every run is COMPLETE, CANCELLED or QUARANTINED.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from bcorch.config import FacilityConfig, ManagerConfig
+from bcorch.protocol import CONFIG_REFUSED, Batch, JobState as WireState, short_job_id
+
+from .facility_db import FacilityDB, RunRow, default_facility_db
+from .facility_states import RunEvent, RunState, TransitionRefused, transition
+from .fair_share import Demand, FairShare
+from .run_discovery import RunDir, discover_runs, parse_run_name
+from .run_part import RunPart, RunPlace
+from .run_settings import RunSettings, RunSettingsError, settings_for
+from .run_summary import write_summary
+from .service import SIMULATION_REFUSED, Answer
+from .states import FileState
+from .statedir import default_db_path
+
+log = logging.getLogger("bcmanager.facility")
+
+OUTPUT_BESIDE = "basecalls"
+DEFAULT_ESTIMATE_S = 60.0   # a batch's GPU seconds before the engine's pace is known
+DUPLICATES_SHOWN = 20
+CLOSED_FLAG = "closed"
+
+
+class UnknownRun(LookupError):
+    """str() is a one-line reason naming the run parameter."""
+
+
+@dataclass
+class Issued:
+    run_id: str
+    started: float   # facility clock
+
+
+@dataclass
+class Run:
+    row: RunRow
+    where: RunDir
+    settings: RunSettings | None = None
+    part: RunPart | None = None
+
+    @property
+    def state(self) -> RunState:
+        return self.row.state
+
+
+class Facility:
+    """The App's backend in facility mode: the same methods as a Manager, over many runs."""
+
+    def __init__(self, cfg: ManagerConfig, fcfg: FacilityConfig, *,
+                 stop: Callable[[], bool] = lambda: False,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cfg, self.fcfg = cfg, fcfg
+        self.root = os.path.abspath(cfg.watch_root)
+        self.output_root = (self.root if fcfg.output == "beside"
+                            else os.path.abspath(fcfg.output_root))
+        self.interval = cfg.report_back_interval
+        self.allow_simulated = cfg.allow_simulated
+        self.watcher: Any = None   # the service's InputWatcher on the root (skips outputs)
+        self._stop = stop
+        self._clock = clock
+        self.db_path = str(default_facility_db(self.root, cfg.db))
+        self.db = FacilityDB(self.db_path)
+        self.fair = FairShare(fcfg.switch_slack_s, clock)
+        self._lock = threading.RLock()
+        self._runs: dict[str, Run] = {}
+        self._by_rel: dict[str, str] = {}
+        self._jobs: dict[str, Issued] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._engines_seen: dict[str, float] = {}
+        self._closed = self.db.get_flag(CLOSED_FLAG) == "1"
+        self._discovered = False   # "nothing left" needs one discovery and scan since start
+        if cfg.input_closed:
+            self.close_input("--input-closed")
+        for row in self.db.runs():
+            self._load(row)
+
+    # -- runs --------------------------------------------------------------------------
+
+    def attach_watcher(self, watcher: Any) -> None:
+        """The service's watcher on the root: the runs' output dirs are not watched."""
+        self.watcher = watcher
+        with self._lock:
+            for run in self._runs.values():
+                self._skip_output(run.row.output_dir)
+
+    def _skip_output(self, output_dir: str) -> None:
+        if self.watcher is not None and output_dir.startswith(self.root + os.sep):
+            self.watcher.skip = self.watcher.skip | {output_dir}
+
+    def run_count(self) -> int:
+        return len(self._runs)
+
+    def _run_dir(self, rel: str, run_id: str) -> RunDir:
+        group, sample, name = (rel.split("/") + ["", "", ""])[:3]
+        return RunDir(run_id, Path(self.root) / rel, rel, group, sample, name,
+                      *parse_run_name(name))
+
+    def _output_dir(self, rel: str) -> str:
+        if self.fcfg.output == "beside":
+            return os.path.join(self.root, rel, OUTPUT_BESIDE)
+        return os.path.join(self.output_root, rel)
+
+    def run_output_rel(self, rel: str) -> str:
+        """The run's output directory relative to the shared output root."""
+        return f"{rel}/{OUTPUT_BESIDE}" if self.fcfg.output == "beside" else rel
+
+    def _db_for(self, output_dir: str) -> str:
+        own = default_db_path(output_dir)
+        return str(Path(self.cfg.db).parent / own.name) if self.cfg.db else str(own)
+
+    def _load(self, row: RunRow) -> None:
+        """A run known to the database (a restart): its part is opened unless quarantined."""
+        run = Run(row, self._run_dir(row.rel, row.run_id))
+        if row.settings:
+            try:
+                run.settings = RunSettings.from_dict(row.settings, "the facility database")
+            except RunSettingsError as exc:
+                row.state, row.reason = RunState.QUARANTINED, str(exc)
+        self._runs[row.run_id] = run
+        self._by_rel[row.rel] = row.run_id
+        if row.state is not RunState.QUARANTINED:
+            self._open_part(run)
+
+    def _unique_id(self, proposed: str) -> str:
+        if proposed not in self._runs:
+            return proposed
+        n = 2
+        while True:
+            tail = f"-{n}"
+            candidate = proposed[:64 - len(tail)] + tail
+            if candidate not in self._runs:
+                return candidate
+            n += 1
+
+    def _add(self, where: RunDir) -> Run:
+        run_id = self._unique_id(where.run_id)
+        where = dataclasses.replace(where, run_id=run_id)
+        row = RunRow(run_id, where.rel, RunState.ACTIVE, output_dir=self._output_dir(where.rel),
+                     found_at=time.time())
+        run = Run(row, where)
+        try:
+            run.settings = settings_for(where, self.fcfg)
+            row.settings = run.settings.to_dict()
+        except RunSettingsError as exc:
+            row.state, row.reason = RunState.QUARANTINED, str(exc)
+        self.db.add(row)
+        self._runs[run_id] = run
+        self._by_rel[where.rel] = run_id
+        if row.state is RunState.QUARANTINED:
+            log.error("run %s (%s): QUARANTINED: %s; the other runs go on", run_id, where.rel,
+                      row.reason)
+        else:
+            log.info("run %s (%s): found; model %s, kit %s, emit %s, priority %g; output %s",
+                     run_id, where.rel, run.settings.model, run.settings.kit or "none",
+                     run.settings.emit, run.settings.priority, row.output_dir)
+            self._open_part(run)
+        return run
+
+    def _open_part(self, run: Run) -> None:
+        row = run.row
+        place = RunPlace(str(run.where.path), row.output_dir, self._db_for(row.output_dir))
+        try:
+            part = RunPart(self.cfg, place, input_closed=row.input_closed,
+                           on_final_summary=lambda path, rid=row.run_id:
+                           self._final_summary(rid, path))
+        except Exception as exc:  # noqa: BLE001 - one run's trouble must not stop the others
+            log.exception("run %s: cannot open its database or directories", row.run_id)
+            self._quarantine(run, f"cannot open the run's database or directories: "
+                                  f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            return
+        run.part = part
+        self._skip_output(place.output_dir)
+        part.manager.on_work_may_be_ready(self.work_may_be_ready)
+        for job in part.store.live_jobs():   # a restart: the run's live jobs are its own
+            self._jobs[job.job_id] = Issued(row.run_id, self._clock())
+            self.fair.started(job.job_id, row.run_id, job.engine_id, self._model(run),
+                              DEFAULT_ESTIMATE_S)
+
+    def _quarantine(self, run: Run, reason: str) -> None:
+        run.row.state = transition(run.state, RunEvent.QUARANTINE, run.row.input_closed)
+        run.row.reason = reason
+        self.db.save(run.row)
+        log.error("run %s (%s): QUARANTINED: %s; the other runs go on", run.row.run_id,
+                  run.row.rel, reason)
+
+    @staticmethod
+    def _model(run: Run) -> str:
+        return run.settings.model if run.settings else ""
+
+    def _run(self, run_id: object) -> Run:
+        if not isinstance(run_id, str) or not run_id:
+            raise UnknownRun("parameter run is required (a run id from GET /runs)")
+        run = self._runs.get(run_id)
+        if run is None:
+            raise UnknownRun(f"parameter run: no run {run_id[:80]!r} (see GET /runs)")
+        return run
+
+    # -- commands ----------------------------------------------------------------------
+
+    def command(self, run_id: object, event: RunEvent) -> dict[str, Any]:
+        """pause, resume, cancel or close a run; UnknownRun or TransitionRefused."""
+        with self._lock:
+            run = self._run(run_id)
+            before = run.state
+            try:
+                after = transition(before, event, run.row.input_closed)
+            except TransitionRefused as exc:
+                raise TransitionRefused(f"run {run.row.run_id}: {exc}") from None
+            if event is RunEvent.RESUME and before is RunState.QUARANTINED:
+                self._requalify(run)
+                if run.state is RunState.QUARANTINED:
+                    raise TransitionRefused(f"run {run.row.run_id}: still QUARANTINED: "
+                                            f"{run.row.reason}")
+                after = transition(run.state, event, run.row.input_closed)
+            if event is RunEvent.CLOSE:
+                self._close_run_input(run, "by command")
+            run.row.state = after
+            if after is not RunState.QUARANTINED:
+                run.row.reason = "" if after is not RunState.CANCELLED else "cancelled by command"
+            self.db.save(run.row)
+            if before is not after:
+                log.info("run %s: %s -> %s (%s)", run.row.run_id, before.value, after.value,
+                         event.value)
+            if after is RunState.CANCELLED:
+                self.fair.forget_run(run.row.run_id)
+            self._check_settled(run)
+            answer = self.run_view(run)
+        self.work_may_be_ready()
+        return answer
+
+    def _requalify(self, run: Run) -> None:
+        """A QUARANTINED run asked to resume: read its settings again, open its part."""
+        try:
+            run.settings = settings_for(run.where, self.fcfg)
+        except RunSettingsError as exc:
+            run.row.reason = str(exc)
+            return
+        run.row.settings = run.settings.to_dict()
+        run.row.state, run.row.reason = RunState.ACTIVE, ""
+        if run.part is None:
+            self._open_part(run)
+
+    def _close_run_input(self, run: Run, why: str) -> None:
+        run.row.input_closed = True
+        if run.part is not None:
+            run.part.manager.close_input(f"run {run.row.run_id} closed {why}")
+
+    def _final_summary(self, run_id: str, path: str) -> None:
+        with self._lock:
+            run = self._runs[run_id]
+            try:
+                after = transition(run.state, RunEvent.CLOSE, run.row.input_closed)
+            except TransitionRefused:
+                return
+            self._close_run_input(run, f"by MinKNOW's {path}")
+            if after is not run.state:
+                log.info("run %s: %s -> %s (MinKNOW wrote %s)", run_id, run.state.value,
+                         after.value, path)
+            run.row.state = after
+            self.db.save(run.row)
+
+    def close_input(self, why: str = "") -> None:
+        """Close the facility: no new runs. Each run still closes on its own."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.db.set_flag(CLOSED_FLAG, "1")
+                log.info("facility closed%s: no new runs will be taken",
+                         f" ({why})" if why else "")
+        self.work_may_be_ready()
+
+    @property
+    def input_closed(self) -> bool:
+        return self._closed
+
+    # -- scanning and reaping ------------------------------------------------------------
+
+    def scan_tick(self) -> None:
+        """Find new runs (unless closed), then one scan of each run that takes files."""
+        if not self._closed:
+            known = set(self._by_rel)
+            for where in discover_runs(Path(self.root), known):
+                if self._stop():
+                    return
+                with self._lock:
+                    if where.rel not in self._by_rel:
+                        self._add(where)
+        for run in list(self._runs.values()):
+            if self._stop():
+                return
+            if run.part is None or run.state.final or run.state is RunState.QUARANTINED:
+                continue
+            try:
+                run.part.scan(self._stop)
+            except Exception:  # noqa: BLE001
+                log.exception("run %s: scan failed (will retry)", run.row.run_id)
+        for run in list(self._runs.values()):
+            with self._lock:
+                self._check_settled(run)
+        if not self._discovered:
+            self._discovered = True
+            self.work_may_be_ready()
+
+    def reap(self) -> int:
+        expired = 0
+        for run in list(self._runs.values()):
+            if run.part is not None and run.state is not RunState.QUARANTINED:
+                expired += run.part.reap()
+        self._sweep_jobs()
+        return expired
+
+    def _sweep_jobs(self) -> None:
+        """Jobs whose lease ended without a completion (expired) are charged their time."""
+        with self._lock:
+            for job_id, issued in list(self._jobs.items()):
+                run = self._runs.get(issued.run_id)
+                if run is None or run.part is None or \
+                        run.part.manager.leases.engine_of(job_id) is None:
+                    self._finished(job_id, issued)
+
+    def _finished(self, job_id: str, issued: Issued) -> None:
+        if self._jobs.pop(job_id, None) is None:
+            return
+        served = max(0.0, self._clock() - issued.started)
+        self.fair.finished(job_id, served)
+        run = self._runs.get(issued.run_id)
+        if run is not None:
+            run.row.served_s += served
+            run.row.last_batch_at = time.time()
+            self.db.save(run.row)
+
+    def _check_settled(self, run: Run) -> None:
+        """CLOSED with every file settled -> COMPLETE (summary written); a CANCELLED run
+        with nothing running writes its summary too."""
+        if run.part is None or run.row.summary:
+            return
+        if run.state is RunState.CLOSED:
+            if not run.part.manager.status()["complete"]:
+                return
+        elif run.state is not RunState.CANCELLED or run.part.manager.leases.by_engine():
+            return
+        after = transition(run.state, RunEvent.SETTLED, run.row.input_closed)
+        summary = self._summary(run, after)
+        try:
+            write_summary(Path(run.row.output_dir), summary)
+        except OSError as exc:
+            log.error("run %s: cannot write bcorch_summary.json in %s (will retry): %s",
+                      run.row.run_id, run.row.output_dir, exc)
+            return
+        run.row.summary, run.row.state = summary, after
+        self.db.save(run.row)
+        self.fair.forget_run(run.row.run_id)
+        log.info("run %s: %s; bcorch_summary.json written in %s", run.row.run_id, after.value,
+                 run.row.output_dir)
+
+    def _summary(self, run: Run, state: RunState) -> dict[str, Any]:
+        files = run.part.store.snapshot().files if run.part is not None else {}
+        summary: dict[str, Any] = {
+            "run_id": run.row.run_id, "rel": run.row.rel, "state": state.value,
+            "settings": run.row.settings,
+            "files_done": files.get(FileState.DONE.value, 0),
+            "files_quarantined": files.get(FileState.QUARANTINED.value, 0),
+            "files_duplicate": files.get(FileState.DUPLICATE.value, 0),
+            "gpu_s": round(self._served(run), 3),
+            "first_batch_at": run.row.first_batch_at, "last_batch_at": run.row.last_batch_at,
+            "written_at": time.time(),
+        }
+        if state is RunState.CANCELLED:
+            summary["files_not_basecalled"] = (files.get(FileState.PENDING.value, 0)
+                                               + files.get(FileState.ASSIGNED.value, 0))
+        return summary
+
+    def _served(self, run: Run) -> float:
+        """GPU seconds: finished batches (recorded) plus those running now."""
+        running = sum(max(0.0, self._clock() - i.started) for i in self._jobs.values()
+                      if i.run_id == run.row.run_id)
+        return run.row.served_s + running
+
+    # -- protocol ----------------------------------------------------------------------
+
+    def on_work_may_be_ready(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def work_may_be_ready(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def nothing_left(self) -> bool:
+        """The facility is closed and every run is COMPLETE, CANCELLED or QUARANTINED."""
+        return (self._closed and self._discovered
+                and all(r.state.final or r.state is RunState.QUARANTINED
+                        for r in self._runs.values()))
+
+    def _ready(self) -> list[Demand]:
+        ready = []
+        for run in self._runs.values():
+            if not run.state.serving or run.part is None or run.settings is None:
+                continue
+            if run.part.store.snapshot().files[FileState.PENDING.value] <= 0:
+                continue
+            ready.append(Demand(run.row.run_id, run.settings.priority, run.settings.model))
+        return ready
+
+    def assign(self, engine_id: str, wanted: int, simulated: bool = False) -> Answer:
+        if simulated and not self.allow_simulated:
+            log.error("engine %s: refused, its runner is simulated and manager.allow_simulated "
+                      "is false", engine_id)
+            return Answer(CONFIG_REFUSED, {"error": SIMULATION_REFUSED})
+        with self._lock:
+            self._engines_seen[engine_id] = time.time()
+            ready = self._ready()
+            while ready:
+                demand = self.fair.pick(engine_id, ready)
+                if demand is None:
+                    break
+                run = self._runs[demand.run_id]
+                assert run.part is not None and run.settings is not None
+                answer = run.part.manager.assign(engine_id, wanted, simulated)
+                if answer.status != 200:
+                    return answer
+                if answer.body.get("batch_size"):
+                    return self._issued(run, engine_id, answer)
+                ready = [d for d in ready if d.run_id != demand.run_id]
+            return Answer(200, Batch.empty_answer(engine_id, self.interval,
+                                                  self.nothing_left()).to_dict())
+
+    def _issued(self, run: Run, engine_id: str, answer: Answer) -> Answer:
+        assert run.part is not None and run.settings is not None
+        batch = Batch.from_answer(answer.body)
+        pace = run.part.manager.paces.of(engine_id)
+        work = sum(f.size for f in (run.part.store.job(batch.jobid).files
+                                    if pace is not None else ()))
+        estimate = pace.startup_s + pace.seconds(work) if pace is not None else DEFAULT_ESTIMATE_S
+        self.fair.started(batch.jobid, run.row.run_id, engine_id, run.settings.model, estimate)
+        self._jobs[batch.jobid] = Issued(run.row.run_id, self._clock())
+        if run.row.first_batch_at is None:
+            run.row.first_batch_at = time.time()
+            self.db.save(run.row)
+        return Answer(200, dataclasses.replace(
+            batch, input_closed=self._closed, input_root=self.root, output_root=self.output_root,
+            run_id=run.row.run_id, run_input_dir=run.row.rel,
+            run_output_dir=self.run_output_rel(run.row.rel), model=run.settings.model,
+            kit=run.settings.kit, emit=run.settings.emit).to_dict())
+
+    def _owner(self, job_id: str) -> Run | None:
+        issued = self._jobs.get(job_id)
+        if issued is not None:
+            return self._runs.get(issued.run_id)
+        for run in self._runs.values():   # a job finished before a restart: ask the stores
+            if run.part is not None and run.part.store.job(job_id) is not None:
+                return run
+        return None
+
+    def keepalive(self, job_id: str, state: WireState, engine_id: str | None = None) -> Answer:
+        run = self._owner(job_id)
+        if run is None or run.part is None:
+            log.info("job %s: keep-alive (%s) for a job no run knows: late",
+                     short_job_id(job_id), state.value)
+            return Answer(200, {"late": True})
+        return run.part.manager.keepalive(job_id, state, engine_id=engine_id)
+
+    def complete(self, job_id: str, state: WireState, failed: dict[str, str], reason: str,
+                 engine_id: str | None = None, simulated: bool = False,
+                 rate: float | None = None, startup_s: float | None = None) -> Answer:
+        run = self._owner(job_id)
+        if run is None or run.part is None:
+            log.info("job %s: %s for a job no run knows: late", short_job_id(job_id),
+                     state.value)
+            return Answer(200, {"ok": False, "late": True})
+        answer = run.part.manager.complete(job_id, state, failed, reason, engine_id=engine_id,
+                                           simulated=simulated, rate=rate, startup_s=startup_s)
+        with self._lock:
+            issued = self._jobs.get(job_id)
+            if issued is not None and run.part.manager.leases.engine_of(job_id) is None:
+                self._finished(job_id, issued)
+            self._check_settled(run)
+        return answer
+
+    # -- reading -----------------------------------------------------------------------
+
+    def run_view(self, run: Run) -> dict[str, Any]:
+        st = run.part.manager.status() if run.part is not None else None
+        settings = run.row.settings or {}
+        files = st["files"] if st else {}
+        return {
+            "run_id": run.row.run_id, "rel": run.row.rel, "state": run.state.value,
+            "reason": run.row.reason, "priority": settings.get("priority"),
+            "model": settings.get("model"), "kit": settings.get("kit"),
+            "emit": settings.get("emit"), "files": files,
+            "progress": st["progress"] if st else {"files_done": 0, "files_total": 0,
+                                                    "bytes_done": 0, "bytes_total": 0},
+            "eta_s": st["eta_s"] if st and run.state.serving else None,
+            "input_closed": run.row.input_closed, "output_dir": run.row.output_dir,
+            "served_s": round(self._served(run), 3),
+            "files_not_basecalled": (files.get("PENDING", 0) + files.get("ASSIGNED", 0)
+                                     if run.state is RunState.CANCELLED else 0),
+            "_status": st,
+        }
+
+    def runs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            views = [self.run_view(r) for r in self._runs.values()]
+        for v in views:
+            v.pop("_status")
+        return views
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            views = [self.run_view(r) for r in self._runs.values()]
+            seen = dict(self._engines_seen)
+            nothing_left = self.nothing_left()
+        parts = [v.pop("_status") for v in views]
+        parts = [p for p in parts if p is not None]
+        states = [s.value for s in FileState]
+        files = {s: sum(p["files"].get(s, 0) for p in parts) for s in states}
+        size = {s: sum(p["bytes"].get(s, 0) for p in parts) for s in states}
+        progress = {k: sum(p["progress"][k] for p in parts)
+                    for k in ("files_done", "files_total", "bytes_done", "bytes_total")}
+        jobs: dict[str, list[str]] = {}
+        for p in parts:
+            for engine, ids in p["jobs"].items():
+                jobs.setdefault(engine, []).extend(ids)
+        for p in parts:
+            for engine, info in p["engines"].items():
+                seen[engine] = max(seen.get(engine, 0.0), info["last_seen"])
+        files_per_s = sum(p["throughput"]["files_per_s"] for p in parts)
+        bytes_per_s = sum(p["throughput"]["bytes_per_s"] for p in parts)
+        window = max((p["throughput"]["window_s"] for p in parts), default=0.0)
+        left = files["PENDING"] + files["ASSIGNED"]
+        switches = self.fair.switches()
+        return {
+            "files": files, "bytes": size, "progress": progress,
+            "jobs_in_flight": {e: len(ids) for e, ids in jobs.items()},
+            "jobs": {e: sorted(ids) for e, ids in jobs.items()},
+            "engines": {e: {"last_seen": t, "jobs_in_flight": len(jobs.get(e, ()))}
+                        for e, t in sorted(seen.items())},
+            "throughput": {"window_s": window, "files_per_s": files_per_s,
+                           "bytes_per_s": bytes_per_s},
+            "eta_s": (left / files_per_s) if files_per_s > 0 else None,
+            "input_closed": self._closed,
+            "complete": nothing_left,
+            "report_back_interval": self.interval,
+            "duplicates": [d for p in parts for d in p["duplicates"]][:DUPLICATES_SHOWN],
+            "files_waiting": sum(p["files_waiting"] for p in parts),
+            "paces": {},
+            "runs": views,
+            "facility": {"root": self.root, "output_root": self.output_root,
+                         "output": self.fcfg.output, "closed": self._closed,
+                         "model_switches": switches,
+                         "model_switches_total": sum(switches.values())},
+        }
+
+    def files_in_state(self, state: FileState, limit: int, run_id: object = None) -> list[dict]:
+        with self._lock:
+            runs = [self._run(run_id)] if run_id is not None else list(self._runs.values())
+        out: list[dict] = []
+        for run in runs:
+            if run.part is None or len(out) >= limit:
+                continue
+            for f in run.part.store.files_in_state(state, limit - len(out)):
+                out.append({**f, "run": run.row.run_id})
+        return out
+
+    def counters(self) -> list[tuple[str, Any]]:
+        """(run_id, the run's store counters) for the metrics."""
+        with self._lock:
+            return [(r.row.run_id, r.part.store.snapshot()) for r in self._runs.values()
+                    if r.part is not None]
+
+    def parts(self) -> list[tuple[str, RunPart]]:
+        with self._lock:
+            return [(r.row.run_id, r.part) for r in self._runs.values() if r.part is not None]
+
+    def states(self) -> dict[str, str]:
+        with self._lock:
+            return {r.row.run_id: r.state.value for r in self._runs.values()}
+
+    def close(self) -> None:
+        with self._lock:
+            for run in self._runs.values():
+                if run.part is not None:
+                    try:
+                        run.part.close()
+                    except Exception:  # noqa: BLE001
+                        log.exception("run %s: closing its database failed", run.row.run_id)
+            self.db.close()

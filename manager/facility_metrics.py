@@ -1,0 +1,102 @@
+"""Prometheus metrics of a facility: the single-run families, summed over runs, plus the
+per-run file gauges with a `run` label, each run's state and the model switches.
+
+Like manager.metrics, everything is read at scrape time from what the runs keep.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .facility import Facility
+from .facility_states import RunState
+from .metrics import LATENCY_BUCKETS
+
+
+class FacilityCollector:
+    def __init__(self, facility: Facility):
+        self.facility = facility
+
+    def collect(self) -> Iterable[Any]:
+        parts = self.facility.parts()
+        files = GaugeMetricFamily("bcmanager_files", "Input files by run and state",
+                                  labels=["run", "state"])
+        size = GaugeMetricFamily("bcmanager_file_bytes", "Bytes of input files by run and state",
+                                 labels=["run", "state"])
+        totals: dict[str, list[int]] = {}
+        jobs: dict[str, int] = {}
+        leases: dict[str, int] = {}
+        for run_id, part in parts:
+            counters = part.store.snapshot()
+            for state, n in sorted(counters.files.items()):
+                files.add_metric([run_id, state], n)
+                size.add_metric([run_id, state], counters.bytes[state])
+                total = totals.setdefault(state, [0, 0])
+                total[0] += n
+                total[1] += counters.bytes[state]
+            for state, n in part.store.job_counts().items():
+                jobs[state] = jobs.get(state, 0) + n
+            for engine, ids in part.manager.leases.by_engine().items():
+                leases[engine] = leases.get(engine, 0) + len(ids)
+        yield files
+        yield size
+        yield GaugeMetricFamily("bcmanager_files_quarantined",
+                                "Files given up on after max_attempts failures (all runs)",
+                                value=totals.get("QUARANTINED", [0, 0])[0])
+        yield CounterMetricFamily("bcmanager_assignments",
+                                  "Batches handed out (jobs created), all runs",
+                                  value=sum(jobs.values()))
+        yield CounterMetricFamily("bcmanager_lease_expiries",
+                                  "Jobs whose lease expired, all runs",
+                                  value=jobs.get("EXPIRED", 0))
+        finished = CounterMetricFamily("bcmanager_jobs_finished", "Jobs by final state",
+                                       labels=["state"])
+        for state, n in sorted(jobs.items()):
+            if state != "LIVE":
+                finished.add_metric([state], n)
+        yield finished
+        in_flight = GaugeMetricFamily("bcmanager_engine_jobs_in_flight",
+                                      "Live leases per engine", labels=["engine"])
+        for engine, n in sorted(leases.items()):
+            in_flight.add_metric([engine], n)
+        yield in_flight
+        yield GaugeMetricFamily("bcmanager_jobs_in_flight", "Live leases (all runs)",
+                                value=sum(leases.values()))
+        yield GaugeMetricFamily("bcmanager_input_closed", "1 when the facility takes no new runs",
+                                value=int(self.facility.input_closed))
+        state = GaugeMetricFamily("bcmanager_run_state", "1 for each run's current state",
+                                  labels=["run", "state"])
+        for run_id, current in sorted(self.facility.states().items()):
+            for s in RunState:
+                state.add_metric([run_id, s.value], int(s.value == current))
+        yield state
+        served = GaugeMetricFamily("bcmanager_run_gpu_seconds",
+                                   "GPU seconds served to each run (batches held)",
+                                   labels=["run"])
+        for view in self.facility.runs():
+            served.add_metric([view["run_id"]], view["served_s"])
+        yield served
+        switches = CounterMetricFamily("bcmanager_model_switches",
+                                       "Batches of another model than the engine's last",
+                                       labels=["engine"])
+        for engine, n in sorted(self.facility.fair.switches().items()):
+            switches.add_metric([engine], n)
+        yield switches
+
+
+class FacilityMetrics:
+    """The facility's registry: its collector and the request latency histogram."""
+
+    def __init__(self, facility: Facility):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(FacilityCollector(facility))
+        self.latency = Histogram("bcmanager_request_duration_seconds",
+                                 "HTTP request latency by route and status code",
+                                 ["route", "code"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
