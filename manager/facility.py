@@ -111,11 +111,16 @@ class Facility:
         self.watcher = watcher
         with self._lock:
             for run in self._runs.values():
-                self._skip_output(run.row.output_dir)
+                if run.part is not None:
+                    self._watch_part(run.part)
 
-    def _skip_output(self, output_dir: str) -> None:
-        if self.watcher is not None and output_dir.startswith(self.root + os.sep):
-            self.watcher.skip = self.watcher.skip | {output_dir}
+    def _watch_part(self, part: RunPart) -> None:
+        """The watcher neither enters the run's output dir nor wakes for its batch dirs."""
+        if self.watcher is None:
+            return
+        self.watcher.input_roots = self.watcher.input_roots | {part.place.input_dir}
+        if part.place.output_dir.startswith(self.root + os.sep):
+            self.watcher.skip = self.watcher.skip | {part.place.output_dir}
 
     def run_count(self) -> int:
         return len(self._runs)
@@ -199,7 +204,7 @@ class Facility:
                                   f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
             return
         run.part = part
-        self._skip_output(place.output_dir)
+        self._watch_part(part)
         part.manager.on_work_may_be_ready(self.work_may_be_ready)
         for job in part.store.live_jobs():   # a restart: the run's live jobs are its own
             self._jobs[job.job_id] = Issued(row.run_id, self._clock())

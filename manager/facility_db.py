@@ -79,7 +79,7 @@ class FacilityDB:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: safe from a killed process
             self._db.executescript(SCHEMA)
         except (sqlite3.DatabaseError, OSError) as exc:
             raise DatabaseUnusable(self.path, exc) from None

@@ -43,6 +43,17 @@ class FacilityCollector:
                 leases[engine] = leases.get(engine, 0) + len(ids)
         yield files
         yield size
+        done = CounterMetricFamily("bcmanager_files_done", "Files basecalled (DONE), by run",
+                                   labels=["run"])
+        done_bytes = CounterMetricFamily("bcmanager_bytes_done",
+                                         "Bytes of input files basecalled (DONE), by run",
+                                         labels=["run"])
+        for run_id, part in parts:
+            counters = part.store.snapshot()
+            done.add_metric([run_id], counters.files.get("DONE", 0))
+            done_bytes.add_metric([run_id], counters.bytes.get("DONE", 0))
+        yield done
+        yield done_bytes
         yield GaugeMetricFamily("bcmanager_files_quarantined",
                                 "Files given up on after max_attempts failures (all runs)",
                                 value=totals.get("QUARANTINED", [0, 0])[0])

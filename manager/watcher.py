@@ -145,6 +145,9 @@ class InputWatcher:
         self.root = os.path.abspath(root)
         self.stop = stop
         self.skip = frozenset(os.path.abspath(s) for s in skip)
+        # Directories whose ASSIGNED_*/FAILED_* are the manager's own (a facility adds each
+        # run's directory); changes to them never wake the scanner.
+        self.input_roots: frozenset[str] = frozenset({self.root})
         self.wanted = wanted
         self.min_gap_s = min_gap_s
         self._clock = clock
@@ -238,7 +241,7 @@ class InputWatcher:
             parent = self._paths.get(wd)
             if parent is None or not name:
                 continue
-            if parent == self.root and name.startswith(OWN_INPUT_PREFIXES):
+            if parent in self.input_roots and name.startswith(OWN_INPUT_PREFIXES):
                 continue
             if mask & IN_ISDIR:
                 if mask & (IN_CREATE | IN_MOVED_TO):
@@ -268,7 +271,8 @@ class InputWatcher:
             try:
                 with os.scandir(directory) as entries:
                     for entry in entries:
-                        if directory == self.root and entry.name.startswith(OWN_INPUT_PREFIXES):
+                        if directory in self.input_roots and \
+                                entry.name.startswith(OWN_INPUT_PREFIXES):
                             continue
                         try:
                             if not entry.is_dir(follow_symlinks=False):
