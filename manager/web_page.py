@@ -70,7 +70,8 @@ class ThroughputHistory:
 
     Samples are thinned to one per SAMPLE_EVERY_S and kept for HISTORY_MINUTES + 1 minutes;
     the amount of a minute is the change of the cumulative counts, linearly interpolated
-    between samples, over that minute (None before the first sample)."""
+    between samples, over that minute (from the first sample in the minute sampling began;
+    None for the minutes before)."""
 
     def __init__(self) -> None:
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
@@ -85,8 +86,10 @@ class ThroughputHistory:
 
     def _at(self, t: float) -> tuple[float, float] | None:
         samples = self._samples
-        if not samples or t < samples[0][0]:
+        if not samples or t <= samples[0][0] - MINUTE_S:
             return None
+        if t < samples[0][0]:    # the minute sampling began in counts from its first sample
+            return float(samples[0][1]), float(samples[0][2])
         i = bisect.bisect_right(samples, t, key=lambda s: s[0])
         if i >= len(samples):
             return float(samples[-1][1]), float(samples[-1][2])

@@ -151,7 +151,7 @@ def test_throughput_history_is_per_minute_over_the_last_hour():
     assert minutes["bytes"][50:60] == [6000] * 10
     assert minutes["files"][60] == 0.0    # the current minute: nothing since the last sample
     h.record(now + 2 * 3600, 0, 0)         # a day later, counts restarted: old samples gone
-    assert h.per_minute(now + 2 * 3600)["files"] == [None] * 61
+    assert h.per_minute(now + 2 * 3600)["files"] == [None] * 60 + [0.0]
 
 
 def test_the_page_ships_in_the_package_and_its_csp_admits_only_its_own_code():

@@ -1,0 +1,257 @@
+"""The live page in a real browser: headless Debian Chromium, driven over the DevTools protocol.
+
+Chromium speaks the protocol over a pipe (--remote-debugging-pipe: JSON messages ending in
+NUL, read from its fd 3, written to its fd 4), so no debugging port is opened and no
+driver or websocket package is needed. During a demo-sized run (real POD5 files, a real
+manager with a token, bcorch with virtual GPUs and the simulate runner) the test logs in
+with `/?token=` once, then checks that the page's numbers change and agree with /status,
+that the cookie is HttpOnly (document.cookie cannot read it) and that the token is nowhere
+in the page, and saves a screenshot (docs/img/live-page.png with BCORCH_UPDATE_SCREENSHOT=1).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import REPO, http_json, kill_tree, wait_until
+from bcorch.logs import WHOLE_JOB_ID
+from bcorch.orchestrator.local_cluster import LocalCluster
+from bcorch.orchestrator.pod5_dataset import write_dataset
+
+TOKEN = "page-test-token-7Kq2"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT = REPO / "docs" / "img" / "live-page.png"
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,1000",
+         "--remote-debugging-pipe")
+
+
+class Browser:
+    """Headless Chromium in its own session with a fresh profile; DevTools over a pipe."""
+
+    def __init__(self, profile: Path, log_path: Path):
+        to_child_r, self._to_child = os.pipe()
+        self._from_child, from_child_w = os.pipe()
+        # The browser reads commands from its fd 3 and writes answers to its fd 4.
+        shell = f'exec "$0" "$@" 3<&{to_child_r} 4>&{from_child_w} {to_child_r}<&- {from_child_w}>&-'
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            ["bash", "-c", shell, CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._next_id = 0
+        self._answers: dict[int, dict] = {}
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.session = ""
+
+    def _read(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                chunk = os.read(self._from_child, 1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                with self._cond:
+                    self._answers[-1] = {"error": {"message": "the browser closed its pipe"}}
+                    self._cond.notify_all()
+                return
+            buffer += chunk
+            *messages, buffer = buffer.split(b"\0")
+            for raw in messages:
+                message = json.loads(raw)
+                if "id" in message:
+                    with self._cond:
+                        self._answers[message["id"]] = message
+                        self._cond.notify_all()
+
+    def call(self, method: str, timeout: float = 30.0, **params: Any) -> dict:
+        self._next_id += 1
+        ident = self._next_id
+        message = {"id": ident, "method": method, "params": params}
+        if self.session and not method.startswith(("Target.", "Browser.")):
+            message["sessionId"] = self.session
+        os.write(self._to_child, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while ident not in self._answers and -1 not in self._answers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"DevTools {method}: no answer in {timeout} s")
+                self._cond.wait(left)
+            answer = self._answers.pop(ident, None) or self._answers[-1]
+        if "error" in answer:
+            raise AssertionError(f"DevTools {method}: {answer['error']}")
+        return answer["result"]
+
+    def open_page(self) -> None:
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Page.enable")
+        self.call("Network.enable")
+
+    def navigate(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+
+    def js(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=5)
+        except AssertionError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_tree(self.proc.pid)
+        self.proc.wait(timeout=10)
+        for fd in (self._to_child, self._from_child):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._log.close()
+
+
+def _page_numbers(browser: Browser) -> dict:
+    return browser.js("""(() => {
+        const run = document.querySelector('.run');
+        return {polls: Number(document.body.dataset.polls || 0),
+                problem: document.getElementById('problem').textContent,
+                done: run && Number(run.dataset.filesDone),
+                total: run && Number(run.dataset.filesTotal),
+                eta: run && run.dataset.etaS,
+                engines: [...document.querySelectorAll('#engines tr[data-engine]')].map(tr =>
+                    [...tr.children].map(td => td.textContent)),
+                quarantined: [...document.querySelectorAll('#quarantined tr')].map(tr =>
+                    [...tr.children].map(td => td.textContent)),
+                barPixels: (() => {   // pixels in the bars' colour (#2f6fdb) on the chart
+                    const c = document.querySelector('.run canvas');
+                    if (!c || !c.width) return 0;
+                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                    let n = 0;
+                    for (let i = 0; i < d.length; i += 4)
+                        if (d[i] === 47 && d[i + 1] === 111 && d[i + 2] === 219) n++;
+                    return n; })()};
+    })()""")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A demo-sized run with a token: 24 real POD5 files (one unreadable), 3 virtual GPUs."""
+    c = LocalCluster(tmp_path / "run", gpus=3,
+                     manager={"report_back_interval": 15.0, "batch_size": 2, "token": TOKEN,
+                              "max_attempts": 1, "allow_simulated": True},
+                     runner={"kind": "simulate", "samples_per_s": 60_000.0})
+    write_dataset(c.input_dir, 24, reads_per_file=20, samples_per_read=(2000, 6000))
+    (c.input_dir / "broken.pod5").write_bytes(b"not a POD5 file " * 64)
+    try:
+        yield c
+    finally:
+        c.close(now=True)
+        for proc in (c.bcorch, c.manager):
+            if proc is not None:
+                proc.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no chromium at {CHROMIUM}: .ci/run installs it (apt-get install chromium)")
+    b = Browser(tmp_path / "profile", tmp_path / "chromium.log")
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.mark.slow
+def test_the_live_page_follows_a_run_in_a_real_browser(cluster, browser, tmp_path):
+    def status() -> dict:
+        code, body = http_json(cluster.url + "/status", TOKEN)
+        assert code == 200, body
+        return body
+
+    cluster.start_manager(input_closed=True)
+    wait_until(lambda: sum(status()["files"].values()) == 25, 60, what="the manager to find 25 files")
+    browser.open_page()
+    browser.navigate(f"{cluster.url}/?token={TOKEN}")
+    wait_until(lambda: browser.js("location.href") == cluster.url + "/", 30,
+               what="the redirect from /?token= to /")
+    wait_until(lambda: _page_numbers(browser)["polls"] >= 1, 30, what="the page's first poll")
+    first = _page_numbers(browser)
+    assert first["problem"] == "" and first["done"] == 0 and first["total"] == 25
+    assert first["barPixels"] == 0, "no bar before anything is done"
+
+    cluster.start_bcorch()
+    seen_done = {first["done"]}
+
+    def page_moves() -> bool:
+        now = _page_numbers(browser)
+        seen_done.add(now["done"])
+        return len(seen_done) >= 3 and 0 < now["done"] and any(e[3] == "BUSY" for e in now["engines"])
+    wait_until(page_moves, 120, interval=0.5, what=f"the page's numbers to change ({seen_done})")
+    moving = _page_numbers(browser)
+    engines = moving["engines"]
+    assert sorted(e[2] for e in engines) == ["0", "1", "2"]          # GPU from the engine id
+    assert all(e[1] == e[0].rsplit("-gpu", 1)[0] for e in engines)  # host from the engine id
+    busy = [e for e in engines if e[3] == "BUSY"]
+    assert busy and all(len(e[4]) >= 6 and e[5].endswith("s") for e in busy), engines
+    job_ids = {j for jobs in status()["jobs"].values() for j in jobs}
+    assert all(len(j) < 20 for j in job_ids)        # /status shows short ids; so does the page
+    shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+
+    def settled() -> bool:
+        s = status()
+        return s["files"]["PENDING"] == 0 and s["files"]["ASSIGNED"] == 0
+    wait_until(settled, 180, interval=0.5, what="the run to finish")
+    final = status()
+
+    def page_agrees() -> bool:
+        now = _page_numbers(browser)
+        return (now["done"], now["total"]) == (final["progress"]["files_done"],
+                                               final["progress"]["files_total"]) \
+            and len(now["quarantined"]) == final["files"]["QUARANTINED"] == 1
+    wait_until(page_agrees, 30, interval=0.5, what="the page to agree with /status")
+    shown = _page_numbers(browser)
+    assert shown["done"] == 24 and "broken.pod5" in shown["quarantined"][0][0]
+    reason = shown["quarantined"][0][2]
+    assert reason.strip(), "the reason of the quarantined file is shown"
+    assert not WHOLE_JOB_ID.search(reason), "with the job id cut as /status shows it"
+    assert shown["barPixels"] > 50, "the throughput chart shows this minute's files"
+
+    assert browser.js("document.cookie") == ""                      # HttpOnly
+    cookies = browser.call("Network.getCookies", urls=[cluster.url + "/"])["cookies"]
+    assert [(c["httpOnly"], c["sameSite"]) for c in cookies] == [(True, "Strict")]
+    assert TOKEN not in cookies[0]["value"]
+    source = browser.js("document.documentElement.outerHTML")
+    raw = browser.js("fetch('/').then(r => r.text())")
+    assert TOKEN not in source and TOKEN not in raw and TOKEN not in browser.js("location.href")
+    manager_log = (cluster.workdir / "manager.log").read_text()
+    assert TOKEN not in manager_log
+
+    assert shot.startswith(b"\x89PNG")
+    (tmp_path / "live-page.png").write_bytes(shot)
+    if os.environ.get("BCORCH_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        SCREENSHOT.write_bytes(shot)
