@@ -12,12 +12,12 @@ from dorado_helpers import (FAKES, HAC, DoradoSite, argv_records, fake_env, mode
                             write_toml)
 from support import ManagedProcess, wait_until
 from bcorch.workers.output_check import OutputChecker, skipped_in_log
-from bcorch.workers.read_ids import read_ids_under
+from bcorch.workers.read_ids import read_ids_under, settings_under
 from bcorch.orchestrator.pod5_dataset import write_corrupt, write_dataset
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError, from_mapping
 from bcorch.workers.runners import Placement, make_runner
-from bcorch.workers.runners.base import LOG_NAME, RunResult
+from bcorch.workers.runners.base import LOG_NAME, BatchSettingsError, RunResult
 from bcorch.workers.runners.dorado import DoradoRunner, check_model
 
 DORADO = str(FAKES / "dorado")
@@ -111,6 +111,62 @@ def test_command_line_output_dir_device_and_extra_args(tmp_path, monkeypatch):
     expected = sorted(r for ids in written.values() for r in ids)
     assert sorted(read_ids_under([out / "pass"])) == expected
     assert "Simplex reads basecalled: 10" in (out / LOG_NAME).read_text()
+
+
+@pytest.mark.parametrize("emit", ["fastq", "bam"])
+def test_a_batchs_model_kit_and_emit_replace_the_engines(tmp_path, monkeypatch, emit):
+    """Facility mode: the run's model complex and kit reach dorado's command line (a kit in
+    extra_args gives way to the batch's), its format replaces runner.emit, and every read
+    records what basecalled it (the fake's DS tag)."""
+    mods = HAC + "_5mCG_5hmCG@v2"
+    root = models_dir(tmp_path, HAC, mods)
+    job_in, written, names = _job(tmp_path)
+    runner = DoradoRunner(DORADO, "hac", str(root), emit="bam" if emit == "fastq" else "fastq",
+                          extra_args=["--kit-name", "OLD-KIT", "--no-trim"])
+    for key, value in fake_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "TMPOUTPUT_j1_e"
+    handle = runner.start(job_in, out, "hac,5mCG_5hmCG", names, kit="SQK-NBD114-24", emit=emit)
+    result = wait_until(handle.poll, 60, what="fake dorado to exit")
+    assert result.state is JobState.DONE, (out / LOG_NAME).read_text()
+    [record] = argv_records(tmp_path, "dorado")
+    assert record["argv"] == ["basecaller", "hac,5mCG_5hmCG", str(job_in), "--device", "cuda:0",
+                              "--output-dir", str(out / "pass"),
+                              *(["--emit-fastq"] if emit == "fastq" else []),
+                              "--models-directory", str(root), "--kit-name", "SQK-NBD114-24",
+                              "--no-trim"]
+    assert list((out / "pass").rglob(f"*.{emit}"))
+    expected = sorted(r for ids in written.values() for r in ids)
+    calls = settings_under([out / "pass"])
+    assert sorted(calls) == expected
+    assert all(c == {"model": "hac,5mCG_5hmCG", "kit": "SQK-NBD114-24"} for c in calls.values())
+
+
+def test_without_batch_settings_the_command_line_is_unchanged(tmp_path):
+    root = models_dir(tmp_path)
+    runner = DoradoRunner(DORADO, "hac", str(root), extra_args=["--kit-name", "K1"])
+    argv = runner.argv(tmp_path / "in", tmp_path / "out", "hac")
+    assert argv[1:] == ["basecaller", "hac", str(tmp_path / "in"), "--device", "cuda:0",
+                        "--output-dir", str(tmp_path / "out" / "pass"), "--emit-fastq",
+                        "--models-directory", str(root), "--kit-name", "K1"]
+
+
+def test_a_batchs_model_not_installed_is_a_batch_settings_error(tmp_path):
+    """The batch's own model missing here fails that batch (the engine goes on); the engine's
+    own model missing is still a configuration error (exit 78)."""
+    root = models_dir(tmp_path)
+    runner = DoradoRunner(DORADO, "hac", str(root))
+    job_in, _, names = _job(tmp_path, n_files=1)
+    with pytest.raises(BatchSettingsError, match=r"engine.model: no 'sup' model"):
+        runner.start(job_in, tmp_path / "o1", "sup", names)
+    with pytest.raises(BatchSettingsError, match=r"emit must be one of fastq, bam"):
+        runner.start(job_in, tmp_path / "o2", "hac", names, emit="sam")
+    for child in root.iterdir():
+        child.rmdir()
+    with pytest.raises(ConfigError) as err:
+        runner.start(job_in, tmp_path / "o3", "hac", names)
+    assert not isinstance(err.value, BatchSettingsError)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
 
 
 @pytest.mark.parametrize("weird", ["m; rm -rf x", "two words", "$(touch pwned)", "`id` && |<>"])

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import psutil
 
-from dorado_helpers import FAKES, DoradoSite, argv_records
+from dorado_helpers import FAKES, DoradoSite, argv_records, fake_env
 from support import wait_until
-from bcorch.workers.read_ids import read_ids_under
+from bcorch.protocol import JobState
+from bcorch.workers.read_ids import read_ids_under, settings_under
 from bcorch.orchestrator.pod5_dataset import write_dataset
-from bcorch.workers.runners.dorado_server import ipc_port
+from bcorch.workers.runners.dorado_server import DoradoServerRunner, ipc_port
 
 CFG = "dna_r10.4.1_e8.2_400bps_5khz_hac.cfg"
+SUP_CFG = "dna_r10.4.1_e8.2_400bps_5khz_sup.cfg"
 
 
 def _runner(**extra) -> dict:
@@ -103,3 +105,55 @@ def test_server_over_tcp_on_base_port_plus_gpu(tmp_path, procs):
     [server] = argv_records(tmp_path, "dorado_basecall_server")
     assert server["argv"][server["argv"].index("--port") + 1] == str(port)
     assert "--use_tcp" in server["argv"]
+
+
+def test_a_batch_of_another_model_restarts_the_server_with_it(tmp_path, monkeypatch):
+    """Facility mode: a batch whose model is not the loaded one stops the server and starts it
+    with that model (a model switch; the wait is the batch's start-up); the same model again
+    reuses it. A model the server refuses (exit 2) fails that batch only."""
+    models = tmp_path / "server-models"
+    models.mkdir()
+    for cfg in (CFG, SUP_CFG):
+        (models / cfg).write_text("# fake basecall configuration\n")
+    env = fake_env(tmp_path, FAKE_DORADO_MODELS=str(models), FAKE_SERVER_STARTUP_S="0.5")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    written = write_dataset(tmp_path / "in", 2, reads_per_file=4, samples_per_read=2000)
+    runner = DoradoServerRunner(
+        server_path=str(FAKES / "dorado_basecall_server"),
+        supervisor_path=str(FAKES / "ont_basecaller_supervisor"), model=CFG,
+        output_root=str(tmp_path / "out"), engine_id="switch", num_clients=1,
+        start_timeout_s=30.0, stop_grace_s=5.0)
+    handles = []
+
+    def batch(model: str, **settings):
+        out = tmp_path / f"TMPOUTPUT_{len(handles)}"
+        handle = runner.start(tmp_path / "in", out, model, list(written), **settings)
+        handles.append(handle)
+        return wait_until(handle.poll, 60, what=f"the batch with {model}"), out
+
+    try:
+        assert batch(CFG)[0].state is JobState.DONE
+        result, out = batch(SUP_CFG, kit="SQK-NBD114-24")
+        assert result.state is JobState.DONE
+        assert batch(SUP_CFG, emit="bam")[0].state is JobState.DONE
+        refused, _ = batch("no_such_model.cfg")
+        assert refused.state is JobState.FAILED and "could not be found" in refused.reason
+        assert batch(CFG)[0].state is JobState.DONE
+    finally:
+        runner.close()
+    servers = argv_records(tmp_path, "dorado_basecall_server")
+    assert [s["argv"][1] for s in servers] == [CFG, SUP_CFG, "no_such_model.cfg", CFG]
+    assert runner.model_switches == 3
+    assert not any(_alive(s["pid"]) for s in servers)
+    clients = argv_records(tmp_path, "ont_basecaller_supervisor")
+    assert [c["server_pid"] for c in clients] == [servers[0]["pid"], servers[1]["pid"],
+                                                  servers[1]["pid"], servers[3]["pid"]]
+    assert clients[1]["argv"][-2:] == ["--barcode_kits", "SQK-NBD114-24"]
+    assert "--bam_out" in clients[2]["argv"] and "--bam_out" not in clients[1]["argv"]
+    startups = [h.startup_s for h in handles]
+    assert startups[0] >= 0.5 and startups[1] >= 0.5 and startups[4] >= 0.5, startups
+    assert startups[2] < 0.5, "the loaded model is not loaded again"
+    calls = settings_under([out / "pass"])
+    assert sorted(calls) == sorted(r for ids in written.values() for r in ids)
+    assert all(c == {"model": SUP_CFG, "kit": "SQK-NBD114-24"} for c in calls.values())

@@ -19,7 +19,7 @@ from support import ManagedProcess, ManagerProcess, free_port, kill_tree, wait_u
 from test_engine_stubs import ScriptedServer, forwarder
 from bcorch.workers.channel import EngineState, SpawnSpec
 from bcorch.workers.engine import BCEngine, run_engine_process
-from bcorch.workers.read_ids import read_ids_under
+from bcorch.workers.read_ids import read_ids_under, settings_under
 from bcorch.orchestrator.pod5_dataset import write_dataset
 from bcorch.config import ConfigError, from_mapping
 
@@ -286,6 +286,18 @@ def test_manager_down_shorter_than_an_interval_batch_still_done(tmp_path, procs)
     ({"jobid": "j1", "job_input_dir": "../../etc", "job_output_dir": "o", "bc_engine_id": "e",
       "batch_size": 1, "batch": ["a.pod5"], "report_back_interval": 5},
      "job_input_dir must be a plain directory name"),
+    *[({"jobid": "j1", "job_input_dir": "i", "job_output_dir": "o", "bc_engine_id": "e",
+        "batch_size": 1, "batch": ["a.pod5"], "report_back_interval": 5, key: bad},
+       f"{key} must be a relative path")
+      for key, bad in [("run_input_dir", "../../etc"), ("run_input_dir", "/etc"),
+                       ("run_output_dir", "g/s//run"), ("run_output_dir", "g/./run"),
+                       ("run_output_dir", "g/s/run/.."), ("run_input_dir", 7)]],
+    ({"jobid": "j1", "job_input_dir": "i", "job_output_dir": "o", "bc_engine_id": "e",
+      "batch_size": 1, "batch": ["a.pod5"], "report_back_interval": 5, "model": "hac; rm -rf /"},
+     "model must match"),
+    ({"jobid": "j1", "job_input_dir": "i", "job_output_dir": "o", "bc_engine_id": "e",
+      "batch_size": 1, "batch": ["a.pod5"], "report_back_interval": 5, "emit": "sam"},
+     "emit must be one of fastq, bam"),
 ])
 def test_malformed_answer_is_one_clear_error(tmp_path, procs, answer, message):
     with ScriptedServer(lambda route, fields: (200, answer)) as srv:
@@ -300,6 +312,77 @@ def test_malformed_answer_is_one_clear_error(tmp_path, procs, answer, message):
     assert message in log and "bad answer from the manager" in log
     assert "Traceback" not in log
     assert len(srv.routes("/assignwork")) == 1  # a protocol error is not retried in a loop
+
+
+# -- facility mode: the batch carries its run's directories and settings ---------------------
+
+RUN_REL = "cancer_panel/sample_7/20261101_1200_1A_PAW12345_abcdef12"
+
+
+def run_settings_proxy(upstream: str, **fields) -> ScriptedServer:
+    """A proxy to a single-run manager that adds a facility's run fields to every batch."""
+
+    def rewrite(route, _fields, body):
+        if route == "/assignwork" and body.get("batch_size"):
+            body.update(fields)
+        return body
+
+    return ScriptedServer(forwarder(upstream, rewrite))
+
+
+def test_batch_with_run_fields_lands_in_the_runs_output_with_the_runs_model(tmp_path, procs):
+    """The manager serves one run of a MinKNOW tree; the engine knows only the shared roots.
+    Its input and output dirs resolve under the run's directories, and the basecaller runs
+    with the run's model and kit instead of engine.model (old engine: exit 78, no such
+    input dir at the root)."""
+    root, out_root = tmp_path / "root", tmp_path / "out"
+    run_in, run_out = root / RUN_REL, out_root / RUN_REL / "basecalls"
+    written = write_dataset(run_in / "pod5", 4, reads_per_file=6, samples_per_read=2000)
+    run_out.mkdir(parents=True)
+    manager = ManagerProcess(tmp_path, run_in, run_out, batch_size=2, input_closed=True)
+    procs.append(manager.start())
+    wait_until(lambda: manager.status()["files"].get("PENDING") == 4, 20, what="files found")
+    with run_settings_proxy(manager.url, run_id="PAW12345", run_input_dir=RUN_REL,
+                            run_output_dir=f"{RUN_REL}/basecalls", model="sup,5mCG_5hmCG",
+                            kit="SQK-NBD114-24") as proxy:
+        cfg = write_config(tmp_path / "engine.toml", manager={"url": proxy.url}, engine={
+            "input_dir": str(root), "output_dir": str(out_root), "model": "hac",
+            "engine_id": "fac", "polling_interval": 0.005, "work_until_none_left": True,
+            "request_retries": 1}, runner={"kind": "simulate", "samples_per_s": 5e6,
+                                           "fail_fraction": 0.0})
+        engine = ManagedProcess([sys.executable, "-m", "bcorch.workers.engine_cli", "--gpu", "0",
+                                 "--config", str(cfg)], tmp_path / "engine.log")
+        procs.append(engine.start())
+        assert engine.wait(60) == 0, engine.log()[-3000:]
+    assert manager.status()["files"]["DONE"] == 4
+    expected = sorted(r for ids in written.values() for r in ids)
+    counts = read_ids_under([run_out])
+    assert sorted(counts) == expected and set(counts.values()) == {1}
+    assert sorted(p.name for p in out_root.iterdir()) == ["cancer_panel"], \
+        "nothing is written at the output root itself"
+    calls = settings_under([run_out])
+    assert {read: calls[read] for read in expected} == {
+        read: {"model": "sup,5mCG_5hmCG", "kit": "SQK-NBD114-24"} for read in expected}
+    assert "(run_id PAW12345, model sup,5mCG_5hmCG, kit SQK-NBD114-24)" in engine.log()
+
+
+def test_a_runs_model_missing_here_fails_its_batch_not_the_engine(tmp_path, procs):
+    """A run's model that is not in runner.models_directory: its files fail with the reason
+    and are quarantined; the engine does not exit 78 (other runs' batches go on)."""
+    from dorado_helpers import FAKES, DoradoSite, models_dir
+    site = DoradoSite(tmp_path, procs, n_files=2, max_attempts=1, batch_size=1)
+    root = models_dir(tmp_path)
+    with run_settings_proxy(site.manager.url, run_id="r1", model="sup") as proxy:
+        cfg = site.config({"kind": "dorado", "dorado_path": str(FAKES / "dorado"),
+                           "models_directory": str(root)}, engine={"model": "hac"})
+        cfg.write_text(cfg.read_text().replace(site.manager.url, proxy.url))
+        engine = site.engine(cfg)
+        assert engine.wait(60) == 0, engine.log()[-3000:]
+    assert site.files() == {"QUARANTINED": 2}
+    reasons = site.quarantined()
+    assert len(reasons) == 2 and all("run r1: engine.model: no 'sup' model" in r
+                                     for r in reasons.values()), reasons
+    assert "engine exits with 0" in engine.log()
 
 
 # -- drain, stop, signals, parent ----------------------------------------------------------------

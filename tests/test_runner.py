@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from support import wait_until
-from bcorch.workers.read_ids import read_ids_in, read_ids_under
+from bcorch.workers.read_ids import read_ids_in, read_ids_under, settings_under
 from bcorch.orchestrator.pod5_dataset import write_corrupt, write_dataset
 from bcorch.protocol import JobState
 from bcorch.config import ConfigError, from_mapping
@@ -42,6 +42,39 @@ def _script(tmp_path: Path, body: str, name: str = "bc.sh") -> Path:
     path.write_text("#!/bin/bash\n" + body)
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
+
+
+@pytest.mark.parametrize("emit", ["fastq", "bam"])
+def test_simulate_records_the_batchs_model_and_kit_in_every_read(tmp_path, emit):
+    job_in, written = _batch_dir(tmp_path, n_files=2, reads=8)
+    out = tmp_path / "TMPOUTPUT_j1_e"
+    runner = SimulateRunner(samples_per_s=5e6, fail_fraction=0.3)
+    result = _finish(runner.start(job_in, out, "sup,5mCG_5hmCG", sorted(os.listdir(job_in)),
+                                  kit="SQK-NBD114-24", emit=emit))
+    assert result.state is JobState.DONE, (out / LOG_NAME).read_text()
+    expected = sorted(rid for ids in written.values() for rid in ids)
+    assert sorted(read_ids_under([out])) == expected
+    assert {p.suffix for p in out.rglob("*") if p.is_file() and p.parent.name in ("pass", "fail")} \
+        == {f".{emit}"}
+    calls = settings_under([out])
+    assert sorted(calls) == expected
+    assert all(c == {"model": "sup,5mCG_5hmCG", "kit": "SQK-NBD114-24"} for c in calls.values())
+    plain = tmp_path / "plain"
+    _finish(runner.start(job_in, plain, "hac", sorted(os.listdir(job_in))))
+    assert set(map(str, settings_under([plain]).values())) == {"{'model': 'hac'}"}
+
+
+def test_simulate_pays_startup_again_after_a_model_switch(tmp_path):
+    """startup_per = "engine" acts out a loaded model: a batch of another model loads its own
+    (a model switch, counted), and the same model again pays nothing."""
+    job_in, _ = _batch_dir(tmp_path, n_files=1, reads=2)
+    runner = SimulateRunner(samples_per_s=1e7, startup_s=0.2, startup_once=True, fail_fraction=0)
+    paid = []
+    for n, model in enumerate(["hac", "hac", "sup", "sup", "hac"]):
+        handle = runner.start(job_in, tmp_path / f"out{n}", model, os.listdir(job_in))
+        paid.append(handle.startup_s)
+        assert _finish(handle).state is JobState.DONE
+    assert paid == [0.2, 0.0, 0.2, 0.0, 0.2] and runner.model_switches == 2
 
 
 def test_simulate_writes_every_read_id_once(tmp_path):
@@ -98,6 +131,17 @@ def test_script_runner_passes_the_seed_arguments_and_logs(tmp_path):
     log = (out / LOG_NAME).read_text()
     assert f"args:{tmp_path}|{out}|sup|5601" in log and "oops" in log
     assert int((out / "pgid").read_text()) == handle.pid != os.getpgid(0)
+
+
+def test_script_runner_gets_a_batchs_kit_and_emit_in_its_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("BCORCH_KIT", "inherited")
+    script = _script(tmp_path, 'echo "kit:${BCORCH_KIT-unset}|emit:${BCORCH_EMIT-unset}|$3"\n')
+    runner = ScriptRunner(str(script), port=1)
+    _finish(runner.start(tmp_path, tmp_path / "o1", "sup", [], kit="SQK-NBD114-24", emit="bam"))
+    assert "kit:SQK-NBD114-24|emit:bam|sup" in (tmp_path / "o1" / LOG_NAME).read_text()
+    monkeypatch.delenv("BCORCH_KIT")
+    _finish(runner.start(tmp_path, tmp_path / "o2", "hac", []))
+    assert "kit:unset|emit:unset|hac" in (tmp_path / "o2" / LOG_NAME).read_text()
 
 
 def test_script_runner_nonzero_exit_is_failed(tmp_path):
