@@ -7,6 +7,7 @@
     python scripts/bench.py fleet ...          (GPU-time efficiency, original timing, batch size)
     python scripts/bench.py recovery ...       (kill -9, SIGSTOP, lease expiry, manager restart)
     python scripts/bench.py overhead ...       (bcorch and engine CPU / RSS, idle and loaded)
+    python scripts/bench.py live ...           (files arriving over time: start-up share, lag)
     python scripts/bench.py connections ...    (HTTP servers: throughput, idle and slowloris clients)
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 PARTS = {"manager": "bench_manager", "engine": "bench_engine", "orchestrator": "bench_orchestrator",
          "output_check": "bench_output_check", "fleet": "bench_fleet", "recovery": "bench_recovery",
-         "overhead": "bench_overhead", "connections": "bench_connections"}
+         "overhead": "bench_overhead", "connections": "bench_connections",
+         "live": "bench_live"}
 
 
 def main(argv: list[str]) -> int:
