@@ -1,4 +1,4 @@
-"""Which run an engine's next batch comes from: weighted fair share of GPU time, with model affinity.
+"""Which run an engine's next batch comes from: weighted fair share of GPU time, model affinity.
 
 Each run has a virtual time: the GPU-seconds it has been given divided by its priority. The
 next batch goes to the run with the least virtual time, so over time every run gets GPU time
