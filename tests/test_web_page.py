@@ -12,8 +12,8 @@ import pytest
 
 from manager_helpers import assign, start_manager, wait_counts, write_files
 from support import REPO
-from bcorch.manager.web_page import (COOKIE, MINUTE_S, ThroughputHistory, engine_place,
-                                     engine_state, load_page)
+from bcorch.manager.web_page import (COOKIE, MINUTE_S, LivePage, ThroughputHistory,
+                                     engine_place, engine_state, load_page)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -83,7 +83,7 @@ def test_the_cookie_authorises_only_the_pages_read_only_routes(procs, tmp_path):
 
 
 def test_a_wrong_or_missing_token_is_a_one_line_401_and_no_token_reaches_the_log(procs, tmp_path):
-    m = start_manager(procs, tmp_path, token=TOKEN)
+    m = start_manager(procs, tmp_path, token=TOKEN, extra=("--log-level", "DEBUG"))
     wrong = "not-the-token-Xy7"
     for path in ("/", f"/?token={wrong}", "/?token=", f"/?token={TOKEN}&token={TOKEN}"):
         status, headers, body = request(m.url, path)
@@ -163,3 +163,31 @@ def test_the_page_ships_in_the_package_and_its_csp_admits_only_its_own_code():
     assert "http://" not in html and "https://" not in html     # no CDN, nothing external
     assert page.csp.count("'sha256-") == 2 and "unsafe" not in page.csp
     assert "innerHTML" not in html    # file names and reasons are shown as text, never markup
+
+
+class _Facility:
+    """Just what LivePage reads of a facility's /status (docs: facility.md, Status)."""
+
+    def __init__(self):
+        self.done = {"run-a": 0, "run-b": 0}
+
+    def status(self) -> dict:
+        return {"runs": [{"run_id": r, "progress": {"files_done": n, "bytes_done": 10 * n}}
+                         for r, n in self.done.items()],
+                "engines": {"h1-gpu0": {"last_seen": 0.0, "jobs_in_flight": 1}},
+                "jobs": {"h1-gpu0": ["j000001-abcd"]}, "report_back_interval": 60}
+
+
+def test_live_keeps_a_history_per_run_of_a_facility():
+    facility, clock = _Facility(), [60_000.0 * MINUTE_S + 10]
+    page = LivePage(facility, clock=lambda: clock[0], monotonic=lambda: clock[0])
+    page.live()
+    facility.done = {"run-a": 6, "run-b": 1}
+    clock[0] += 30
+    body = page.live().body
+    assert set(body["history"]) == {"run-a", "run-b"}
+    history = body["history"]
+    assert history["run-a"]["files"][-1] == 6 and history["run-b"]["bytes"][-1] == 10
+    (engine,) = body["engines"]
+    assert (engine["host"], engine["gpu"], engine["job"], engine["job_age_s"]) == \
+        ("h1", "0", "j000001-abcd", 30)
