@@ -582,7 +582,8 @@ class Facility:
             "facility": {"root": self.root, "output_root": self.output_root,
                          "output": self.fcfg.output, "closed": self._closed,
                          "model_switches": switches,
-                         "model_switches_total": sum(switches.values())},
+                         "model_switches_total": sum(switches.values()),
+                         "model_switches_per_hour": round(self.fair.switches_per_hour(), 3)},
         }
 
     def files_in_state(self, state: FileState, limit: int, run_id: object = None) -> list[dict]:

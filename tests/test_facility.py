@@ -388,3 +388,43 @@ def test_metrics_have_a_run_label(procs, tmp_path, root):
     assert code == 200
     assert f'bcmanager_files{{run="{run_id}",state="PENDING"}} 2.0' in text
     assert f'bcmanager_run_state{{run="{run_id}",state="ACTIVE"}} 1.0' in text
+
+
+def test_a_held_long_poll_wakes_when_a_new_run_brings_work(procs, tmp_path, root):
+    import threading
+    import time
+
+    fac = FacilityProcess(tmp_path, root, manager={"scan_interval_s": 0.5})
+    procs.append(fac)
+    fac.start()
+    got: dict = {}
+
+    def poll():
+        t0 = time.monotonic()
+        got["answer"] = fac.get("/assignwork", engineid="gpu0", batchsize=1, wait_s=20)
+        got["took"] = time.monotonic() - t0
+
+    waiter = threading.Thread(target=poll)
+    waiter.start()
+    wait_until(lambda: fac.get("/status")[1]["runs"] == [], 10, what="status answers")
+    run_id, _ = make_run(root, 1, 1)
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    code, body = got["answer"]
+    assert code == 200 and body["run_id"] == run_id and body["batch_size"] == 1, body
+    assert got["took"] < 15   # answered by the new run's files, not by the end of the wait
+
+
+def test_mirror_output_puts_each_run_under_the_output_root(procs, tmp_path, root):
+    out = tmp_path / "out"
+    fac = FacilityProcess(tmp_path, root, facility={"output": "mirror",
+                                                    "output_root": str(out)})
+    procs.append(fac)
+    fac.start()
+    run_id, ids = make_run(root, 1, 2, sub="pod5_pass")
+    wait_runs(fac, lambda r: pending(r, run_id) == 2, "run found")
+    batches = drain(fac)
+    rel = f"{GROUP}/{SAMPLE}/{run_id}"
+    assert {(b["output_root"], b["run_output_dir"]) for b in batches} == {(str(out), rel)}
+    assert sorted(r for r, _ in output_reads(out / rel)) == sorted(ids)
+    assert not (root / rel / "basecalls").exists()
