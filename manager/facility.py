@@ -370,7 +370,9 @@ class Facility:
         if run.part is None or run.row.summary:
             return
         if run.state is RunState.CLOSED:
-            if not run.part.manager.status()["complete"]:
+            files = run.part.store.snapshot().files
+            if files[FileState.PENDING.value] or files[FileState.ASSIGNED.value] \
+                    or not run.part.manager.status()["complete"]:
                 return
         elif run.state is not RunState.CANCELLED or run.part.manager.leases.by_engine():
             return
@@ -533,15 +535,18 @@ class Facility:
         }
 
     def runs(self) -> list[dict[str, Any]]:
-        with self._lock:
-            views = [self.run_view(r) for r in self._runs.values()]
+        views = [self.run_view(r) for r in self._all_runs()]   # not under the facility lock
         for v in views:
             v.pop("_status")
         return views
 
-    def status(self) -> dict[str, Any]:
+    def _all_runs(self) -> list[Run]:
         with self._lock:
-            views = [self.run_view(r) for r in self._runs.values()]
+            return list(self._runs.values())
+
+    def status(self) -> dict[str, Any]:
+        views = [self.run_view(r) for r in self._all_runs()]
+        with self._lock:
             seen = dict(self._engines_seen)
             nothing_left = self.nothing_left()
         parts = [v.pop("_status") for v in views]

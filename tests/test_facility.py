@@ -428,3 +428,17 @@ def test_mirror_output_puts_each_run_under_the_output_root(procs, tmp_path, root
     assert {(b["output_root"], b["run_output_dir"]) for b in batches} == {(str(out), rel)}
     assert sorted(r for r, _ in output_reads(out / rel)) == sorted(ids)
     assert not (root / rel / "basecalls").exists()
+
+
+def test_single_run_mode_has_no_run_routes_and_no_run_fields(procs, tmp_path):
+    from manager_helpers import start_manager
+
+    m = start_manager(procs, tmp_path)
+    make_run(tmp_path / "in", 1, 1)
+    wait_until(lambda: m.status()["files"]["PENDING"] == 1, 30, what="file found")
+    code, body = m.get("/runs")
+    assert code == 404, body
+    batch = m.get("/assignwork", engineid="gpu0", batchsize=1)[1]
+    assert batch["batch_size"] == 1
+    assert not {"run_id", "run_input_dir", "run_output_dir", "model", "kit", "emit"} & set(batch)
+    assert "runs" not in m.status() and "facility" not in m.status()
