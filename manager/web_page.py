@@ -228,23 +228,27 @@ class LivePage:
 
     # -- /live ---------------------------------------------------------------------------
 
-    def sample(self, status: dict | None = None) -> None:
-        """Record the runs' DONE counts and the live jobs, at most every SAMPLE_EVERY_S
-        (called on every request; `status` given: record it now)."""
+    def sample(self) -> None:
+        """Called on every request: at most every SAMPLE_EVERY_S, record the runs' DONE
+        counts and the live jobs, in a short thread of its own so that no engine's request
+        waits for /status."""
         now_m = self._monotonic()
-        if status is None:
-            with self._lock:
-                if self._sampled_at is not None and now_m - self._sampled_at < SAMPLE_EVERY_S:
-                    return
-                self._sampled_at = now_m
-            try:
-                status = self.manager.status()
-            except Exception:
-                log.exception("live page: sampling /status failed")
+        with self._lock:
+            if self._sampled_at is not None and now_m - self._sampled_at < SAMPLE_EVERY_S:
                 return
+            self._sampled_at = now_m
+        threading.Thread(target=self._sample_status, name="live-page-sample", daemon=True).start()
+
+    def _sample_status(self) -> None:
+        try:
+            self._record(self.manager.status())
+        except Exception:
+            log.exception("live page: sampling /status failed")
+
+    def _record(self, status: dict) -> None:
         now = self._clock()
         with self._lock:
-            self._sampled_at = now_m
+            self._sampled_at = self._monotonic()
             for key, progress in _runs_progress(status):
                 self._history.setdefault(key, ThroughputHistory()).record(
                     now, int(progress.get("files_done", 0)), int(progress.get("bytes_done", 0)))
@@ -253,7 +257,7 @@ class LivePage:
 
     def live(self, params: Any = None) -> Answer:
         status = self.manager.status()
-        self.sample(status)
+        self._record(status)
         now = self._clock()
         with self._lock:
             history = {key: h.per_minute(now) for key, h in self._history.items()}

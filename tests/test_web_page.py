@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import sys
-from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
 
 from manager_helpers import assign, start_manager, wait_counts, write_files
-from support import REPO
-from bcorch.manager.web_page import (COOKIE, MINUTE_S, LivePage, ThroughputHistory,
-                                     engine_place, engine_state, load_page)
+from support import REPO, wait_until
+from bcorch.manager.web_page import (COOKIE, MINUTE_S, SAMPLE_EVERY_S, LivePage,
+                                     ThroughputHistory, engine_place, engine_state,
+                                     load_page)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -191,3 +189,17 @@ def test_live_keeps_a_history_per_run_of_a_facility():
     (engine,) = body["engines"]
     assert (engine["host"], engine["gpu"], engine["job"], engine["job_age_s"]) == \
         ("h1", "0", "j000001-abcd", 30)
+
+
+def test_requests_sample_status_in_the_background_at_most_every_few_seconds():
+    facility, clock, calls = _Facility(), [1000.0], []
+    facility.status = lambda: calls.append(clock[0]) or _Facility.status(facility)
+    page = LivePage(facility, clock=lambda: clock[0], monotonic=lambda: clock[0])
+    for _ in range(5):          # a burst of engine requests: one sample
+        page.sample()
+    wait_until(lambda: len(calls) == 1, 10, what="the first sample")
+    clock[0] += SAMPLE_EVERY_S
+    page.sample()
+    wait_until(lambda: len(calls) == 2, 10, what="the next sample")
+    assert len(calls) == 2
+    assert set(page.live().body["history"]) == {"run-a", "run-b"}
