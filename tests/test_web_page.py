@@ -6,7 +6,6 @@ import re
 import sys
 from urllib.parse import urlsplit
 
-
 from manager_helpers import assign, start_manager, wait_counts, write_files
 from support import REPO, wait_until
 from bcorch.manager.web_page import (COOKIE, MINUTE_S, SAMPLE_EVERY_S, LivePage,
