@@ -250,16 +250,18 @@ def validate_rel_path(value: object, what: str) -> str:
 
 def validate_model(value: object, what: str = "model") -> str:
     """A dorado model complex or name, e.g. "sup,5mCG_5hmCG" or "hac@v5.0.0"."""
-    if not isinstance(value, str) or not MODEL_RE.fullmatch(value) or ".." in value:
-        raise ProtocolError(f"{what} must match [A-Za-z0-9._@,/-]{{1,200}} without '..', "
-                            f"got {str(value)[:80]!r}")
+    if (not isinstance(value, str) or not MODEL_RE.fullmatch(value) or ".." in value
+            or value.startswith("-")):
+        raise ProtocolError(f"{what} must match [A-Za-z0-9._@,/-]{{1,200}}, not start with '-' "
+                            f"and hold no '..', got {str(value)[:80]!r}")
     return value
 
 
 def validate_kit(value: object, what: str = "kit") -> str:
     """A sequencing kit name for --kit-name, e.g. "SQK-NBD114-24"."""
-    if not isinstance(value, str) or not KIT_RE.fullmatch(value):
-        raise ProtocolError(f"{what} must match [A-Za-z0-9._-]{{1,100}}, got {str(value)[:80]!r}")
+    if not isinstance(value, str) or not KIT_RE.fullmatch(value) or value.startswith("-"):
+        raise ProtocolError(f"{what} must match [A-Za-z0-9._-]{{1,100}} and not start with '-', "
+                            f"got {str(value)[:80]!r}")
     return value
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bcorch.config import FacilityConfig, ManagerConfig
-from bcorch.protocol import CONFIG_REFUSED, Batch, JobState as WireState, short_job_id
+from bcorch.protocol import (CONFIG_REFUSED, Batch, JobState as WireState, ProtocolError,
+                             short_job_id, validate_rel_path)
 
 from .facility_db import FacilityDB, RunRow, default_facility_db
 from .facility_states import RunEvent, RunState, TransitionRefused, transition
@@ -174,9 +175,10 @@ class Facility:
                      found_at=time.time())
         run = Run(row, where)
         try:
+            validate_rel_path(where.rel, "the run's path under the watch root")
             run.settings = settings_for(where, self.fcfg)
             row.settings = run.settings.to_dict()
-        except RunSettingsError as exc:
+        except (RunSettingsError, ProtocolError) as exc:
             row.state, row.reason = RunState.QUARANTINED, str(exc)
         self.db.add(row)
         self._runs[run_id] = run

@@ -71,7 +71,8 @@ def test_batch_run_fields_round_trip_and_are_absent_in_single_run_answers():
 @pytest.mark.parametrize("field,value", [
     ("run_input_dir", "../etc"), ("run_input_dir", "/abs"), ("run_output_dir", "a//b"),
     ("run_output_dir", "a/../b"), ("run_input_dir", "a/."), ("run_id", "a/b"),
-    ("model", "sup; rm -rf /"), ("model", "../hac"), ("kit", "a kit"), ("emit", "sam"),
+    ("model", "sup; rm -rf /"), ("model", "../hac"), ("model", "--help"), ("kit", "a kit"),
+    ("kit", "-x"), ("emit", "sam"),
     ("run_input_dir", 3),
 ])
 def test_batch_run_fields_are_validated(field, value):
