@@ -50,6 +50,7 @@ OUTPUT_BESIDE = "basecalls"
 DEFAULT_ESTIMATE_S = 60.0   # a batch's GPU seconds before the engine's pace is known
 DUPLICATES_SHOWN = 20
 CLOSED_FLAG = "closed"
+NO_PROGRESS = {"files_done": 0, "files_total": 0, "bytes_done": 0, "bytes_total": 0}
 
 
 class UnknownRun(LookupError):
@@ -154,8 +155,8 @@ class Facility:
                 row.state, row.reason = RunState.QUARANTINED, str(exc)
         self._runs[row.run_id] = run
         self._by_rel[row.rel] = row.run_id
-        if row.state is not RunState.QUARANTINED:
-            self._open_part(run)
+        if row.state is not RunState.QUARANTINED and not (row.state.final and row.summary):
+            self._open_part(run)   # a run over and summarised needs no database open
 
     def _unique_id(self, proposed: str) -> str:
         if proposed not in self._runs:
@@ -393,10 +394,13 @@ class Facility:
                  run.row.output_dir)
 
     def _summary(self, run: Run, state: RunState) -> dict[str, Any]:
-        files = run.part.store.snapshot().files if run.part is not None else {}
+        st = run.part.manager.status() if run.part is not None else None
+        files = st["files"] if st else {}
         summary: dict[str, Any] = {
             "run_id": run.row.run_id, "rel": run.row.rel, "state": state.value,
             "settings": run.row.settings,
+            "files": files, "bytes": st["bytes"] if st else {},
+            "progress": st["progress"] if st else dict(NO_PROGRESS),
             "files_done": files.get(FileState.DONE.value, 0),
             "files_quarantined": files.get(FileState.QUARANTINED.value, 0),
             "files_duplicate": files.get(FileState.DUPLICATE.value, 0),
@@ -518,28 +522,32 @@ class Facility:
     # -- reading -----------------------------------------------------------------------
 
     def run_view(self, run: Run) -> dict[str, Any]:
-        st = run.part.manager.status() if run.part is not None else None
+        """The RUN object of /runs and /status; "_counts" and "_status" are for status()."""
+        summary = run.row.summary if run.state.final else {}
+        st = run.part.manager.status() if run.part is not None and not summary else None
         settings = run.row.settings or {}
-        files = st["files"] if st else {}
+        counts = st or summary or {}
+        files = counts.get("files", {})
         return {
             "run_id": run.row.run_id, "rel": run.row.rel, "state": run.state.value,
             "reason": run.row.reason, "priority": settings.get("priority"),
             "model": settings.get("model"), "kit": settings.get("kit"),
             "emit": settings.get("emit"), "files": files,
-            "progress": st["progress"] if st else {"files_done": 0, "files_total": 0,
-                                                    "bytes_done": 0, "bytes_total": 0},
+            "progress": counts.get("progress", dict(NO_PROGRESS)),
             "eta_s": st["eta_s"] if st and run.state.serving else None,
             "input_closed": run.row.input_closed, "output_dir": run.row.output_dir,
             "served_s": round(self._served(run), 3),
             "files_not_basecalled": (files.get("PENDING", 0) + files.get("ASSIGNED", 0)
                                      if run.state is RunState.CANCELLED else 0),
             "_status": st,
+            "_counts": counts,
         }
 
     def runs(self) -> list[dict[str, Any]]:
         views = [self.run_view(r) for r in self._all_runs()]   # not under the facility lock
         for v in views:
             v.pop("_status")
+            v.pop("_counts")
         return views
 
     def _all_runs(self) -> list[Run]:
@@ -553,11 +561,12 @@ class Facility:
             nothing_left = self.nothing_left()
         parts = [v.pop("_status") for v in views]
         parts = [p for p in parts if p is not None]
+        counts = [v.pop("_counts") for v in views]
         states = [s.value for s in FileState]
-        files = {s: sum(p["files"].get(s, 0) for p in parts) for s in states}
-        size = {s: sum(p["bytes"].get(s, 0) for p in parts) for s in states}
-        progress = {k: sum(p["progress"][k] for p in parts)
-                    for k in ("files_done", "files_total", "bytes_done", "bytes_total")}
+        files = {s: sum(c.get("files", {}).get(s, 0) for c in counts) for s in states}
+        size = {s: sum(c.get("bytes", {}).get(s, 0) for c in counts) for s in states}
+        progress = {k: sum(c.get("progress", NO_PROGRESS)[k] for c in counts)
+                    for k in NO_PROGRESS}
         jobs: dict[str, list[str]] = {}
         for p in parts:
             for engine, ids in p["jobs"].items():

@@ -327,6 +327,13 @@ def test_a_restart_after_kill_9_keeps_runs_states_and_leases(procs, tmp_path, ro
     assert {b["run_id"] for b in drain(again)} == {held}
     wait_runs(again, lambda r: r[held]["state"] == "COMPLETE", "the closed run completes")
     assert again.runs()[other]["files"]["PENDING"] == 3
+    fac.proc.send_signal(signal.SIGKILL)   # once more: a COMPLETE run is shown from its summary
+    fac.proc.wait(timeout=30)
+    third = fac.start()
+    runs = third.runs()
+    assert runs[held]["state"] == "COMPLETE" and runs[held]["files"]["DONE"] == 3
+    assert runs[held]["progress"]["files_done"] == 3
+    assert third.get("/status")[1]["progress"]["files_total"] == 6
 
 
 @pytest.mark.parametrize("route,params,status,names", [
