@@ -48,7 +48,10 @@ def slurm_bin(tmp_path):
     scripts = {
         "srun": FAKE_SRUN,
         "bcorch": f"#!/bin/sh\nexec {sys.executable} -m bcorch.orchestrator \"$@\"\n",
-        "bcorch-fake": f"#!/bin/sh\nexec {sys.executable} {HERE / 'test_orch_fakes.py'} "
+        # `stop`: the script's trap asks bcorch to drain on its socket (no --gpus there)
+        "bcorch-fake": f"#!/bin/sh\n[ \"$1\" = stop ] && exec {sys.executable} -m "
+                       f"bcorch.orchestrator \"$@\"\n"
+                       f"exec {sys.executable} {HERE / 'test_orch_fakes.py'} "
                        f"\"$@\" --gpus virtual:1\n",
     }
     for name, text in scripts.items():
