@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,9 +24,10 @@ from typing import Any
 
 import pytest
 
-from support import REPO, http_json, kill_tree, wait_until
+from support import REPO, ManagedProcess, free_port, http_json, kill_tree, wait_until
+from bcorch.config_writer import write_config
 from bcorch.logs import WHOLE_JOB_ID
-from bcorch.orchestrator.local_cluster import LocalCluster
+from bcorch.orchestrator.local_cluster import LocalCluster, bcorch_argv, manager_argv
 from bcorch.orchestrator.pod5_dataset import write_dataset
 
 TOKEN = "page-test-token-7Kq2"
@@ -141,6 +143,10 @@ def _page_numbers(browser: Browser) -> dict:
         const run = document.querySelector('.run');
         return {polls: Number(document.body.dataset.polls || 0),
                 problem: document.getElementById('problem').textContent,
+                runs: [...document.querySelectorAll('.run')].map(r => ({
+                    id: r.dataset.runId, done: Number(r.dataset.filesDone),
+                    total: Number(r.dataset.filesTotal),
+                    state: r.querySelector('.state').textContent})),
                 done: run && Number(run.dataset.filesDone),
                 total: run && Number(run.dataset.filesTotal),
                 eta: run && run.dataset.etaS,
@@ -262,3 +268,71 @@ def test_the_live_page_follows_a_run_in_a_real_browser(cluster, browser, tmp_pat
     if os.environ.get("BCORCH_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         SCREENSHOT.write_bytes(shot)
+
+
+def _facility_run(root: Path, sample: str, n: int, files: int) -> str:
+    """A MinKNOW-style run directory with `files` real POD5 files under pod5/."""
+    name = f"20261126_1{n:03d}_P2S-0{n}-A_FLOW{n:03d}_abcd{n:04d}"
+    pod5_dir = root / "proto" / sample / name / "pod5"
+    write_dataset(pod5_dir, files, reads_per_file=5, samples_per_read=(2000, 4000), seed=n)
+    return name
+
+
+@pytest.mark.slow
+def test_the_live_page_shows_each_run_of_a_facility(procs, browser, tmp_path):
+    root = tmp_path / "root"
+    first, second = _facility_run(root, "plain", 1, 6), _facility_run(root, "other", 2, 4)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    socket_dir = Path(tempfile.mkdtemp(prefix="bcp-", dir="/tmp"))
+    try:
+        cfg = write_config(
+            tmp_path / "bcorch.toml",
+            manager={"url": url, "port": port, "settle_s": 0.0, "scan_interval_s": 0.2,
+                     "batch_size": 2, "token": TOKEN},
+            engine={"polling_interval": 0.05, "work_until_none_left": True},
+            runner={"stop_grace_s": 2.0, "samples_per_s": 100_000.0},
+            orchestrator={"hang_timeout_s": 30.0, "drain_timeout_s": 30.0,
+                          "control_socket": str(socket_dir / "c.sock")})
+        manager = ManagedProcess(manager_argv(cfg, "--watch-root", str(root)),
+                                 tmp_path / "manager.log")
+        procs.append(manager)
+        manager.start()
+
+        def status() -> dict:
+            try:
+                code, body = http_json(url + "/status", TOKEN, timeout=5)
+            except OSError:
+                return {}
+            return body if code == 200 else {}
+        wait_until(lambda: len(status().get("runs", [])) == 2, 60, what="two runs found")
+        browser.open_page()
+        browser.navigate(f"{url}/?token={TOKEN}")
+        wait_until(lambda: len(_page_numbers(browser)["runs"]) == 2, 30, what="two runs shown")
+        bcorch = ManagedProcess(bcorch_argv(cfg, 2), tmp_path / "bcorch.log")
+        procs.append(bcorch)
+        bcorch.start()
+
+        def finished() -> bool:
+            return all(r["progress"]["files_done"] == r["progress"]["files_total"] > 0
+                       for r in status().get("runs", [{"progress": {"files_done": 0,
+                                                                     "files_total": 0}}]))
+        wait_until(finished, 180, interval=0.5, what="both runs basecalled")
+        runs = {r["run_id"]: r for r in status()["runs"]}
+        assert set(runs) == {first, second}
+
+        def page_agrees() -> bool:
+            shown = {r["id"]: (r["done"], r["total"], r["state"])
+                     for r in _page_numbers(browser)["runs"]}
+            return shown == {i: (r["progress"]["files_done"], r["progress"]["files_total"],
+                                 r["state"]) for i, r in runs.items()}
+        wait_until(page_agrees, 30, interval=0.5, what="the page to agree with /status runs")
+        shown = _page_numbers(browser)
+        assert shown["problem"] == ""
+        shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        (tmp_path / "live-page-facility.png").write_bytes(shot)
+        code, live = http_json(url + "/live", TOKEN)
+        assert code == 200 and set(live["history"]) == {first, second}
+        assert {e["gpu"] for e in live["engines"]} == {"0", "1"}
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
