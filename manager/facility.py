@@ -392,6 +392,7 @@ class Facility:
         self.fair.forget_run(run.row.run_id)
         log.info("run %s: %s; bcorch_summary.json written in %s", run.row.run_id, after.value,
                  run.row.output_dir)
+        self.work_may_be_ready()   # held long polls may learn that nothing is left
 
     def _summary(self, run: Run, state: RunState) -> dict[str, Any]:
         st = run.part.manager.status() if run.part is not None else None
