@@ -11,9 +11,9 @@ every job step is killed in the finalizer, also when the test fails.
 """
 from __future__ import annotations
 
-import getpass
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -55,7 +55,7 @@ class OneNodeSlurm:
     def __init__(self, root: Path):
         self.root = root
         self.node = socket.gethostname().split(".")[0]
-        self.user = getpass.getuser()
+        self.user = pwd.getpwuid(os.getuid()).pw_name
         # UNIX socket paths are limited to 107 bytes: the munge socket goes in a short folder
         self.sockets = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
         self.conf = root / "slurm.conf"
