@@ -269,8 +269,9 @@ class Facility:
     def _requalify(self, run: Run) -> None:
         """A QUARANTINED run asked to resume: read its settings again, open its part."""
         try:
+            validate_rel_path(run.where.rel, "the run's path under the watch root")
             run.settings = settings_for(run.where, self.fcfg)
-        except RunSettingsError as exc:
+        except (RunSettingsError, ProtocolError) as exc:
             run.row.reason = str(exc)
             return
         run.row.settings = run.settings.to_dict()
