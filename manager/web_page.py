@@ -249,9 +249,12 @@ class LivePage:
         now = self._clock()
         with self._lock:
             self._sampled_at = self._monotonic()
-            for key, progress in _runs_progress(status):
-                self._history.setdefault(key, ThroughputHistory()).record(
-                    now, int(progress.get("files_done", 0)), int(progress.get("bytes_done", 0)))
+            runs = _runs_progress(status)
+            self._history = {key: self._history.get(key) or ThroughputHistory()
+                             for key, _ in runs}   # a run no longer in /status is forgotten
+            for key, progress in runs:
+                self._history[key].record(now, int(progress.get("files_done", 0)),
+                                          int(progress.get("bytes_done", 0)))
             live = {j for jobs in (status.get("jobs") or {}).values() for j in jobs}
             self._job_seen = {j: self._job_seen.get(j, now) for j in live}
 

@@ -188,6 +188,8 @@ def test_live_keeps_a_history_per_run_of_a_facility():
     (engine,) = body["engines"]
     assert (engine["host"], engine["gpu"], engine["job"], engine["job_age_s"]) == \
         ("h1", "0", "j000001-abcd", 30)
+    del facility.done["run-b"]
+    assert set(page.live().body["history"]) == {"run-a"}   # a run gone from /status: forgotten
 
 
 def test_requests_sample_status_in_the_background_at_most_every_few_seconds():
