@@ -449,3 +449,15 @@ def test_single_run_mode_has_no_run_routes_and_no_run_fields(procs, tmp_path):
     assert batch["batch_size"] == 1
     assert not {"run_id", "run_input_dir", "run_output_dir", "model", "kit", "emit"} & set(batch)
     assert "runs" not in m.status() and "facility" not in m.status()
+
+
+def test_a_run_whose_path_cannot_be_sent_to_engines_is_quarantined(procs, tmp_path, root):
+    fac = FacilityProcess(tmp_path, root)
+    procs.append(fac)
+    fac.start()
+    odd, _ = make_run(root, 1, 1, sample="back\\slash")
+    spaced, _ = make_run(root, 2, 1, sample="with space")
+    runs = wait_runs(fac, lambda r: odd in r and pending(r, spaced) == 1, "both runs found")
+    assert runs[odd]["state"] == "QUARANTINED" and "relative path" in runs[odd]["reason"]
+    assert {b["run_id"] for b in drain(fac)} == {spaced}
+    assert fac.post("/runs/resume", {"run": odd})[0] == 409
