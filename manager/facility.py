@@ -625,6 +625,11 @@ class Facility:
         with self._lock:
             return [(r.row.run_id, r.part) for r in self._runs.values() if r.part is not None]
 
+    def served(self) -> dict[str, float]:
+        """GPU seconds served to each run (finished batches and those running now)."""
+        with self._lock:
+            return {r.row.run_id: self._served(r) for r in self._runs.values()}
+
     def states(self) -> dict[str, str]:
         with self._lock:
             return {r.row.run_id: r.state.value for r in self._runs.values()}

@@ -87,8 +87,8 @@ class FacilityCollector:
         served = GaugeMetricFamily("bcmanager_run_gpu_seconds",
                                    "GPU seconds served to each run (batches held)",
                                    labels=["run"])
-        for view in self.facility.runs():
-            served.add_metric([view["run_id"]], view["served_s"])
+        for run_id, seconds in sorted(self.facility.served().items()):
+            served.add_metric([run_id], seconds)
         yield served
         switches = CounterMetricFamily("bcmanager_model_switches",
                                        "Batches of another model than the engine's last",
