@@ -18,8 +18,6 @@ Engines send neither host nor GPU: both come from the engine id, which bcorch fo
 from __future__ import annotations
 
 import base64
-import bisect
-import collections
 import hashlib
 import hmac
 import logging
@@ -28,11 +26,11 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
+from .live_history import SAMPLE_EVERY_S, ThroughputHistory
 from .service import Answer
 
 log = logging.getLogger("bcmanager.http")
@@ -40,9 +38,6 @@ log = logging.getLogger("bcmanager.http")
 COOKIE = "bcmanager_session"
 # GET/HEAD of these routes accept the page's cookie in place of the bearer token.
 COOKIE_ROUTES = frozenset({"/status", "/files", "/live", "/runs"})
-SAMPLE_EVERY_S = 5.0
-MINUTE_S = 60
-HISTORY_MINUTES = 60
 SINGLE_RUN = ""          # the history key of the one run of a single-run manager
 SILENT_AFTER_S = 60.0    # an engine not heard of for longer (and 2 lease intervals) is GONE
 _ENGINE_ID = re.compile(r"(?P<host>.+)-gpu(?P<gpu>[0-9]+)")
@@ -63,55 +58,6 @@ def engine_state(jobs_in_flight: int, silent_s: float, lease_s: float) -> str:
     if jobs_in_flight:
         return "BUSY"
     return "IDLE" if silent_s <= max(SILENT_AFTER_S, 2 * lease_s) else "GONE"
-
-
-class ThroughputHistory:
-    """Cumulative (files, bytes) DONE of one run, sampled over time, read as per-minute amounts.
-
-    Samples are thinned to one per SAMPLE_EVERY_S and kept for HISTORY_MINUTES + 1 minutes;
-    the amount of a minute is the change of the cumulative counts, linearly interpolated
-    between samples, over that minute (from the first sample in the minute sampling began;
-    None for the minutes before)."""
-
-    def __init__(self) -> None:
-        self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
-
-    def record(self, now: float, files_done: int, bytes_done: int) -> None:
-        if self._samples and now - self._samples[-1][0] < SAMPLE_EVERY_S / 2:
-            self._samples[-1] = (self._samples[-1][0], files_done, bytes_done)
-        else:
-            self._samples.append((now, files_done, bytes_done))
-        while self._samples and self._samples[0][0] < now - (HISTORY_MINUTES + 1) * MINUTE_S:
-            self._samples.popleft()
-
-    def _at(self, t: float) -> tuple[float, float] | None:
-        samples = self._samples
-        if not samples or t <= samples[0][0] - MINUTE_S:
-            return None
-        if t < samples[0][0]:    # the minute sampling began in counts from its first sample
-            return float(samples[0][1]), float(samples[0][2])
-        i = bisect.bisect_right(samples, t, key=lambda s: s[0])
-        if i >= len(samples):
-            return float(samples[-1][1]), float(samples[-1][2])
-        (t0, f0, b0), (t1, f1, b1) = samples[i - 1], samples[i]
-        share = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
-        return f0 + (f1 - f0) * share, b0 + (b1 - b0) * share
-
-    def per_minute(self, now: float) -> dict[str, Any]:
-        """The last HISTORY_MINUTES whole minutes and the current one (its amount so far)."""
-        first = (int(now) // MINUTE_S - HISTORY_MINUTES) * MINUTE_S
-        edges = [first + i * MINUTE_S for i in range(HISTORY_MINUTES + 1)] + [now]
-        values = [self._at(t) for t in edges]
-        files: list[float | None] = []
-        size: list[float | None] = []
-        for a, b in zip(values, values[1:]):
-            if a is None or b is None:
-                files.append(None)
-                size.append(None)
-            else:
-                files.append(round(max(0.0, b[0] - a[0]), 2))
-                size.append(round(max(0.0, b[1] - a[1])))
-        return {"start": first, "minute_s": MINUTE_S, "files": files, "bytes": size}
 
 
 @dataclass(frozen=True)
@@ -155,15 +101,16 @@ class LivePage:
     # -- authorisation -------------------------------------------------------------------
 
     def _cookie_valid(self, environ: dict) -> bool:
+        """Split by hand: http.cookies drops the rest of a header at the first cookie (of
+        another site on this host) that it finds malformed."""
         if not self._session:
             return False
-        try:
-            jar = SimpleCookie(environ.get("HTTP_COOKIE", ""))
-        except CookieError:
-            return False
-        morsel = jar.get(COOKIE)
-        return morsel is not None and hmac.compare_digest(morsel.value.encode(),
-                                                          self._session.encode())
+        for part in environ.get("HTTP_COOKIE", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == COOKIE and hmac.compare_digest(value.encode("utf-8", "replace"),
+                                                      self._session.encode()):
+                return True
+        return False
 
     def cookie_authorizes(self, environ: dict) -> bool:
         """A read-only GET/HEAD of the page's routes carrying the page's cookie."""

@@ -8,9 +8,8 @@ from urllib.parse import urlsplit
 
 from manager_helpers import assign, start_manager, wait_counts, write_files
 from support import REPO, wait_until
-from bcorch.manager.web_page import (COOKIE, MINUTE_S, SAMPLE_EVERY_S, LivePage,
-                                     ThroughputHistory, engine_place, engine_state,
-                                     load_page)
+from bcorch.manager.live_history import MINUTE_S, SAMPLE_EVERY_S, ThroughputHistory
+from bcorch.manager.web_page import COOKIE, LivePage, engine_place, engine_state, load_page
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,6 +72,8 @@ def test_the_cookie_authorises_only_the_pages_read_only_routes(procs, tmp_path):
                          ("POST", "/close-input")):
         status, _, body = request(m.url, path, method, headers=cookie)
         assert status == 401, (path, body)
+    among_others = {"Cookie": f'theme="dark\\"; a b=c; {cookie["Cookie"]}; x=1'}
+    assert request(m.url, "/status", headers=among_others)[0] == 200
     assert m.status()["input_closed"] is False   # the bearer token still works, unchanged
     forged = {"Cookie": f"{COOKIE}={TOKEN}"}
     assert request(m.url, "/status", headers=forged)[0] == 401
