@@ -261,7 +261,7 @@ def test_final_summary_closes_a_run_and_its_summary_appears_when_settled(procs, 
     run_id, ids = make_run(root, 1, 3, reads=3)
     wait_runs(fac, lambda r: pending(r, run_id) == 3, "run found")
     running = assign(fac, size=1)
-    (root / GROUP / SAMPLE / run_id / f"final_summary_FLOW001_abcd0001.txt").write_text("x\n")
+    (root / GROUP / SAMPLE / run_id / "final_summary_FLOW001_abcd0001.txt").write_text("x\n")
     wait_runs(fac, lambda r: r[run_id]["state"] == "CLOSED", "run CLOSED by its final summary")
     assert _summary(root, run_id) is None   # a batch is still running
     drain(fac)
