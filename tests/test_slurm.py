@@ -284,7 +284,8 @@ def test_scancel_drains_and_a_new_job_finishes_the_run(slurm, tmp_path, procs):
     site = Site(tmp_path, procs, n_files=16, samples_per_s=1e4)  # 2 s of work a file
     job = slurm.sbatch(str(SBATCH_SCRIPT), str(site.config), env=site.job_env, cwd=tmp_path)
     out = tmp_path / f"bcorch-{job}.out"
-    slurm.wait_job(job, {"RUNNING"}, 30, out)
+    started = slurm.wait_job(job, {"RUNNING"} | FINAL_STATES, 30, out)
+    assert started["JobState"] == "RUNNING", f"{started}\n{log_tail(out, 60)}"
     wait_until(lambda: sum(site.manager.status()["jobs_in_flight"].values()) == 2, 60,
                what=f"two batches in flight\n{log_tail(out)}")
 
@@ -321,7 +322,8 @@ def test_term_to_the_batch_script_lets_batches_finish(slurm, tmp_path, procs):
     site = Site(tmp_path, procs, n_files=12, samples_per_s=1e4, drain_timeout_s=60.0)
     job = slurm.sbatch(str(SBATCH_SCRIPT), str(site.config), env=site.job_env, cwd=tmp_path)
     out = tmp_path / f"bcorch-{job}.out"
-    slurm.wait_job(job, {"RUNNING"}, 30, out)
+    started = slurm.wait_job(job, {"RUNNING"} | FINAL_STATES, 30, out)
+    assert started["JobState"] == "RUNNING", f"{started}\n{log_tail(out, 60)}"
     wait_until(lambda: sum(site.manager.status()["jobs_in_flight"].values()) == 2, 60,
                what=f"two batches in flight\n{log_tail(out)}")
     assigned = site.manager.status()["files"]["ASSIGNED"]
