@@ -41,8 +41,8 @@ def open_store(place: RunPlace, max_attempts: int) -> Store:
         try:
             Path(place.db).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise DatabaseUnusable(place.db, f"cannot create its directory "
-                                             f"({exc.strerror or exc}); set manager.db or --db") from None
+            why = f"cannot create its directory ({exc.strerror or exc}); set manager.db or --db"
+            raise DatabaseUnusable(place.db, why) from None
     return Store(place.db, max_attempts)
 
 

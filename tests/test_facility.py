@@ -77,7 +77,8 @@ def run_name(n: int) -> str:
 
 
 def make_run(root: Path, n: int, files: int, *, group: str = GROUP, sample: str = SAMPLE,
-             reads: int = 2, sub: str = "pod5", bcorch_toml: str | None = None) -> tuple[str, set[str]]:
+             reads: int = 2, sub: str = "pod5",
+             bcorch_toml: str | None = None) -> tuple[str, set[str]]:
     """A MinKNOW run dir with `files` POD5 files; returns (run id, the read ids)."""
     run = root / group / sample / run_name(n)
     if bcorch_toml is not None:
