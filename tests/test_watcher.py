@@ -18,6 +18,7 @@ from manager_helpers import start_manager
 from support import wait_until
 
 LONG = 30.0   # a wait that must be cut short by an event long before this
+WOKE = 20.0   # woken by the event, not by the timeout (generous: 2 busy cores under xdist)
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_a_new_pod5_wakes_the_scanner_at_once(make_watcher, tmp_path):
     w = make_watcher()
     assert w.start()
     (tmp_path / "a.pod5").write_bytes(b"x")
-    assert timed_wait(w) < 5
+    assert timed_wait(w) < WOKE
     assert w.wakeups == 1
 
 
@@ -56,16 +57,16 @@ def test_a_wait_in_progress_returns_when_a_file_is_renamed_into_place(make_watch
     (tmp_path / "a.pod5.tmp").write_bytes(b"x")
     os.rename(tmp_path / "a.pod5.tmp", tmp_path / "a.pod5")
     waiter.join(LONG + 5)
-    assert took and took[0] < 5
+    assert took and took[0] < WOKE
 
 
 def test_new_subdirectories_are_watched_too(make_watcher, tmp_path):
     w = make_watcher()
     assert w.start()
     (tmp_path / "run1" / "pod5_pass").mkdir(parents=True)
-    assert timed_wait(w) < 5
+    assert timed_wait(w) < WOKE
     (tmp_path / "run1" / "pod5_pass" / "b.pod5").write_bytes(b"x")
-    assert timed_wait(w) < 5
+    assert timed_wait(w) < WOKE
     assert w.wakeups == 2
 
 
@@ -73,7 +74,7 @@ def test_final_summary_wakes_the_scanner(make_watcher, tmp_path):
     w = make_watcher()
     assert w.start()
     (tmp_path / "final_summary_PAW00000_abc.txt").write_text("ended\n")
-    assert timed_wait(w) < 5
+    assert timed_wait(w) < WOKE
 
 
 def test_other_files_and_the_managers_own_dirs_do_not_wake_it(make_watcher, tmp_path):
@@ -93,7 +94,7 @@ def test_the_stop_event_ends_a_wait_promptly(make_watcher):
     threading.Timer(0.2, stop.set).start()
     t0 = time.monotonic()
     assert w.wait(LONG) is True
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < WOKE
 
 
 def test_a_queue_overflow_wakes_it_and_rewatches_the_tree(make_watcher, tmp_path, caplog):
@@ -104,15 +105,15 @@ def test_a_queue_overflow_wakes_it_and_rewatches_the_tree(make_watcher, tmp_path
         pytest.skip(f"max_queued_events is {limit}: too many files to overflow it here")
     flood = tmp_path / "flood"
     flood.mkdir()
-    assert timed_wait(w) < 5
+    assert timed_wait(w) < WOKE
     for i in range(limit // 2 + 100):   # IN_CREATE + IN_CLOSE_WRITE per file
         (flood / f"{i}.pod5").write_bytes(b"")
     (tmp_path / "late").mkdir()          # its IN_CREATE is lost in the overflow
     with caplog.at_level(logging.WARNING, logger="bcmanager.watcher"):
-        assert timed_wait(w) < 5
+        assert timed_wait(w) < WOKE
     assert "overflowed" in caplog.text
     (tmp_path / "late" / "c.pod5").write_bytes(b"x")
-    assert timed_wait(w) < 5, "the directory created during the overflow is not watched"
+    assert timed_wait(w) < WOKE, "the directory created during the overflow is not watched"
 
 
 def test_without_inotify_it_falls_back_to_the_timer_and_says_so_once(make_watcher, monkeypatch,
@@ -155,7 +156,7 @@ def test_wakeups_are_rate_limited_by_the_time_a_scan_takes(make_watcher, tmp_pat
     time.sleep(busy)          # stands for a scan that takes 0.4 s
     (tmp_path / "a.pod5").write_bytes(b"x")
     took = timed_wait(w)
-    assert busy * 0.9 <= took < 5
+    assert busy * 0.9 <= took < WOKE
 
 
 def test_filesystem_type_names_the_innermost_mount(tmp_path):
@@ -188,4 +189,4 @@ def test_an_output_dir_inside_the_input_is_not_watched(make_watcher, tmp_path):
     assert timed_wait(w, 0.5) >= 0.5
     assert w.wakeups == 0
     (tmp_path / "a.pod5").write_bytes(b"x")
-    assert timed_wait(w) < 5
+    assert timed_wait(w) < WOKE
