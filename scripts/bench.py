@@ -9,6 +9,7 @@
     python scripts/bench.py overhead ...       (bcorch and engine CPU / RSS, idle and loaded)
     python scripts/bench.py live ...           (files arriving over time: start-up share, lag)
     python scripts/bench.py connections ...    (HTTP servers: throughput, idle and slowloris clients)
+    python scripts/bench.py facility ...       (48 runs on one manager: scan, assign, model switches)
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 PARTS = {"manager": "bench_manager", "engine": "bench_engine", "orchestrator": "bench_orchestrator",
          "output_check": "bench_output_check", "fleet": "bench_fleet", "recovery": "bench_recovery",
          "overhead": "bench_overhead", "connections": "bench_connections",
-         "live": "bench_live"}
+         "live": "bench_live", "facility": "bench_facility"}
 
 
 def main(argv: list[str]) -> int:
