@@ -6,7 +6,7 @@
     bcorch status [--json] | drain [--gpu N] | resume [--gpu N] | restart --gpu N | stop
     bcorch socket                                             (the control socket's path)
     bcorch gpus [--json] [--gpus SPEC]
-    bcorch demo [--files N] [--gpus N] [--keep]              (orchestrator/demo.py)
+    bcorch demo [--files N] [--gpus N] [--runs N] [--keep]   (orchestrator/demo.py)
     bcorch status --watch [S]                                 (redraw every S seconds)
     bcorch --version
 
@@ -36,7 +36,7 @@ COMMANDS_HELP = "\n".join([
     *(f"  {usage_line(c):<31} {c.help}" for c in COMMANDS.values()),
     "  bcorch socket                   print the control socket's path (for socat, nc -U)",
     "  bcorch gpus [--json]            the GPUs NVML sees, with their health",
-    "  bcorch demo [--files N] [--gpus N] [--keep]",
+    "  bcorch demo [--files N] [--gpus N] [--runs N] [--keep]",
     "                                  the whole job on this machine, no GPU needed",
     "",
     "exit codes: 0 done, drained or the run complete; 75 manager unreachable (never reached,",

@@ -2,7 +2,8 @@
 
 Writes real POD5 files, starts a real manager (SQLite file, loopback port) and a real
 orchestrator with virtual GPUs and the simulate runner, shows progress, and at the end
-checks on disk that every input read appears exactly once in the output.
+checks on disk that every input read appears exactly once in the output. With --runs N
+the manager serves a facility instead (orchestrator/demo_runs.py).
 
 Ctrl-C (or SIGTERM) stops bcorch at once (its batches are reported STOPPED), then the
 manager, and keeps the workspace for a look; nothing it started is left running.
@@ -36,14 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", help="workspace (default: a new temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the workspace and print where")
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated reads")
+    parser.add_argument("--runs", type=int, metavar="N",
+                        help="facility mode: N sequencing runs in the MinKNOW layout under one "
+                             "root, appearing over time, each with its own model, on one manager "
+                             "(--files is then the total over the runs)")
+
+
+def samples_per_s(files: int, gpus: int) -> float:
+    """The simulated basecaller's pace: the default 40 files take about 15 s, fewer less."""
+    total_samples = files * READS_PER_FILE * sum(SAMPLES_PER_READ) / 2
+    return round(max(10_000.0, total_samples / gpus / max(3.0, 15.0 * files / 40)), 1)
 
 
 def _cluster(workdir: Path, files: int, gpus: int) -> LocalCluster:
-    # Sized so the default 40 files take about 15 s of simulated basecalling, fewer less.
-    total_samples = files * READS_PER_FILE * sum(SAMPLES_PER_READ) / 2
-    rate = max(10_000.0, total_samples / gpus / max(3.0, 15.0 * files / 40))
     return LocalCluster(workdir, gpus=gpus, manager={"report_back_interval": 15.0, "batch_size": 2},
-                        runner={"kind": "simulate", "samples_per_s": round(rate, 1)})
+                        runner={"kind": "simulate", "samples_per_s": samples_per_s(files, gpus)})
 
 
 def _progress_lines(status: dict, slots: list[dict], total_reads: int, started: float) -> list[str]:
@@ -56,6 +64,12 @@ def _progress_lines(status: dict, slots: list[dict], total_reads: int, started: 
     eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "?"
     lines = [f"files {done}/{total} ({100 * done / total:.0f}%)  reads ~{total_reads * done // total}"
              f"/{total_reads}  {rate:.1f} files/s  elapsed {elapsed:.0f}s  left ~{eta}"]
+    return lines + slot_lines(slots)
+
+
+def slot_lines(slots: list[dict]) -> list[str]:
+    """One line per GPU slot: its state, its batch and the files it has done."""
+    lines = []
     for s in slots:
         state = s["state"] + (f"/{s['engine_state']}" if s.get("engine_state") else "")
         job = (f"job {s['job_id']} ({s.get('batch_size')} files)" if s.get("job_id")
@@ -86,23 +100,26 @@ def run(args: argparse.Namespace) -> int:
     if args.files < 1 or args.gpus < 1:
         print("bcorch demo: --files and --gpus must be at least 1", file=sys.stderr)
         return 2
+    if args.runs is not None and args.runs < 1:
+        print("bcorch demo: --runs must be at least 1", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bcorch-demo-")).resolve()
-    cluster = _cluster(workdir, args.files, args.gpus)
+    if args.runs is not None:
+        from .demo_runs import FacilityDemo
+        scenario: SingleRunDemo | FacilityDemo = FacilityDemo(workdir, args)
+    else:
+        scenario = SingleRunDemo(workdir, args)
+    cluster = scenario.cluster
+    scenario.prepare()
 
-    print(f"bcorch demo: writing {args.files} POD5 files into {cluster.input_dir}")
-    expected = write_dataset(cluster.input_dir, args.files, READS_PER_FILE, SAMPLES_PER_READ,
-                             seed=args.seed, subdirs=2)
-    expected_reads = Counter(r for ids in expected.values() for r in ids)
-    total_reads = sum(expected_reads.values())
-
-    started = time.monotonic()
+    started = scenario.started = time.monotonic()
     code = 1
     interrupted = False
     stop_on_ctrl_c()
     previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         try:
-            cluster.start_manager(timeout=30)
+            cluster.start_manager(timeout=30, input_closed=scenario.input_closed)
         except (RuntimeError, TimeoutError):
             print(f"bcorch demo: the manager did not start; see {workdir / 'manager.log'}",
                   file=sys.stderr)
@@ -113,22 +130,22 @@ def run(args: argparse.Namespace) -> int:
         progress = Redraw(plain_every_s=5.0)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while orchestrator.running() and time.monotonic() < deadline:
+            scenario.tick()
             status, slots = cluster.status(), cluster.slots()
             if status:
-                progress.show(_progress_lines(status, slots, total_reads, started))
+                progress.show(scenario.progress_lines(status, slots))
             if slots and all(slot.get("state") == "FAILED" for slot in slots):
                 print(f"bcorch demo: every engine failed; see {workdir / 'bcorch.log'}",
                       file=sys.stderr)
                 return 1
             time.sleep(0.5)
         if status := cluster.status():
-            progress.show(_progress_lines(status, [], total_reads, started), force=True)
+            progress.show(scenario.progress_lines(status, []), force=True)
         if orchestrator.running():
             print(f"bcorch demo: not finished after {RUN_TIMEOUT_S:.0f}s", file=sys.stderr)
             return 1
         elapsed = time.monotonic() - started
-        code = _summary(cluster.output_dir, expected_reads, total_reads, len(expected), elapsed,
-                        orchestrator.returncode, cluster.status() or {})
+        code = scenario.summary(elapsed, orchestrator.returncode, cluster.status() or {})
         return code
     except KeyboardInterrupt:
         interrupted = True
@@ -145,6 +162,37 @@ def run(args: argparse.Namespace) -> int:
             print(f"bcorch demo: workspace kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+class SingleRunDemo:
+    """One input directory (today's single-run manager): the demo without --runs."""
+
+    input_closed = True
+
+    def __init__(self, workdir: Path, args: argparse.Namespace):
+        self.args = args
+        self.cluster = _cluster(workdir, args.files, args.gpus)
+        self.started = time.monotonic()
+        self.expected: dict[str, list[str]] = {}
+        self.expected_reads: Counter = Counter()
+        self.total_reads = 0
+
+    def prepare(self) -> None:
+        print(f"bcorch demo: writing {self.args.files} POD5 files into {self.cluster.input_dir}")
+        self.expected = write_dataset(self.cluster.input_dir, self.args.files, READS_PER_FILE,
+                                      SAMPLES_PER_READ, seed=self.args.seed, subdirs=2)
+        self.expected_reads = Counter(r for ids in self.expected.values() for r in ids)
+        self.total_reads = sum(self.expected_reads.values())
+
+    def tick(self) -> None:
+        """Nothing arrives later: every file is written before the manager starts."""
+
+    def progress_lines(self, status: dict, slots: list[dict]) -> list[str]:
+        return _progress_lines(status, slots, self.total_reads, self.started)
+
+    def summary(self, elapsed: float, bcorch_exit: int, status: dict) -> int:
+        return _summary(self.cluster.output_dir, self.expected_reads, self.total_reads,
+                        len(self.expected), elapsed, bcorch_exit, status)
 
 
 def _summary(output_dir: Path, expected: Counter, total_reads: int, n_files: int,

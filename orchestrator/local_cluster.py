@@ -2,8 +2,10 @@
 
 `LocalCluster(workdir, gpus=...)` writes one config file (simulation by default, see
 bcorch.config_writer), starts `bcmanager` on a free loopback port and `bcorch --gpus
-virtual:N`, and stops both. Every child runs in its own session with its output in a log
-file; every wait is bounded; `close()` leaves nothing running.
+virtual:N`, and stops both. With `watch_root=` the manager serves a facility (every run
+directory under that root; `facility` and `facility_rules` give the runs' settings).
+Every child runs in its own session with its output in a log file; every wait is bounded;
+`close()` leaves nothing running.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from bcorch.config_writer import write_config
+from bcorch.config_writer import toml_value, write_config
 
 from .control import MAX_SOCKET_PATH, ControlError, request
 
@@ -195,6 +197,13 @@ def _zombie(proc) -> bool:
         return True
 
 
+def rules_toml(rules: Sequence[Mapping[str, Any]]) -> str:
+    """[[facility.rules]] tables, to append to a config file."""
+    return "".join("\n[[facility.rules]]\n" + "".join(
+        f"{key} = {toml_value(value, f'facility.rules.{key}')}\n" for key, value in rule.items())
+        for rule in rules)
+
+
 class LocalCluster:
     """One manager and one bcorch over `gpus` virtual GPUs, with their files in `workdir`.
 
@@ -206,11 +215,16 @@ class LocalCluster:
                  output_dir: Path | None = None, port: int | None = None,
                  manager: Mapping[str, Any] | None = None, engine: Mapping[str, Any] | None = None,
                  runner: Mapping[str, Any] | None = None,
-                 orchestrator: Mapping[str, Any] | None = None):
+                 orchestrator: Mapping[str, Any] | None = None,
+                 watch_root: Path | None = None, facility: Mapping[str, Any] | None = None,
+                 facility_rules: Sequence[Mapping[str, Any]] = ()):
         self.workdir = Path(workdir)
         self.gpus = gpus
-        self.input_dir = Path(input_dir) if input_dir else self.workdir / "input"
-        self.output_dir = Path(output_dir) if output_dir else self.workdir / "output"
+        self.watch_root = Path(watch_root) if watch_root else None
+        self.input_dir = self.watch_root or (Path(input_dir) if input_dir
+                                             else self.workdir / "input")
+        self.output_dir = self.watch_root or (Path(output_dir) if output_dir
+                                              else self.workdir / "output")
         for d in (self.input_dir, self.output_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -221,15 +235,20 @@ class LocalCluster:
         if len(os.fsencode(str(self.socket))) > MAX_SOCKET_PATH:  # a deep TMPDIR
             self._short_socket_dir = Path(tempfile.mkdtemp(prefix="bcorch-ctl-", dir="/tmp"))
             self.socket = self._short_socket_dir / "control.sock"
+        where = ({"watch_root": str(self.watch_root)} if self.watch_root else
+                 {"input_dir": str(self.input_dir), "output_dir": str(self.output_dir)})
         self.config = write_config(
             self.workdir / "bcorch.toml",
-            manager={"url": self.url, "port": self.port, "input_dir": str(self.input_dir),
-                     "output_dir": str(self.output_dir), "db": str(self.db), "settle_s": 0.0,
-                     "scan_interval_s": 0.2, **(manager or {})},
+            manager={"url": self.url, "port": self.port, **where, "db": str(self.db),
+                     "settle_s": 0.0, "scan_interval_s": 0.2, **(manager or {})},
             engine={"polling_interval": 0.01, "work_until_none_left": True, **(engine or {})},
             runner={"stop_grace_s": 2.0, **(runner or {})},
             orchestrator={"hang_timeout_s": 30.0, "drain_timeout_s": 30.0,
-                          "control_socket": str(self.socket), **(orchestrator or {})})
+                          "control_socket": str(self.socket), **(orchestrator or {})},
+            **({"facility": dict(facility)} if facility else {}))
+        if facility_rules:
+            with open(self.config, "a") as fh:
+                fh.write(rules_toml(facility_rules))
         self.manager: LocalProcess | None = None
         self.bcorch: LocalProcess | None = None
 
@@ -268,6 +287,20 @@ class LocalCluster:
         except (ControlError, OSError):
             return []
         return reply.get("slots", []) if reply.get("ok") else []
+
+    def runs(self) -> list[dict]:
+        """The facility's runs (GET /runs); [] while the manager does not answer."""
+        return (get_json(self.url + "/runs") or {}).get("runs", [])
+
+    def close_input(self) -> bool:
+        """POST /close-input (a facility: no new runs); whether the manager took it."""
+        request_ = urllib.request.Request(self.url + "/close-input", data=b"{}", method="POST",
+                                          headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request_, timeout=5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
 
     def all_done(self, total: int) -> bool:
         files = (self.status() or {}).get("files", {})

@@ -95,3 +95,10 @@ def write_corrupt(path: Path, size: int = 4096, seed: int = 0) -> None:
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"NOT-A-POD5" + bytes(rng.getrandbits(8) for _ in range(size)))
+
+
+def minknow_run_name(number: int, seed: int = 1) -> str:
+    """A run directory's name as MinKNOW writes it: {start}_{device}_{flow_cell}_{short_run_id}."""
+    short_run_id = f"{random.Random(seed * 7919 + number).getrandbits(32):08x}"
+    device = f"P2S-{number % 24 + 1:02d}-A"
+    return f"20261126_{1200 + number:04d}_{device}_PAW{number:05d}_{short_run_id}"

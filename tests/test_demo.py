@@ -1,6 +1,7 @@
 """`bcorch demo` as the README says to run it, with --keep, and interrupted with Ctrl-C."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -12,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bcorch.workers.read_ids import read_ids_under, settings_under
 from support import REPO, ManagedProcess, kill_tree, wait_gone, wait_until
 
 BCORCH = str(Path(sys.executable).parent / "bcorch")
@@ -81,12 +83,57 @@ def test_keep_leaves_the_workspace_with_its_outputs(tmp_path):
     assert (work / "bcmanager.sqlite").exists() and (work / "bcorch.toml").exists()
 
 
-def test_bad_arguments_are_one_line_errors():
-    result = subprocess.run([BCORCH, "demo", "--files", "0"], capture_output=True, text=True,
+@pytest.mark.parametrize("flag,value", [("--files", "0"), ("--runs", "0")])
+def test_bad_arguments_are_one_line_errors(flag, value):
+    result = subprocess.run([BCORCH, "demo", flag, value], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode != 0
-    assert "--files" in result.stderr and "Traceback" not in result.stderr
+    assert flag in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+RUN_SUMMARY = re.compile(r"^  run (\d)  (\S+)\s+prio (\S+)\s+(\d+) of (\d+) reads  "
+                         r"GPU\s+([0-9.]+)s  (\w+)\s+model check: (\w+) .* summary: (\w+)$", re.M)
+
+
+@pytest.mark.slow
+def test_runs_demo_shares_the_gpus_between_three_runs_each_with_its_model(tmp_path):
+    """`bcorch demo --runs 3`: three MinKNOW runs appear over time under one root; a facility
+    manager serves them to two virtual GPUs; each run's reads are in its own output once,
+    basecalled with its own model (checked here on disk too, not only by the demo)."""
+    work = tmp_path / "ws"
+    result = run_demo([BCORCH, "demo", "--runs", "3", "--files", "12", "--gpus", "2", "--keep",
+                       "--workdir", str(work)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "verification: every read of every run exactly once in its run's output, " \
+           "with its run's model: yes" in out, out
+    runs = {int(m.group(1)): m.groups() for m in RUN_SUMMARY.finditer(out)}
+    assert sorted(runs) == [1, 2, 3], out
+    assert {n: (g[1], g[2]) for n, g in runs.items()} == \
+        {1: ("hac", "1"), 2: ("sup,5mCG_5hmCG", "2"), 3: ("sup", "1")}, out
+    for n, g in runs.items():
+        assert g[3] == g[4] == "400" and float(g[5]) > 0, out       # every read; GPU time
+        assert g[6:] == ("COMPLETE", "yes", "yes"), out
+    # the progress display has a line per run while they share the GPUs, and a line per GPU
+    assert re.search(r"^  run 2  sup,5mCG_5hmCG\s+prio 2  (ACTIVE|CLOSED)", out, re.M), out
+    assert re.search(r"^  gpu1  ", out, re.M), out
+
+    outputs = sorted((work / "runs").glob("demo_facility/*/*/basecalls"))
+    assert len(outputs) == 3, outputs
+    models = {}
+    for output in outputs:
+        written = read_ids_under([output / "pass", output / "fail"])
+        assert len(written) == 400 and not written.doubled(), output
+        settings = settings_under([output / "pass", output / "fail"])
+        found = {s.get("model") for s in settings.values()}
+        assert len(found) == 1, (output, found)
+        models[output.parent.parent.name] = found.pop()
+        summary = json.loads((output / "bcorch_summary.json").read_text())
+        assert summary["state"] == "COMPLETE" and summary["files_done"] == 4, summary
+        assert list(output.parent.glob("final_summary_*.txt")), "closed by MinKNOW's summary"
+    assert models == {"sample_hac": "hac", "methylation": "sup,5mCG_5hmCG",
+                      "sample_sup": "sup"}, models
 
 
 def test_ctrl_c_stops_everything_and_keeps_the_workspace(tmp_path, procs):
