@@ -34,6 +34,7 @@ import heapq
 import http.client
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -191,7 +192,10 @@ def bench_rescan(tmp: Path, root: Path, ticks: int = 3) -> dict:
             "load": load()}
 
 
-def bench_assign(server: FacilityServer, engines: int, batches: int, batch: int) -> dict:
+def bench_assign(server: FacilityServer, engines: int, batches: int, batch: int,
+                 think_s: float = 0.0) -> dict:
+    """engines threads loop assign -> completed; think_s > 0: each then waits a random
+    0..2*think_s (a fleet whose batches take time), else none (the manager saturated)."""
     import psutil
 
     assign_ms: list[float] = []
@@ -219,6 +223,8 @@ def bench_assign(server: FacilityServer, engines: int, batches: int, batch: int)
                 if code != 200 or not done.get("ok"):
                     errors.append(f"completed {code} {str(done)[:200]}")
                     return
+                if think_s:
+                    time.sleep(random.uniform(0, 2 * think_s))
         except Exception as exc:  # reported below, not swallowed
             errors.append(repr(exc))
         finally:
@@ -239,7 +245,7 @@ def bench_assign(server: FacilityServer, engines: int, batches: int, batch: int)
     cpu = sum(proc.cpu_times()[:2]) - cpu0
     if not done_ms:
         raise RuntimeError(f"no batch completed: {errors[:1]}")
-    return {"engines": engines, "batch": batch, "batches": len(done_ms), "seconds": elapsed,
+    return {"engines": engines, "think_s": think_s, "batch": batch, "batches": len(done_ms), "seconds": elapsed,
             "batches_per_s": len(done_ms) / elapsed,
             "assign_p50_ms": statistics.median(assign_ms), "assign_p99_ms": percentile(assign_ms, 99),
             "assign_max_ms": max(assign_ms),
@@ -259,19 +265,33 @@ class FakeClock:
 
 
 def simulate(tmp: Path, root: Path, runs: list[dict], engines: int, batch: int, slack: float,
-             file_s: dict[str, float], model_load_s: float) -> dict:
-    """Engines on a fake clock take batches from an in-process Facility until all is done."""
+             file_s: dict[str, float], model_load_s: float,
+             arrivals: list[tuple[float, Path, Path]] = ()) -> dict:
+    """Engines on a fake clock take batches from an in-process Facility until all is done.
+
+    arrivals: (hours after the start, staged run dir, its place under root): each is moved
+    in at its time and found by the next scan tick.
+    """
     from bcorch.manager.facility import Facility
     from bcorch.protocol import JobState
 
-    os.environ["XDG_STATE_HOME"] = str(tmp / f"state-sim-{slack:g}")
+    os.environ["XDG_STATE_HOME"] = str(tmp / f"state-{root.name}")
     clock = FakeClock()
     cfg = ManagerConfig(watch_root=str(root), settle_s=0.0, report_back_interval=1e6)
     fac = Facility(cfg, FacilityConfig(switch_slack_s=slack), clock=clock)
     real0 = time.perf_counter()
     try:
-        fac.scan_tick()
         start = clock.now
+        waiting = sorted((start + h * 3600, staged, place) for h, staged, place in arrivals)
+
+        def arrive(now: float) -> None:
+            while waiting and waiting[0][0] <= now:
+                _, staged, place = waiting.pop(0)
+                place.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(staged, place)
+            fac.scan_tick()
+
+        arrive(start)
         free: list[tuple[float, int]] = [(start, n) for n in range(engines)]
         jobs: dict[int, str] = {}
         model_of: dict[int, str] = {}
@@ -280,17 +300,20 @@ def simulate(tmp: Path, root: Path, runs: list[dict], engines: int, batch: int, 
         while free:
             t, n = heapq.heappop(free)
             clock.now = t
+            if waiting and waiting[0][0] <= t:
+                arrive(t)
             if n in jobs:
                 done = fac.complete(jobs.pop(n), JobState.DONE, {}, "", engine_id=f"gpu{n}")
                 assert done.body.get("ok"), done.body
             ans = fac.assign(f"gpu{n}", batch)
             assert ans.status == 200, ans.body
             size = ans.body.get("batch_size", 0)
-            if not size:
-                if jobs:   # others still run: ask again when the next one ends
-                    heapq.heappush(free, (max(t + 1.0, min(f[0] for f in free)), n))
+            if not size:   # ask again when another batch ends or the next run arrives
+                retry = ([min(f[0] for f in free)] if jobs else []) + [w[0] for w in waiting[:1]]
+                if retry:
+                    heapq.heappush(free, (max(t + 1.0, min(retry)), n))
                 continue
-            if backlogged is None and any(
+            if backlogged is None and not waiting and any(
                     snap.files["PENDING"] == 0 for _, snap in fac.counters()):
                 backlogged = {"at_h": (t - start) / 3600, "served": fac.served(),
                               "switches": sum(fac.fair.switches().values())}
@@ -328,7 +351,8 @@ def simulate(tmp: Path, root: Path, runs: list[dict], engines: int, batch: int, 
             s["share"] for s in shares if s["priority"] == p),
             "weighted_share": sum(s["weighted_share"] for s in shares if s["priority"] == p),
             "ratio_min": min(ratios), "ratio_max": max(ratios)}
-    return {"slack_s": slack, "engines": engines, "batch": batch, "files_done": files_done,
+    return {"slack_s": slack, "arrive_over_h": max((a[0] for a in arrivals), default=0.0),
+            "engines": engines, "batch": batch, "files_done": files_done,
             "simulated_h": hours, "switches": switches,
             "switches_per_hour": switches / hours if hours else 0.0,
             "switches_per_engine_hour": switches / hours / engines if hours else 0.0,
@@ -351,9 +375,12 @@ def main(argv: list[str]) -> int:
                    help="simulated GPU seconds per file of each model, in --models order")
     p.add_argument("--priorities", nargs="+", type=float, default=[1.0, 2.0])
     p.add_argument("--batch", type=int, default=10, help="files per batch (batchsize)")
-    p.add_argument("--engines", nargs="+", type=int, default=[16, 64],
-                   help="concurrent HTTP engines, one measurement each")
-    p.add_argument("--batches", type=int, default=3000, help="batches per HTTP measurement")
+    p.add_argument("--engines", nargs="+", type=int, default=[1, 16, 64],
+                   help="concurrent HTTP engines without pause, one measurement each")
+    p.add_argument("--batches", type=int, default=2000, help="batches per HTTP measurement")
+    p.add_argument("--paced-engines", type=int, default=64,
+                   help="then this many engines that pause --think-s on average (0: none)")
+    p.add_argument("--think-s", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=16, help="manager.threads")
     p.add_argument("--scan-interval-s", type=float, default=10.0, help="manager.scan_interval_s")
     p.add_argument("--idle-s", type=float, default=30.0)
@@ -361,6 +388,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--slacks", nargs="+", type=float, default=[600.0, 0.0],
                    help="facility.switch_slack_s values to simulate")
     p.add_argument("--model-load-s", type=float, default=30.0)
+    p.add_argument("--arrive-over-h", type=float, default=12.0,
+                   help="also simulate the runs arriving one by one over this many hours "
+                        "(0: only all at once)")
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--skip-sim", action="store_true")
     p.add_argument("--json", default="bench_facility.json", help="where to write the results")
@@ -391,13 +421,29 @@ def main(argv: list[str]) -> int:
                 for n in args.engines:
                     results["assign"].append(bench_assign(server, n, args.batches, args.batch))
                     print(f"assign: {json.dumps(results['assign'][-1])}", flush=True)
+                if args.paced_engines:
+                    n = args.paced_engines
+                    results["assign"].append(bench_assign(server, n, max(n, args.batches // 2),
+                                                          args.batch, args.think_s))
+                    print(f"assign: {json.dumps(results['assign'][-1])}", flush=True)
         if not args.skip_sim:
             results["fair_share"] = []
-            for slack in args.slacks:
-                root = tmp / f"sim-{slack:g}"
-                runs = make_root(root, args.runs, args.files, args.models, args.priorities)
+            plans = [(slack, 0.0) for slack in args.slacks] + \
+                [(slack, args.arrive_over_h) for slack in args.slacks if args.arrive_over_h]
+            for slack, over_h in plans:
+                root = tmp / f"sim-{slack:g}-{over_h:g}"
+                staging = tmp / f"staging-{slack:g}-{over_h:g}"
+                runs = make_root(staging if over_h else root, args.runs, args.files,
+                                 args.models, args.priorities)
+                arrivals = []
+                if over_h:
+                    for i, run_dir in enumerate(sorted(staging.glob("*/*/*"),
+                                                           key=lambda d: d.name.split("_")[3])):
+                        arrivals.append((over_h * i / max(1, args.runs - 1), run_dir,
+                                         root / run_dir.relative_to(staging)))
+                    root.mkdir()
                 sim = simulate(tmp, root, runs, args.sim_engines, args.batch, slack, file_s,
-                               args.model_load_s)
+                               args.model_load_s, arrivals)
                 results["fair_share"].append(sim)
                 print(f"fair share: {json.dumps({k: v for k, v in sim.items() if k != 'shares'})}",
                       flush=True)
@@ -423,17 +469,20 @@ def report(results: dict, args: argparse.Namespace) -> None:
         print(f"{'/status p50 (HTTP, idle)':40} {s['status_p50_ms']:9.1f} ms")
         print(f"{'restart: serving after':40} {results['restart_serving_s']:9.2f} s")
         for a in results["assign"]:
-            print(f"{'/assignwork p50 / p99, %d engines' % a['engines']:40} "
+            paced = f", pause ~{a['think_s']:g}s" if a["think_s"] else ""
+            print(f"{'/assignwork p50 / p99, %d engines%s' % (a['engines'], paced):40} "
                   f"{a['assign_p50_ms']:6.1f} / {a['assign_p99_ms']:.1f} ms  "
                   f"({a['batches_per_s']:.0f} batches/s, /completed p99 "
                   f"{a['completed_p99_ms']:.1f} ms, {a['errors']} errors, "
                   f"load {a['load_before']} -> {a['load_after']})")
     for f in results.get("fair_share", []):
-        print(f"{'switches/h, slack %gs, %d engines' % (f['slack_s'], f['engines']):40} "
+        how = f"arriving over {f['arrive_over_h']:g} h" if f["arrive_over_h"] else "all at once"
+        print(f"{'switches/h, slack %gs, runs %s' % (f['slack_s'], how):40} "
               f"{f['switches_per_hour']:9.1f}    ({f['switches']} in {f['simulated_h']:.1f} "
-              f"simulated h; {f['backlogged_switches_per_hour']:.1f}/h while every run had "
-              f"work, the first {f['backlogged_h']:.1f} h)")
-        for p, c in f["share_by_priority"].items():
+              f"simulated h" + ("" if f["arrive_over_h"] else
+                                 f"; {f['backlogged_switches_per_hour']:.1f}/h while every run "
+                                 f"had work, the first {f['backlogged_h']:.1f} h") + ")")
+        for p, c in (f["share_by_priority"] if not f["arrive_over_h"] else {}).items():
             print(f"{'  priority %s: GPU share / weighted share' % p:40} {c['share']:9.3f} / "
                   f"{c['weighted_share']:.3f}  (per run {c['ratio_min']:.2f}..{c['ratio_max']:.2f}"
                   f" of its weighted share)")
