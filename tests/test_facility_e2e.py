@@ -1,5 +1,7 @@
 """Facility mode end to end: a real bcmanager --watch-root, a real bcorch with simulated
-engines on virtual GPUs, three runs appearing over time, each with its own model."""
+engines on virtual GPUs, three runs appearing over time, each with its own model; one is
+paused and resumed, one ends by its final summary, and the priority-2 run gets at least the
+GPU time of a priority-1 run while both have files waiting (/runs served_s)."""
 from __future__ import annotations
 
 import json
@@ -12,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from bcorch.config_writer import write_config
+from bcorch.orchestrator.control import ControlError, request
 from bcorch.orchestrator.local_cluster import bcorch_argv, manager_argv
 from bcorch.orchestrator.pod5_dataset import write_pod5
 from bcorch.workers.read_ids import read_ids_under, settings_under
 from support import ManagedProcess, free_port, http_json, wait_until
 
 GROUP = "proto"
+SHARED_FILES = 10   # the files of each of the two runs that share the GPUs (a file a batch)
 
 
 def _run(root: Path, sample: str, n: int, files: int, toml: str | None = None) -> tuple[str, set]:
@@ -54,8 +58,9 @@ def test_three_runs_share_the_gpus_each_basecalled_with_its_own_model(procs, tmp
         tmp_path / "bcorch.toml",
         manager={"url": url, "port": port, "settle_s": 0.0, "scan_interval_s": 0.2,
                  "batch_size": 2},
-        facility={"model": "hac"},
-        engine={"polling_interval": 0.05, "work_until_none_left": True},
+        facility={"model": "hac", "switch_slack_s": 0.0},   # the share, not model affinity
+        engine={"polling_interval": 0.05, "work_until_none_left": True,
+                "optimal_request_size": 1},   # one file a batch: many batches to share
         runner={"stop_grace_s": 2.0, "samples_per_s": 200_000.0},
         orchestrator={"hang_timeout_s": 30.0, "drain_timeout_s": 30.0,
                       "control_socket": str(socket_dir / "c.sock")})
@@ -80,11 +85,26 @@ def test_three_runs_share_the_gpus_each_basecalled_with_its_own_model(procs, tmp
     assert code == 200, paused
     at_pause = paused["run"]["files"]
     most = at_pause["DONE"] + at_pause["ASSIGNED"]   # batches running when paused may finish
-    name, ids = _run(root, "methylation", 2, 6)
-    expected[name] = (ids, "sup,5mCG_5hmCG")
-    name, ids = _run(root, "other", 3, 4, toml='[run]\nmodel = "fast"\n')
-    expected[name] = (ids, "fast")
-    third = name
+    # The GPUs are parked while runs 2 and 3 appear, so that both wait for the engines
+    # when they come back: which run gets them is then the fair share's choice alone.
+    control = socket_dir / "c.sock"
+    assert request(control, {"cmd": "drain"}, timeout=30)["ok"]
+    wait_until(lambda: _slot_states(control) == {"STOPPED"}, 60, what="the GPUs parked")
+    staging = tmp_path / "staging"
+    second, ids = _run(staging, "methylation", 2, SHARED_FILES)
+    expected[second] = (ids, "sup,5mCG_5hmCG")
+    third, ids = _run(staging, "other", 3, SHARED_FILES, toml='[run]\nmodel = "fast"\n')
+    expected[third] = (ids, "fast")
+    for sample in ("methylation", "other"):   # both appear at once: neither has a head start
+        os.rename(staging / GROUP / sample, root / GROUP / sample)
+    wait_until(lambda: all(sum(_runs(url).get(r, {}).get("files", {}).values()) == SHARED_FILES
+                           for r in (second, third)), 30, what="runs 2 and 3 found")
+    assert request(control, {"cmd": "resume"}, timeout=30)["ok"]
+    # While both have files waiting, the priority-2 run gets at least the GPU time of the
+    # priority-1 run (its weighted share is twice as much; equal work, found together).
+    shared = wait_until(lambda: _first_to_run_out(url, (second, third)), 120, interval=0.05,
+                        what="one of runs 2 and 3 with no file PENDING")
+    assert shared[second]["served_s"] >= shared[third]["served_s"], shared
     wait_until(lambda: len(_runs(url)) == 3, 30, what="three runs found")
     (root / GROUP / "other" / third / "final_summary_FLOW003_abcd0003.txt").write_text("done\n")
     wait_until(lambda: _runs(url)[third]["state"] == "COMPLETE", 120, what="run 3 COMPLETE")
@@ -108,6 +128,25 @@ def test_three_runs_share_the_gpus_each_basecalled_with_its_own_model(procs, tmp
         summary = json.loads((out / "bcorch_summary.json").read_text())
         assert summary["files_done"] == len(list((out.parent / "pod5").glob("*.pod5")))
     assert st["complete"] is True and sum(st["facility"]["model_switches"].values()) >= 1
+
+
+def _first_to_run_out(url: str, run_ids: tuple[str, ...]) -> dict[str, dict] | None:
+    """The runs' views at the first look where every one has all its files found and one of
+    them has none PENDING; None before."""
+    runs = _runs(url)
+    views = [runs.get(run_id) for run_id in run_ids]
+    if any(v is None or sum(v["files"].values()) < SHARED_FILES for v in views):
+        return None
+    if all(v["files"]["PENDING"] > 0 for v in views):
+        return None
+    return {v["run_id"]: {"served_s": v["served_s"], "files": v["files"]} for v in views}
+
+
+def _slot_states(control: Path) -> set[str]:
+    try:
+        return {s["state"] for s in request(control, {"cmd": "status"}, timeout=5)["slots"]}
+    except ControlError:
+        return set()
 
 
 def _get(url: str, route: str):

@@ -26,7 +26,7 @@ from .proxy import Mode
 
 log = logging.getLogger("chaos.driver")
 
-PLAN = {
+PLAN = {   # the single-run site (chaos.cluster.Cluster)
     "kill_engine": 3,          # kill -9 a random engine process
     "kill_basecaller": 3,      # kill -9 a random basecaller process
     "stop_engine": 1,          # SIGSTOP an engine past the hang timeout, then SIGCONT
@@ -36,6 +36,17 @@ PLAN = {
     "delete_database": 1,      # kill -9 the manager, delete its database (-wal, -shm), start it
     "rename_done_file": 1,     # move a DONE input file to another folder under a new name
     "paused_writer": 1,        # a new file written half, paused past settle_s, then finished
+}
+
+FACILITY_PLAN = {   # the facility site (chaos.facility.FacilitySite)
+    "kill_engine": 3,
+    "kill_basecaller": 2,
+    "stop_engine": 1,
+    "kill_manager": 2,
+    "cut_network": 1,
+    "drain_resume": 1,
+    "pause_resume_run": 1,     # bcmanager run pause RUN, later run resume RUN
+    "new_run": 2,              # the next run directory appears under the root
 }
 
 
@@ -53,10 +64,12 @@ class ChaosDriver:
     hang_timeout_s: float
     gap_s: tuple[float, float] = (1.0, 2.5)
     events: list[Event] = field(default_factory=list)
+    faults: dict[str, int] = field(default_factory=lambda: dict(PLAN))
+    pauses: list[tuple[str, bool]] = field(default_factory=list)   # (run, held while paused)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
-        self.plan = [name for name, n in PLAN.items() for _ in range(n)]
+        self.plan = [name for name, n in self.faults.items() for _ in range(n)]
         self.rng.shuffle(self.plan)
         self._t0 = time.monotonic()
 
@@ -187,6 +200,33 @@ class ChaosDriver:
         self._pause(hang)
         self.cluster.proxy.set_mode(Mode.FORWARD)
         return f"refused {refuse:.1f}s, hung {hang:.1f}s"
+
+    def new_run(self) -> str:
+        """A sequencer starts a run: its directory appears under the watch root."""
+        return self.cluster.appear() or "no run left to appear"
+
+    def pause_resume_run(self) -> str:
+        """Pause an ACTIVE run (the /runs route behind `bcmanager run pause`), check that it
+        gets no new batch while paused (DONE stays within DONE + ASSIGNED at the pause),
+        then resume it."""
+        active = sorted(rel for rel, r in self.cluster.runs_view().items()
+                        if r["state"] == "ACTIVE")
+        if not active:
+            return "no ACTIVE run"
+        run_id = self.cluster.runs_view()[self.rng.choice(active)]["run_id"]
+        code, body = self.cluster.manager.post("/runs/pause", {"run": run_id})
+        if code != 200:
+            return f"{run_id}: pause answered {code} {body}"
+        at_pause = body["run"]["files"]
+        most = at_pause["DONE"] + at_pause["ASSIGNED"]
+        paused_s = self.rng.uniform(2.0, 4.0)
+        self._pause(paused_s)
+        view = next(r for r in self.cluster.runs_view().values() if r["run_id"] == run_id)
+        held = view["state"] == "PAUSED" and view["files"]["DONE"] <= most
+        code, _ = self.cluster.manager.post("/runs/resume", {"run": run_id})
+        self.pauses.append((run_id, held and code == 200))
+        return (f"{run_id} paused {paused_s:.1f}s: {view['state']}, DONE "
+                f"{view['files']['DONE']} <= {most}: {held}; resume {code}")
 
     def drain_resume(self) -> str:
         host = self.rng.choice(self.cluster.hosts)
