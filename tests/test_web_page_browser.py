@@ -234,13 +234,13 @@ def test_the_live_page_follows_a_run_in_a_real_browser(cluster, browser, tmp_pat
     mid_run: dict = {}              # the page while engines work, /status then, a screenshot
 
     def follow() -> bool:
-        """Watch the page until the run is over, keeping it as it was mid-run (preferably
-        once something is done: the screenshot for the docs)."""
+        """Watch the page until the run is over, keeping it as it was last seen with an
+        engine at work (preferably with something done: the screenshot for the docs)."""
         page = _page_numbers(browser)
         if page["done"] != seen_done[-1]:
             seen_done.append(page["done"])
         working = any(e[3] == "BUSY" for e in page["engines"])
-        if working and (not mid_run or (page["done"] and not mid_run["page"]["done"])):
+        if working and (not mid_run or page["done"]):
             shot = browser.call("Page.captureScreenshot", format="png")["data"]
             mid_run.update(page=page, status=status(), shot=base64.b64decode(shot))
         s = status()
