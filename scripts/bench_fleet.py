@@ -86,11 +86,14 @@ def write_mixed_files(directory: Path, n: int, seconds: tuple[int, int] = (1, 15
 def run_once(root: Path, dataset: Path, name: str, gpus: int, n_files: int, *, file_s: float,
              request_size: int, startup_s: float = 0.0, busy_pause_s: float = 0.0,
              polling_interval: float = 0.01, timeout_s: float = 1800.0,
-             manager_batch_size: int | None = None, pattern: str = "*.pod5") -> dict:
+             manager_batch_size: int | None = None, pattern: str = "*.pod5",
+             manager_extra: dict | None = None, runner_extra: dict | None = None) -> dict:
     """One run of the whole job; returns its figures.
 
     request_size 0: engines leave the size to the manager (batches sized by work, first
     batch manager_batch_size files); otherwise they ask for that many files.
+    manager_extra / runner_extra: more keys of those config sections (startup_share,
+    startup_per).
     """
     work = root / name
     input_dir = work / "in"
@@ -102,10 +105,10 @@ def run_once(root: Path, dataset: Path, name: str, gpus: int, n_files: int, *, f
     rate = SAMPLES_PER_FILE / file_s
     cluster = Cluster(work, input_dir, gpus,
                       manager={"batch_size": manager_batch_size or request_size or 10,
-                               "report_back_interval": 60.0},
+                               "report_back_interval": 60.0, **(manager_extra or {})},
                       engine={"optimal_request_size": request_size, "busy_pause_s": busy_pause_s,
                               "polling_interval": polling_interval},
-                      runner={"samples_per_s": rate, "startup_s": startup_s})
+                      runner={"samples_per_s": rate, "startup_s": startup_s, **(runner_extra or {})})
     try:
         cluster.start_manager(input_closed=True, wait_files=n_files)
         cluster.start_bcorch()
@@ -185,24 +188,36 @@ def mixed_main(args: argparse.Namespace, argv: list[str]) -> int:
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                      "command": "python scripts/bench.py fleet " + " ".join(argv),
                      "load_average_at_start": os.getloadavg()}
+    speed = args.mixed_speed
+    runner_extra = {"startup_per": args.mixed_startup_per}
     rows = []
     try:
         dataset = root / "dataset"
         t = time.monotonic()
         write_mixed_files(dataset, n_files)
         print(f"wrote {n_files} POD5 files of 1 to 15 s in {time.monotonic() - t:.1f} s")
-        plans = ([] if args.mixed_skip_work else [("work", 0)]) + \
-            [(f"files-{c}", c) for c in counts]
-        for label, size in plans:
-            row = run_once(root, dataset, f"mixed-{label}", gpus, n_files, file_s=1.0,
-                           request_size=size, startup_s=args.mixed_startup_s,
-                           manager_batch_size=args.mixed_first_batch, pattern="mixed_*.pod5")
-            row["sizing"] = label
+        originals = [int(c) for c in args.mixed_original.split(",") if c.strip() and int(c) > 0]
+        plans = ([] if args.mixed_skip_work else [("work", 0, False)]) + \
+            [(f"files-{c}", c, False) for c in counts] + \
+            [(f"original-files-{c}", c, True) for c in originals]
+        for label, size, original in plans:
+            timing = {"busy_pause_s": 30.0 / speed, "polling_interval": 1.0 / speed} \
+                if original else {}
+            row = run_once(root, dataset, f"mixed-{label}", gpus, n_files, file_s=1.0 / speed,
+                           request_size=size, startup_s=args.mixed_startup_s / speed,
+                           manager_batch_size=args.mixed_first_batch, pattern="mixed_*.pod5",
+                           runner_extra=runner_extra, **timing)
+            row.update(sizing=label, speed=speed, startup_per=args.mixed_startup_per,
+                       original_timing=original, wall_s_at_speed_1=row["wall_s"] * speed)
+            if args.mixed_startup_per == "engine":     # run_once counts startup_s per batch
+                busy = (row["samples"] / row["samples_per_s"]
+                        + args.mixed_startup_s / speed * row["engines_used"])
+                row["efficiency"] = busy / gpus / row["wall_s"]
             rows.append(row)
             print(f"{label}: batches {row['batches']} (files min/median/max "
                   f"{row['batch_files']['min']}/{row['batch_files']['median']:g}/"
                   f"{row['batch_files']['max']}), ideal/GPU {row['ideal_per_gpu_s']:.1f} s, "
-                  f"wall {row['wall_s']:.1f} s, efficiency {row['efficiency']:.3f}, "
+                  f"wall {row['wall_s_at_speed_1']:.1f} s (at speed 1), efficiency {row['efficiency']:.3f}, "
                   f"useful {row['useful_efficiency']:.3f}, tail {row['tail_s']:.1f} s, "
                   f"load {row['load_average'][0]:.2f}", flush=True)
     finally:
@@ -240,9 +255,21 @@ def main(argv: list[str]) -> int:
                    help="comma-separated file-count batch sizes to compare (0 = none)")
     p.add_argument("--mixed-skip-work", action="store_true",
                    help="only the file-count batch sizes of the mixed table")
+    p.add_argument("--mixed-original", default="",
+                   help="comma-separated file counts to run with the original's timing "
+                        "(busy_pause_s 30, polling_interval 1 min)")
+    p.add_argument("--mixed-startup-per", choices=("batch", "engine"), default="batch",
+                   help="engine: the dorado-server model (start-up paid once per engine)")
+    p.add_argument("--mixed-speed", type=float, default=1.0,
+                   help="run S times faster: file work, startup_s, busy_pause_s and "
+                        "polling_interval all divided by S (efficiencies are ratios of "
+                        "durations that all shrink by S, except the machine's own per-batch "
+                        "cost of tens of ms, which weighs S times more)")
     p.add_argument("--out", default="bench-out/fleet.json")
     args = p.parse_args(argv)
     if args.mixed:
+        if args.mixed_speed <= 0:
+            p.error(f"--mixed-speed must be > 0, got {args.mixed_speed:g}")
         return mixed_main(args, argv)
     if args.quick:
         args.gpus, args.per_gpu_s, args.original_per_gpu_s = [1, 4], 6.0, 2.0

@@ -258,9 +258,12 @@ def fleet_main(argv: list[str]) -> int:
     p.add_argument("--startup-per", choices=("batch", "engine"), default="batch",
                    help="engine: the dorado-server model (start-up paid once per engine)")
     p.add_argument("--modes", default="spawn,zygote")
+    p.add_argument("--startup-share", type=float, default=None,
+                   help="manager.startup_share (default: the config's, 0.02)")
     p.add_argument("--out", default="bench-out/fleet-engine-start.json")
     args = p.parse_args(argv)
     files_per_gpu = max(args.batch, round(args.per_gpu_s / args.batch) * args.batch)
+    share = {} if args.startup_share is None else {"startup_share": args.startup_share}
     root = Path(tempfile.mkdtemp(prefix="bench-fleet-start-"))
     rows = []
     try:
@@ -272,8 +275,10 @@ def fleet_main(argv: list[str]) -> int:
                 load = os.getloadavg()[0]
                 row = bench_fleet.run_once(root, root / "dataset", f"{mode}-{n}", n,
                                            files_per_gpu * n, file_s=1.0,
-                                           request_size=args.batch, startup_s=args.startup_s)
-                row.update(engine_start=mode, load_average_before=load, startup_per=args.startup_per)
+                                           request_size=args.batch, startup_s=args.startup_s,
+                                           manager_extra=share)
+                row.update(engine_start=mode, load_average_before=load, startup_per=args.startup_per,
+                           startup_share=args.startup_share)
                 if args.startup_per == "engine":     # bench_fleet counts startup_s per batch
                     busy = row["samples"] / row["samples_per_s"] + args.startup_s * row["engines_used"]
                     row["ideal_s"], row["ideal_per_gpu_s"] = busy, busy / n
