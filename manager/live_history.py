@@ -13,7 +13,8 @@ HISTORY_MINUTES = 60
 class ThroughputHistory:
     """Cumulative (files, bytes) DONE of one run, sampled over time, read as per-minute amounts.
 
-    Samples are thinned to one per SAMPLE_EVERY_S and kept for HISTORY_MINUTES + 1 minutes;
+    Samples closer than SAMPLE_EVERY_S / 2 are thinned (the newest moves on), so at most
+    one in 2 s or so is kept, for HISTORY_MINUTES + 1 minutes;
     the amount of a minute is the change of the cumulative counts, linearly interpolated
     between samples, over that minute (from the first sample in the minute sampling began;
     None for the minutes before)."""
@@ -22,8 +23,9 @@ class ThroughputHistory:
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
 
     def record(self, now: float, files_done: int, bytes_done: int) -> None:
-        if self._samples and now - self._samples[-1][0] < SAMPLE_EVERY_S / 2:
-            self._samples[-1] = (self._samples[-1][0], files_done, bytes_done)
+        samples = self._samples
+        if len(samples) >= 2 and now - samples[-2][0] < SAMPLE_EVERY_S / 2:
+            samples[-1] = (now, files_done, bytes_done)   # the newest moves on: thinned
         else:
             self._samples.append((now, files_done, bytes_done))
         while self._samples and self._samples[0][0] < now - (HISTORY_MINUTES + 1) * MINUTE_S:

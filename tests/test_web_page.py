@@ -148,7 +148,11 @@ def test_throughput_history_is_per_minute_over_the_last_hour():
     assert minutes["files"][50:60] == [2.0] * 10
     assert minutes["bytes"][50:60] == [6000] * 10
     assert minutes["files"][60] == 0.0    # the current minute: nothing since the last sample
-    h.record(now + 2 * 3600, 0, 0)         # a day later, counts restarted: old samples gone
+    for second in range(0, 60):           # polled every second: thinned, the counts exact
+        h.record(now + second, 21 + second // 6, 0)
+    assert len(h._samples) <= 121 + 60 // 2 + 1        # at most one sample per 2 s
+    assert h.per_minute(now + 60)["files"][-2:] == [6.0, 4.0]   # 20 -> 26 -> 30 (at +59 s)
+    h.record(now + 2 * 3600, 0, 0)         # two hours later, counts restarted: old samples gone
     assert h.per_minute(now + 2 * 3600)["files"] == [None] * 60 + [0.0]
 
 
