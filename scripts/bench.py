@@ -9,7 +9,7 @@
     python scripts/bench.py overhead ...       (bcorch and engine CPU / RSS, idle and loaded)
     python scripts/bench.py live ...           (files arriving over time: start-up share, lag)
     python scripts/bench.py connections ...    (HTTP servers: throughput, idle and slowloris clients)
-    python scripts/bench.py facility ...       (48 runs on one manager: scan, assign, model switches)
+    python scripts/bench.py facility ...       (many runs, one manager: scan, assign, switches)
 """
 from __future__ import annotations
 

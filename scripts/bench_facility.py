@@ -207,6 +207,8 @@ def bench_assign(server: FacilityServer, engines: int, batches: int, batch: int,
     def engine(n: int) -> None:
         conn = server.conn()
         mine_a, mine_d = [], []
+        if think_s:   # engines that started at different times
+            time.sleep(random.uniform(0, 2 * think_s))
         try:
             for _ in range(per_engine):
                 t = time.perf_counter()
@@ -245,9 +247,10 @@ def bench_assign(server: FacilityServer, engines: int, batches: int, batch: int,
     cpu = sum(proc.cpu_times()[:2]) - cpu0
     if not done_ms:
         raise RuntimeError(f"no batch completed: {errors[:1]}")
-    return {"engines": engines, "think_s": think_s, "batch": batch, "batches": len(done_ms), "seconds": elapsed,
-            "batches_per_s": len(done_ms) / elapsed,
-            "assign_p50_ms": statistics.median(assign_ms), "assign_p99_ms": percentile(assign_ms, 99),
+    return {"engines": engines, "think_s": think_s, "batch": batch, "batches": len(done_ms),
+            "seconds": elapsed, "batches_per_s": len(done_ms) / elapsed,
+            "assign_p50_ms": statistics.median(assign_ms),
+            "assign_p99_ms": percentile(assign_ms, 99),
             "assign_max_ms": max(assign_ms),
             "completed_p50_ms": statistics.median(done_ms),
             "completed_p99_ms": percentile(done_ms, 99),
@@ -461,7 +464,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
     if "scan" in results:
         s, r = results["scan"], results["rescan"]
         print(f"{'first scan: serving after':40} {s['serving_s']:9.2f} s")
-        print(f"{'first scan: all %d files PENDING' % (runs * files):40} {s['all_pending_s']:9.2f} s"
+        print(f"{'first scan: all %d files PENDING' % (runs * files):40} "
+              f"{s['all_pending_s']:9.2f} s"
               f"  (load {s['load_before']} -> {s['load_after']})")
         print(f"{'rescan tick, no change (in process)':40} {1000 * r['tick_median_s']:9.0f} ms")
         print(f"{'idle manager CPU (scan every %gs)' % args.scan_interval_s:40} "
