@@ -67,13 +67,13 @@ def test_chaos_every_read_exactly_once(tmp_path, procs, seed):
         cluster.close()
 
 
-def _add_hosts(cluster: Cluster, gpus: int) -> None:
+def _add_hosts(cluster: Cluster, gpus: int, samples_per_s: float = 15000.0) -> None:
     for name in ("hostA", "hostB"):
         cluster.add_host(
             name, gpus,
             engine={"polling_interval": 0.005, "request_retries": 1, "connect_timeout_s": 1.0,
                     "read_timeout_s": 3.0},
-            runner={"samples_per_s": 15000.0, "stop_grace_s": 2.0, "fail_fraction": 0.1},
+            runner={"samples_per_s": samples_per_s, "stop_grace_s": 2.0, "fail_fraction": 0.1},
             orchestrator={"hang_timeout_s": HANG_TIMEOUT_S, "max_restarts": 100,
                           "restart_backoff_max_s": 2.0, "drain_timeout_s": 30.0,
                           "on_manager_failure": "wait", "manager_down_timeout_s": 600.0,
@@ -188,7 +188,7 @@ def test_chaos_facility_every_read_of_every_run_once_with_its_model(tmp_path, pr
 
 def _run_facility(site: FacilitySite, seed: int) -> None:
     site.appear()
-    _add_hosts(site, 2)
+    _add_hosts(site, 2, samples_per_s=6000.0)   # ~1.7 s a file: work through the whole plan
     driver = ChaosDriver(site, seed, HANG_TIMEOUT_S, faults=dict(FACILITY_PLAN))
     why = lambda: (f"facility chaos seed {seed} (rerun: BCORCH_CHAOS_FACILITY_SEEDS={seed}); "
                    f"events: {driver.summary()}")
@@ -201,7 +201,8 @@ def _run_facility(site: FacilitySite, seed: int) -> None:
         return files["PENDING"] + files["ASSIGNED"] > 0
 
     # The plan goes on while a run is still to appear or to be paused, or work is left.
-    driver.run(lambda: bool(site.to_appear()) or not driver.pauses or work_left())
+    driver.run(lambda: bool(site.to_appear()) or not driver.pauses or work_left(),
+               between=site.trickle)
     injected = [e for e in driver.events if e.name != "stopped"]
     assert len(injected) >= 6, f"the work ended before the chaos did: {why()}"
     assert driver.pauses and all(held for _, held in driver.pauses), \

@@ -73,11 +73,14 @@ class ChaosDriver:
         self.rng.shuffle(self.plan)
         self._t0 = time.monotonic()
 
-    def run(self, keep_going: Callable[[], bool]) -> list[Event]:
-        """Inject the whole plan, one fault after the other, while keep_going() holds."""
+    def run(self, keep_going: Callable[[], bool],
+            between: Callable[[], None] = lambda: None) -> list[Event]:
+        """Inject the whole plan, one fault after the other, while keep_going() holds;
+        between() is called before each fault (a facility's files keep arriving)."""
         self._t0 = time.monotonic()
         for name in self.plan:
             self._pause(self.rng.uniform(*self.gap_s))
+            between()
             if not keep_going():
                 self._record("stopped", "the work finished before the plan did")
                 break
@@ -209,11 +212,12 @@ class ChaosDriver:
         """Pause an ACTIVE run (the /runs route behind `bcmanager run pause`), check that it
         gets no new batch while paused (DONE stays within DONE + ASSIGNED at the pause),
         then resume it."""
-        active = sorted(rel for rel, r in self.cluster.runs_view().items()
-                        if r["state"] == "ACTIVE")
+        views = self.cluster.runs_view()
+        active = sorted(rel for rel, r in views.items() if r["state"] == "ACTIVE")
+        waiting = [rel for rel in active if views[rel]["files"]["PENDING"] > 0]
         if not active:
             return "no ACTIVE run"
-        run_id = self.cluster.runs_view()[self.rng.choice(active)]["run_id"]
+        run_id = views[self.rng.choice(waiting or active)]["run_id"]
         code, body = self.cluster.manager.post("/runs/pause", {"run": run_id})
         if code != 200:
             return f"{run_id}: pause answered {code} {body}"

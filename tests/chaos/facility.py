@@ -153,6 +153,13 @@ class FacilitySite(Cluster):
             os.rename(self._staged(run) / name, self.run_dir(run) / "pod5" / name)
         run.delivered = max(run.delivered, upto)
 
+    def trickle(self, files: int = 4) -> None:
+        """Up to `files` more files arrive in each run that has appeared."""
+        for run in self.runs:
+            if run.appeared:
+                self._deliver(run, min(run.delivered + files,
+                                       len(run.written) + len(run.corrupt)))
+
     def end_runs(self) -> None:
         """Every run appears, gets the rest of its files, then MinKNOW's final summary."""
         while self.appear():
