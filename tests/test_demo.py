@@ -153,5 +153,9 @@ def test_ctrl_c_stops_everything_and_keeps_the_workspace(tmp_path, procs):
     import sqlite3
     with sqlite3.connect(work / "bcmanager.sqlite") as db:
         states = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        files = dict(db.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
     assert states.get("LIVE", 0) == 0, f"every batch was reported back: {states}"
-    assert states.get("STOPPED", 0) >= 1, states
+    # A batch running at the signal is STOPPED; under load the signal may fall between two
+    # batches, so what holds either way is that no file is left held by a batch.
+    assert files.get("ASSIGNED", 0) == 0 and set(files) <= {"DONE", "PENDING"}, files
+    assert states.get("STOPPED", 0) >= 1 or files.get("DONE", 0) < 40, (states, files)

@@ -144,8 +144,10 @@ def test_keep_serving_stays_after_the_run_is_complete(tmp_path, procs):
 
 
 def test_a_manager_never_reached_is_exit_75_with_one_line(tmp_path):
-    from support import free_port
-    url = f"http://127.0.0.1:{free_port()}"
+    import socket
+    held = socket.socket()   # bound, never listening: refused, and no other test can take it
+    held.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{held.getsockname()[1]}"
     config = tmp_path / "bcorch.toml"
     write_config(config, orchestrator={"first_contact_timeout_s": 2.0},
                  engine={"input_dir": str(tmp_path), "output_dir": str(tmp_path)})
@@ -154,6 +156,7 @@ def test_a_manager_never_reached_is_exit_75_with_one_line(tmp_path):
                              "--gpus", "virtual:1", "--manager-url", url, "--socket",
                              str(tmp_path / "ctl" / "s.sock")],
                             capture_output=True, text=True, timeout=120)
+    held.close()
     assert result.returncode == 75, result.stderr[-3000:]
     assert time.monotonic() - t0 < 60
     lines = [line for line in result.stderr.splitlines() if "never" in line or "not reached" in line]
