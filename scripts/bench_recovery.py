@@ -118,8 +118,11 @@ def bench_lease_expiry(root: Path, args) -> list[dict]:
                      and all(x["state"] == "RUNNING" and not x["job_id"] for x in s), 120,
                      "every engine idle")
             _dataset(input_dir, 1, first=rep)
-            job = wait_for(lambda: cluster.query("SELECT job_id, engine_id FROM jobs WHERE state = "
-                                                 "'LIVE'"), 30, "the file assigned", interval=0.02)[0]
+            name = f"reads_{rep:05d}.pod5"
+            job = wait_for(lambda: cluster.query(
+                "SELECT j.job_id, j.engine_id FROM files f JOIN jobs j ON j.job_id = f.job_id "
+                "WHERE f.path = ? AND j.state = 'LIVE'", (name,)), 30, "the file assigned",
+                interval=0.02)[0]
             slot = wait_for(lambda: [s for s in cluster.slots() if s["job_id"] == job[0]], 30,
                             "the engine of the job", interval=0.02)[0]
             os.kill(slot["pid"], signal.SIGSTOP)
@@ -130,7 +133,7 @@ def bench_lease_expiry(root: Path, args) -> list[dict]:
                     args.lease_s * 3 + 10, "lease expiry", interval=0.02)[0][0]
                 again = wait_for(lambda: cluster.query(
                     "SELECT j.created, j.engine_id FROM files f JOIN jobs j ON j.job_id = f.job_id "
-                    "WHERE f.path = ? AND j.job_id != ?", (f"reads_{rep:05d}.pod5", job[0])),
+                    "WHERE f.path = ? AND j.job_id != ?", (name, job[0])),
                     60, "the batch assigned again", interval=0.02)[0]
             finally:
                 os.kill(slot["pid"], signal.SIGCONT)
