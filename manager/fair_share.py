@@ -7,7 +7,8 @@ estimated duration, so engines picking at the same moment spread over the runs) 
 when it ends (its actual duration).
 
 A run that joins, or comes back after it had no work (paused, waiting for files), starts at
-the least virtual time of the runs already active, never below it: time it did not use is
+the least settled virtual time of the runs already active (what their finished batches
+took, not the estimates of those still running), never below it: time it did not use is
 not banked, so it cannot take the GPUs for itself when it returns.
 
 Model affinity: a model switch costs the engine a model load. An engine keeps getting batches
@@ -95,7 +96,7 @@ class FairShare:
 
     def _admit(self, demands: dict[str, Demand]) -> None:
         """Bring joining runs up to the active runs' least virtual time; note priorities."""
-        staying = [self._runs[r].virtual_s for r in demands if r in self._active]
+        staying = [self._settled(r) for r in demands if r in self._active]
         reference = min(staying) if staying else self._floor
         for run_id, demand in demands.items():
             run = self._runs.get(run_id)
@@ -107,7 +108,16 @@ class FairShare:
                 run.priority = float(demand.priority)
         self._active = set(demands)
         if demands:
-            self._floor = max(self._floor, min(self._runs[r].virtual_s for r in demands))
+            self._floor = max(self._floor, min(self._settled(r) for r in demands))
+
+    def _settled(self, run_id: str) -> float:
+        """The run's virtual time without the estimates of its batches still running.
+
+        A joining run is levelled with this, not with virtual_s: an estimate (60 s before an
+        engine's pace is known) may be far above what the batch takes, and a run levelled
+        with it would find itself far ahead once the estimate is corrected, and wait."""
+        pending = sum(j.charged_s / j.weight for j in self._jobs.values() if j.run_id == run_id)
+        return self._runs[run_id].virtual_s - pending
 
     def started(self, job_id: str, run_id: str, engine_id: str, model: str,
                 estimate_s: float) -> None:

@@ -201,8 +201,13 @@ def test_a_run_joining_starts_level_with_the_active_runs():
     fair.pick("g0", [Demand("x", 1, "hac")])
     fair.started("j0", "x", "g0", "hac", 50.0)
     ready = [Demand("x", 1, "hac"), Demand("y", 1, "hac")]
-    assert fair.pick("g0", ready).run_id == "x"     # y joined at x's 50 s: a tie, not a debt
-    fair.started("j1", "x", "g0", "hac", 1.0)
+    # y joins level with what x's finished batches took (nothing yet), not x's running estimate
+    assert fair.pick("g1", ready).run_id == "y"
+    fair.started("j1", "y", "g1", "hac", 50.0)
+    fair.finished("j0", 50.0)
+    fair.finished("j1", 50.0)
+    assert fair.pick("g0", ready).run_id == "x"     # 50 s each: a tie, not a debt
+    fair.started("j2", "x", "g0", "hac", 1.0)
     assert fair.pick("g0", ready).run_id == "y"
 
 
@@ -257,6 +262,7 @@ def test_forget_run_drops_its_share_and_its_batches():
     fair.forget_run("a")
     assert fair.served_s() == {"b": 10.0}
     assert fair.pick("g0", [Demand("b", 1, "hac")]).run_id == "b"
+    fair.finished("j2", 10.0)
     # a run of the same id found again starts fresh, at the active runs' level ...
     assert fair.pick("g0", [Demand("b", 1, "hac"), Demand("a", 1, "hac")]).run_id == "a"
     assert fair.served_s()["a"] == 0.0
@@ -316,3 +322,25 @@ def test_threads_picking_at_once_keep_the_books_straight():
     served = fair.served_s()
     assert sum(served.values()) == pytest.approx(8 * 500 * 1.0)
     assert served["b"] / sum(served.values()) == pytest.approx(2 / 3, abs=0.05)
+
+
+def test_a_run_joining_while_estimates_run_high_is_not_held_back():
+    """Two engines on run A with 60-s estimates that take 0.5 s: B (priority 2) joining then
+    must not be levelled with A's estimates, or it waits until A has caught up 120 s."""
+    fs = FairShare(switch_slack_s=0)
+    a, b = Demand("A", 1.0, "hac"), Demand("B", 2.0, "hac")
+    for n, engine in enumerate(("e1", "e2")):
+        assert fs.pick(engine, [a]) == a
+        fs.started(f"a{n}", "A", engine, "hac", 60.0)
+    assert fs.pick("e3", [a, b]) == b            # B joins while A's estimates are charged
+    fs.started("b0", "B", "e3", "hac", 0.5)
+    fs.finished("b0", 0.5)
+    fs.finished("a0", 0.5)
+    fs.finished("a1", 0.5)
+    picks = []
+    for n in range(24):
+        got = fs.pick("e1", [a, b])
+        fs.started(f"j{n}", got.run_id, "e1", "hac", 0.5)
+        fs.finished(f"j{n}", 0.5)
+        picks.append(got.run_id)
+    assert 14 <= picks.count("B") <= 18, "".join(picks)   # about 2:1 for priority 2
