@@ -137,15 +137,19 @@ def test_sbatch_script_is_valid_bash_with_one_task_per_node_and_a_signal_lead():
 
 def test_sbatch_script_forwards_sigterm_so_bcorch_drains(tmp_path, procs):
     """Run the script outside Slurm with `srun` and `bcorch` stand-ins on PATH: SIGTERM to the
-    batch script must reach bcorch, and the script must wait for its drain."""
+    batch script must become `bcorch stop` (a drain asked on the control socket; the stand-in
+    TERMs the running one instead), and the script must wait for the drain."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
                                'exec "$@"\n')
-    marker = tmp_path / "drained"
+    marker, pid = tmp_path / "drained", tmp_path / "bcorch.pid"
     (fake / "bcorch").write_text(
         "#!/usr/bin/env bash\n"
+        f'if [[ $1 == stop ]]; then echo "$@" > {tmp_path / "stop-args"}; '
+        f'kill -TERM "$(cat {pid})"; exit 0; fi\n'
         f"trap 'sleep 0.5; echo drained > {marker}; exit 0' TERM\n"
+        f"echo $$ > {pid}\n"
         f"echo \"$@\" > {tmp_path / 'args'}\n"
         "while true; do sleep 0.1; done\n")
     for f in fake.iterdir():
@@ -162,6 +166,7 @@ def test_sbatch_script_forwards_sigterm_so_bcorch_drains(tmp_path, procs):
     assert (tmp_path / "args").read_text().split() == ["--config", str(config), "--gpus", "all"]
     job.signal(signal.SIGTERM)
     assert job.wait(30) == 0, job.log()
+    assert (tmp_path / "stop-args").read_text().split() == ["stop", "--config", str(config)]
     assert marker.read_text().strip() == "drained", "the script waited for the drain"
 
 
