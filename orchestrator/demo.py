@@ -72,7 +72,8 @@ def slot_lines(slots: list[dict]) -> list[str]:
     lines = []
     for s in slots:
         state = s["state"] + (f"/{s['engine_state']}" if s.get("engine_state") else "")
-        job = (f"job {s['job_id']} ({s.get('batch_size')} files)" if s.get("job_id")
+        n = s.get("batch_size")
+        job = (f"job {s['job_id']} ({n} file{'' if n == 1 else 's'})" if s.get("job_id")
                else "no batch")
         lines.append(f"  gpu{s['gpu']}  {state:<20} {job:<28} {s.get('files_done') or 0:>4} files done"
                      f"  restarts {s.get('restarts', 0)}")
