@@ -128,31 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
     config_mod.require(cfg, "manager.output_dir", "or --output-dir")
     if not os.path.isdir(cfg.manager.input_dir):
         raise ConfigError(f"manager.input_dir: no such directory {cfg.manager.input_dir!r}")
-    logs.configure(args.log_level)
-    from .instance_lock import InstanceLock
-    from .server import Service  # the HTTP server and sqlite only when serving
-    from .store import DatabaseUnusable
-
-    lock = InstanceLock(cfg.manager.output_dir, cfg.manager.lock_refresh_s)
-    lock.acquire(take_over=args.take_over)  # before the database: one manager per OUTPUT_DIR
-    try:
-        service = Service(cfg.manager, cfg.token)
-    except DatabaseUnusable as exc:
-        print(f"bcmanager: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OSError as exc:
-        print(f"bcmanager: cannot serve on {cfg.manager.host}:{cfg.manager.port} "
-              f"(--host/--port) or open its files: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - a start-up failure is one line, never a traceback
-        logging.getLogger("bcmanager").debug("start-up failed", exc_info=True)
-        print(f"bcmanager: cannot start: {type(exc).__name__}: {exc}".splitlines()[0],
-              file=sys.stderr)
-        return 1
-    lock.start_refreshing(on_lost=lambda _reason: service.stop_event.set())
-    code = service.serve()
-    lock.release()
-    return _fail(lock.lost, EXIT_CONFIG) if lock.lost else code
+    return _run_service(cfg, args, cfg.manager.output_dir)
 
 
 def _serve_facility(cfg: Config, args: argparse.Namespace) -> int:
@@ -168,17 +144,25 @@ def _serve_facility(cfg: Config, args: argparse.Namespace) -> int:
                           f"{cfg.manager.input_dir!r} serves one run, watch_root a facility)")
     if not os.path.isdir(cfg.manager.watch_root):
         raise ConfigError(f"manager.watch_root: no such directory {cfg.manager.watch_root!r}")
+    fcfg = cfg.facility
+    return _run_service(cfg, args,
+                        fcfg.output_root if fcfg.output == "mirror" else cfg.manager.watch_root,
+                        facility=fcfg)
+
+
+def _run_service(cfg: Config, args: argparse.Namespace, lock_dir: str,
+                 facility: Any = None) -> int:
+    """Serve under the instance lock of lock_dir (one manager per output folder) until stopped;
+    a start-up failure is one line on stderr and an exit code, never a traceback."""
     logs.configure(args.log_level)
     from .instance_lock import InstanceLock
-    from .server import Service
+    from .server import Service  # the HTTP server and sqlite only when serving
     from .store import DatabaseUnusable
 
-    fcfg = cfg.facility
-    lock = InstanceLock(fcfg.output_root if fcfg.output == "mirror" else cfg.manager.watch_root,
-                        cfg.manager.lock_refresh_s)
-    lock.acquire(take_over=args.take_over)
+    lock = InstanceLock(lock_dir, cfg.manager.lock_refresh_s)
+    lock.acquire(take_over=args.take_over)  # before the database
     try:
-        service = Service(cfg.manager, cfg.token, facility=fcfg)
+        service = Service(cfg.manager, cfg.token, facility=facility)
     except DatabaseUnusable as exc:
         print(f"bcmanager: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -56,19 +56,25 @@ def keepalive(m: ManagerProcess, job: str, state: str = "PROCESSING") -> dict:
 
 def basecall(batch: dict, tmp_path: Path) -> list[str]:
     """Read the batch's POD5 files through its symlinks; write FASTQ; return the read ids."""
+    out_dir = tmp_path / "out" / batch["job_output_dir"]
+    ids = write_fastq(batch, tmp_path / "in" / batch["job_input_dir"], out_dir)
+    (out_dir / "basecaller.log").write_text(f"simulated basecaller: {len(ids)} reads\n")
+    return ids
+
+
+def write_fastq(batch: dict, in_dir: Path, out_dir: Path, header: str = "") -> list[str]:
+    """What an engine does with a batch: read each POD5 file in in_dir, write one FASTQ record
+    per read (header appended to each "@read_id") into out_dir/pass; return the read ids."""
     import pod5
 
-    in_dir = tmp_path / "in" / batch["job_input_dir"]
-    out_dir = tmp_path / "out" / batch["job_output_dir"]
     ids: list[str] = []
     for name in batch["batch"]:
         with pod5.Reader(in_dir / name) as reader:
             reads = [str(r.read_id) for r in reader.reads()]
         with open(out_dir / "pass" / (name + ".fastq"), "w") as fh:
             for rid in reads:
-                fh.write(f"@{rid}\nACGT\n+\n!!!!\n")
+                fh.write(f"@{rid}{header}\nACGT\n+\n!!!!\n")
         ids += reads
-    (out_dir / "basecaller.log").write_text(f"simulated basecaller: {len(ids)} reads\n")
     return ids
 
 

@@ -12,8 +12,8 @@ from bcorch.config_writer import write_config
 from bcorch.orchestrator.local_cluster import (LocalProcess, kill_tree, manager_argv, wait_for,
                                                wait_gone)
 
-__all__ = ["REPO", "ManagedProcess", "ManagerProcess", "free_port", "http_json", "kill_tree",
-           "wait_gone", "wait_until"]
+__all__ = ["REPO", "ManagedProcess", "ManagerProcess", "ServingProcess", "free_port", "http_json",
+           "kill_tree", "wait_gone", "wait_until"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,36 @@ class ManagedProcess(LocalProcess):
         super().__init__(argv, log_path, env=env, cwd=REPO)
 
 
-class ManagerProcess(ManagedProcess):
+class ServingProcess(ManagedProcess):
+    """A child process serving HTTP at self.url (bearer self.token, if any); start() waits
+    until /heartbeat answers."""
+
+    url: str
+    token: str = ""
+
+    def start(self, timeout: float = 30.0):
+        super().start()
+        wait_until(self._up, timeout, what=f"manager on {self.url}\n{self.log()}")
+        return self
+
+    def _up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"manager exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return http_json(self.url + "/heartbeat", timeout=1)[0] == 200
+        except OSError:
+            return False
+
+    def get(self, route: str, **params):
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return http_json(f"{self.url}{route}{'?' + query if query else ''}", self.token)
+
+    def post(self, route: str, body: dict):
+        return http_json(self.url + route, self.token, body)
+
+
+class ManagerProcess(ServingProcess):
     """`bcmanager` serving a real SQLite file on a free loopback port."""
 
     def __init__(self, tmp: Path, input_dir: Path, output_dir: Path, *, port: int | None = None,
@@ -89,27 +118,6 @@ class ManagerProcess(ManagedProcess):
         if input_closed:
             argv.append("--input-closed")
         super().__init__(argv, tmp / f"manager-{self.port}.log")
-
-    def start(self, timeout: float = 30.0) -> "ManagerProcess":
-        super().start()
-        wait_until(self._up, timeout, what=f"manager on {self.url}\n{self.log()}")
-        return self
-
-    def _up(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"manager exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            return http_json(self.url + "/heartbeat", timeout=1)[0] == 200
-        except OSError:
-            return False
-
-    def get(self, route: str, **params):
-        query = "&".join(f"{k}={v}" for k, v in params.items())
-        return http_json(f"{self.url}{route}{'?' + query if query else ''}", self.token)
-
-    def post(self, route: str, body: dict):
-        return http_json(self.url + route, self.token, body)
 
     def status(self) -> dict:
         code, body = self.get("/status")

@@ -18,12 +18,13 @@ import pytest
 from bcorch.config_writer import write_config
 from bcorch.orchestrator.local_cluster import manager_argv
 from bcorch.orchestrator.pod5_dataset import write_pod5
-from support import REPO, ManagedProcess, free_port, http_json, wait_until
+from manager_helpers import write_fastq
+from support import REPO, ServingProcess, free_port, wait_until
 
 GROUP, SAMPLE = "proto", "sample"
 
 
-class FacilityProcess(ManagedProcess):
+class FacilityProcess(ServingProcess):
     """`bcmanager --watch-root ROOT` on a free loopback port."""
 
     def __init__(self, tmp: Path, root: Path, *, facility: dict | None = None,
@@ -44,27 +45,6 @@ class FacilityProcess(ManagedProcess):
         self.config = cfg
         super().__init__(manager_argv(cfg, "--watch-root", str(root), "--port", str(self.port),
                                       *extra), tmp / f"facility-{self.port}.log")
-
-    def start(self, timeout: float = 30.0) -> "FacilityProcess":
-        super().start()
-        wait_until(self._up, timeout, what=f"facility on {self.url}\n{self.log()}")
-        return self
-
-    def _up(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"manager exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            return http_json(self.url + "/heartbeat", timeout=1)[0] == 200
-        except OSError:
-            return False
-
-    def get(self, route: str, **params):
-        query = "&".join(f"{k}={v}" for k, v in params.items())
-        return http_json(f"{self.url}{route}{'?' + query if query else ''}")
-
-    def post(self, route: str, body: dict):
-        return http_json(self.url + route, data=body)
 
     def runs(self) -> dict[str, dict]:
         code, body = self.get("/runs")
@@ -102,19 +82,10 @@ def assign(fac: FacilityProcess, engine: str = "gpu0", size: int = 2) -> dict:
 def basecall(fac: FacilityProcess, batch: dict) -> list[str]:
     """What an engine does with a facility batch: read through the run's job dir, write FASTQ
     (with the batch's model in each header) into the run's job output dir."""
-    import pod5
-
-    in_dir = Path(batch["input_root"]) / batch["run_input_dir"] / batch["job_input_dir"]
-    out_dir = Path(batch["output_root"]) / batch["run_output_dir"] / batch["job_output_dir"]
-    ids: list[str] = []
-    for name in batch["batch"]:
-        with pod5.Reader(in_dir / name) as reader:
-            reads = [str(r.read_id) for r in reader.reads()]
-        with open(out_dir / "pass" / (name + ".fastq"), "w") as fh:
-            for rid in reads:
-                fh.write(f"@{rid} model={batch['model']}\nACGT\n+\n!!!!\n")
-        ids += reads
-    return ids
+    return write_fastq(
+        batch, Path(batch["input_root"]) / batch["run_input_dir"] / batch["job_input_dir"],
+        Path(batch["output_root"]) / batch["run_output_dir"] / batch["job_output_dir"],
+        f" model={batch['model']}")
 
 
 def done(fac: FacilityProcess, batch: dict) -> None:
