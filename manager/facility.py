@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bcorch.config import FacilityConfig, ManagerConfig
-from bcorch.protocol import (CONFIG_REFUSED, Batch, JobState as WireState, ProtocolError,
+from bcorch.protocol import (Batch, JobState as WireState, ProtocolError,
                              short_job_id, validate_rel_path)
 
 from .facility_db import FacilityDB, RunRow, default_facility_db
@@ -40,7 +40,7 @@ from .run_discovery import RunDir, discover_runs, parse_run_name
 from .run_part import RunPart, RunPlace
 from .run_settings import RunSettings, RunSettingsError, settings_for
 from .run_summary import write_summary
-from .service import SIMULATION_REFUSED, Answer
+from .service import Answer, refuse_simulated
 from .states import FileState
 from .statedir import default_db_path
 
@@ -448,9 +448,7 @@ class Facility:
 
     def assign(self, engine_id: str, wanted: int, simulated: bool = False) -> Answer:
         if simulated and not self.allow_simulated:
-            log.error("engine %s: refused, its runner is simulated and manager.allow_simulated "
-                      "is false", engine_id)
-            return Answer(CONFIG_REFUSED, {"error": SIMULATION_REFUSED})
+            return refuse_simulated(engine_id)
         with self._lock:
             self._engines_seen[engine_id] = time.time()
             ready = self._ready()

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .facility import Facility
 from .facility_states import RunState
-from .metrics import LATENCY_BUCKETS
+from .metrics import CollectorMetrics, jobs_finished
 
 
 class FacilityCollector:
@@ -63,12 +61,7 @@ class FacilityCollector:
         yield CounterMetricFamily("bcmanager_lease_expiries",
                                   "Jobs whose lease expired, all runs",
                                   value=jobs.get("EXPIRED", 0))
-        finished = CounterMetricFamily("bcmanager_jobs_finished", "Jobs by final state",
-                                       labels=["state"])
-        for state, n in sorted(jobs.items()):
-            if state != "LIVE":
-                finished.add_metric([state], n)
-        yield finished
+        yield jobs_finished(jobs)
         in_flight = GaugeMetricFamily("bcmanager_engine_jobs_in_flight",
                                       "Live leases per engine", labels=["engine"])
         for engine, n in sorted(leases.items()):
@@ -98,16 +91,8 @@ class FacilityCollector:
         yield switches
 
 
-class FacilityMetrics:
+class FacilityMetrics(CollectorMetrics):
     """The facility's registry: its collector and the request latency histogram."""
 
     def __init__(self, facility: Facility):
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(FacilityCollector(facility))
-        self.latency = Histogram("bcmanager_request_duration_seconds",
-                                 "HTTP request latency by route and status code",
-                                 ["route", "code"], buckets=LATENCY_BUCKETS,
-                                 registry=self.registry)
-
-    def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        super().__init__(FacilityCollector(facility))

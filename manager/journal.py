@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from .durable import fsync_dir
+
 log = logging.getLogger("bcmanager.journal")
 
 FILE_NAME = "bcmanager.journal"
@@ -68,7 +70,7 @@ class Journal:
                 if size and _last_byte(self.path) != b"\n":
                     os.write(fd, b"\n")  # a torn line from a crash stays alone on its line
                 if created:
-                    _fsync_dir(self.path.parent)
+                    fsync_dir(self.path.parent)
             except OSError:
                 os.close(fd)
                 raise
@@ -130,16 +132,3 @@ def _last_byte(path: Path) -> bytes:
     with open(path, "rb") as fh:
         fh.seek(-1, os.SEEK_END)
         return fh.read(1)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -57,12 +57,7 @@ class ManagerCollector:
         yield CounterMetricFamily("bcmanager_lease_expiries",
                                   "Jobs whose lease expired (no keep-alive for an interval)",
                                   value=jobs.get("EXPIRED", 0))
-        finished = CounterMetricFamily("bcmanager_jobs_finished",
-                                       "Jobs by final state", labels=["state"])
-        for state, n in sorted(jobs.items()):
-            if state != "LIVE":
-                finished.add_metric([state], n)
-        yield finished
+        yield jobs_finished(jobs)
 
         per_engine = self.manager.leases.by_engine()
         in_flight = GaugeMetricFamily("bcmanager_engine_jobs_in_flight",
@@ -76,12 +71,22 @@ class ManagerCollector:
                                 "1 when no more input files will come", value=int(self.manager.input_closed))
 
 
-class Metrics:
-    """One manager's registry: its state collector and the request latency histogram."""
+def jobs_finished(jobs: dict[str, int]) -> CounterMetricFamily:
+    """bcmanager_jobs_finished from job counts by state (LIVE jobs have not finished)."""
+    finished = CounterMetricFamily("bcmanager_jobs_finished", "Jobs by final state",
+                                   labels=["state"])
+    for state, n in sorted(jobs.items()):
+        if state != "LIVE":
+            finished.add_metric([state], n)
+    return finished
 
-    def __init__(self, manager: Manager):
+
+class CollectorMetrics:
+    """A registry of its own holding one collector and the request latency histogram."""
+
+    def __init__(self, collector: Any):
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(ManagerCollector(manager))
+        self.registry.register(collector)
         self.latency = Histogram("bcmanager_request_duration_seconds",
                                  "HTTP request latency by route and status code",
                                  ["route", "code"], buckets=LATENCY_BUCKETS,
@@ -91,10 +96,17 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+class Metrics(CollectorMetrics):
+    """One manager's registry: its state collector and the request latency histogram."""
+
+    def __init__(self, manager: Manager):
+        super().__init__(ManagerCollector(manager))
+
+
 class MetricsMiddleware:
     """Wraps a WSGI app: times each request by route (known routes only) and status code."""
 
-    def __init__(self, app: Callable, metrics: Metrics, routes: Iterable[str]):
+    def __init__(self, app: Callable, metrics: CollectorMetrics, routes: Iterable[str]):
         self.app = app
         self.metrics = metrics
         self.routes = frozenset(routes)

@@ -47,6 +47,14 @@ class Answer:
     body: dict[str, Any]
 
 
+def refuse_simulated(engine_id: str) -> Answer:
+    """The answer to an assignwork from a simulated runner when manager.allow_simulated is
+    false (a configuration error on the engine's side: it stops, never retries)."""
+    log.error("engine %s: refused, its runner is simulated and manager.allow_simulated "
+              "is false", engine_id)
+    return Answer(CONFIG_REFUSED, {"error": SIMULATION_REFUSED})
+
+
 @dataclass(frozen=True)
 class InFlight:
     """A live job as the batch sizing sees it: whose, since when (clock), how much work."""
@@ -214,9 +222,7 @@ class Manager:
 
     def assign(self, engine_id: str, wanted: int, simulated: bool = False) -> Answer:
         if simulated and not self.allow_simulated:
-            log.error("engine %s: refused, its runner is simulated and manager.allow_simulated "
-                      "is false", engine_id)
-            return Answer(CONFIG_REFUSED, {"error": SIMULATION_REFUSED})
+            return refuse_simulated(engine_id)
         with self._lock:
             self._engines_seen[engine_id] = time.time()
             sizing = self._sizing(engine_id, wanted)

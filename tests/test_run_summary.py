@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-from bcorch.manager import run_summary
 from bcorch.manager.run_summary import SUMMARY_NAME, write_summary
 
 SUMMARY = {"run_id": "r1", "files": {"done": 3, "quarantined": 1}, "reads": 4000,
@@ -44,7 +43,7 @@ def test_a_failed_rename_leaves_the_old_summary_and_no_temp_file(tmp_path, monke
     def refuse(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_summary.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(OSError, match="No space"):
         write_summary(tmp_path, {**SUMMARY, "reads": 1})
     assert json.loads((tmp_path / SUMMARY_NAME).read_text()) == SUMMARY
@@ -54,9 +53,9 @@ def test_a_failed_rename_leaves_the_old_summary_and_no_temp_file(tmp_path, monke
 def test_the_file_is_fsynced_before_it_is_renamed(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(run_summary.os, "fsync", lambda fd: events.append("fsync") or
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or
                         real_fsync(fd))
-    monkeypatch.setattr(run_summary.os, "replace", lambda a, b: events.append("replace") or
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or
                         real_replace(a, b))
     write_summary(tmp_path, SUMMARY)
     assert events == ["fsync", "replace", "fsync"]      # file, rename, then the folder
