@@ -52,6 +52,23 @@ class FacilityProcess(ServingProcess):
         return {r["run_id"]: r for r in body["runs"]}
 
 
+def started(procs: list, tmp_path: Path, root: Path, **kwargs) -> FacilityProcess:
+    """A FacilityProcess, registered with the `procs` fixture (stopped even when the test
+    fails) and serving."""
+    fac = FacilityProcess(tmp_path, root, **kwargs)
+    procs.append(fac)
+    return fac.start()
+
+
+def two_runs_one_batch(fac: FacilityProcess, root: Path) -> tuple[dict, str, str]:
+    """Two runs of 3 files, found; one 1-file batch assigned: (the batch, its run, the other)."""
+    one, _ = make_run(root, 1, 3)
+    two, _ = make_run(root, 2, 3)
+    wait_runs(fac, lambda r: pending(r, one) == 3 and pending(r, two) == 3, "both runs found")
+    batch = assign(fac, size=1)
+    return batch, batch["run_id"], two if batch["run_id"] == one else one
+
+
 def run_name(n: int) -> str:
     return f"20261126_1{n:03d}_P2S-0{n}-A_FLOW{n:03d}_abcd{n:04d}"
 
@@ -139,10 +156,8 @@ def test_runs_appearing_over_time_each_get_their_own_output_and_every_file_once(
     """Three runs found one after another, each with its own model (bcorch.toml, a rule,
     the default): every read of every run is in that run's own output exactly once, with
     that run's model; the batch answer names the run's directories and settings."""
-    fac = FacilityProcess(tmp_path, root, facility={
+    fac = started(procs, tmp_path, root, facility={
         "model": "hac", "rules": [{"sample": "methyl*", "model": "sup,5mCG_5hmCG"}]})
-    procs.append(fac)
-    fac.start()
     expected: dict[str, tuple[set[str], str]] = {}
     first, ids = make_run(root, 1, 4)
     expected[first] = (ids, "hac")
@@ -178,15 +193,8 @@ def test_runs_appearing_over_time_each_get_their_own_output_and_every_file_once(
 
 
 def test_pause_stops_new_batches_from_that_run_and_resume_restarts_them(procs, tmp_path, root):
-    fac = FacilityProcess(tmp_path, root)
-    procs.append(fac)
-    fac.start()
-    one, _ = make_run(root, 1, 3)
-    two, _ = make_run(root, 2, 3)
-    wait_runs(fac, lambda r: pending(r, one) == 3 and pending(r, two) == 3, "both runs found")
-    running = assign(fac, size=1)
-    paused_run = running["run_id"]
-    other = two if paused_run == one else one
+    fac = started(procs, tmp_path, root)
+    running, paused_run, other = two_runs_one_batch(fac, root)
     code, body = fac.post("/runs/pause", {"run": paused_run})
     assert code == 200 and body["run"]["state"] == "PAUSED", body
     taken = drain(fac, "gpu1")
@@ -201,9 +209,7 @@ def test_pause_stops_new_batches_from_that_run_and_resume_restarts_them(procs, t
 
 
 def test_cancel_leaves_unfinished_files_and_says_so(procs, tmp_path, root):
-    fac = FacilityProcess(tmp_path, root)
-    procs.append(fac)
-    fac.start()
+    fac = started(procs, tmp_path, root)
     run_id, _ = make_run(root, 1, 5)
     wait_runs(fac, lambda r: pending(r, run_id) == 5, "run found")
     running = assign(fac, size=2)
@@ -227,9 +233,7 @@ def _summary(root: Path, run_id: str) -> dict | None:
 
 
 def test_final_summary_closes_a_run_and_its_summary_appears_when_settled(procs, tmp_path, root):
-    fac = FacilityProcess(tmp_path, root)
-    procs.append(fac)
-    fac.start()
+    fac = started(procs, tmp_path, root)
     run_id, ids = make_run(root, 1, 3, reads=3)
     wait_runs(fac, lambda r: pending(r, run_id) == 3, "run found")
     running = assign(fac, size=1)
@@ -253,9 +257,7 @@ def test_final_summary_closes_a_run_and_its_summary_appears_when_settled(procs, 
 
 
 def test_a_bad_bcorch_toml_quarantines_only_that_run(procs, tmp_path, root):
-    fac = FacilityProcess(tmp_path, root)
-    procs.append(fac)
-    fac.start()
+    fac = started(procs, tmp_path, root)
     bad, _ = make_run(root, 1, 2, bcorch_toml='[run]\nmodel = "sup; rm -rf /"\n')
     good, _ = make_run(root, 2, 2)
     runs = wait_runs(fac, lambda r: pending(r, good) == 2 and bad in r, "both runs found")
@@ -274,15 +276,8 @@ def test_a_bad_bcorch_toml_quarantines_only_that_run(procs, tmp_path, root):
 
 
 def test_a_restart_after_kill_9_keeps_runs_states_and_leases(procs, tmp_path, root):
-    fac = FacilityProcess(tmp_path, root, manager={"report_back_interval": 60})
-    procs.append(fac)
-    fac.start()
-    one, _ = make_run(root, 1, 3)
-    two, _ = make_run(root, 2, 3)
-    wait_runs(fac, lambda r: pending(r, one) == 3 and pending(r, two) == 3, "runs found")
-    live = assign(fac, size=1)
-    held = live["run_id"]
-    other = two if held == one else one
+    fac = started(procs, tmp_path, root, manager={"report_back_interval": 60})
+    live, held, other = two_runs_one_batch(fac, root)
     assert fac.post("/runs/pause", {"run": other})[0] == 200
     assert fac.post("/runs/close", {"run": held})[0] == 200
     before = fac.runs()
@@ -317,9 +312,7 @@ def test_a_restart_after_kill_9_keeps_runs_states_and_leases(procs, tmp_path, ro
 ])
 def test_bad_route_input_is_a_400_of_one_line_naming_the_parameter(procs, tmp_path, root, route,
                                                                    params, status, names):
-    fac = FacilityProcess(tmp_path, root)
-    procs.append(fac)
-    fac.start()
+    fac = started(procs, tmp_path, root)
     code, body = fac.get(route, **params)
     assert code == status and names in body["error"] and "\n" not in body["error"], body
     code, body = fac.post(route, params) if route != "/files" else (code, body)
@@ -336,9 +329,7 @@ def test_watch_root_and_input_dir_together_is_a_config_error(tmp_path, root):
 
 
 def test_cli_runs_and_run_commands(procs, tmp_path, root):
-    fac = FacilityProcess(tmp_path, root)
-    procs.append(fac)
-    fac.start()
+    fac = started(procs, tmp_path, root)
     run_id, _ = make_run(root, 1, 2)
     wait_runs(fac, lambda r: pending(r, run_id) == 2, "run found")
 
@@ -358,9 +349,7 @@ def test_cli_runs_and_run_commands(procs, tmp_path, root):
 
 
 def test_metrics_have_a_run_label(procs, tmp_path, root):
-    fac = FacilityProcess(tmp_path, root)
-    procs.append(fac)
-    fac.start()
+    fac = started(procs, tmp_path, root)
     run_id, _ = make_run(root, 1, 2)
     wait_runs(fac, lambda r: pending(r, run_id) == 2, "run found")
     code, text = fac.get("/metrics")
@@ -373,9 +362,7 @@ def test_a_held_long_poll_wakes_when_a_new_run_brings_work(procs, tmp_path, root
     import threading
     import time
 
-    fac = FacilityProcess(tmp_path, root, manager={"scan_interval_s": 0.5})
-    procs.append(fac)
-    fac.start()
+    fac = started(procs, tmp_path, root, manager={"scan_interval_s": 0.5})
     got: dict = {}
 
     def poll():
@@ -396,10 +383,8 @@ def test_a_held_long_poll_wakes_when_a_new_run_brings_work(procs, tmp_path, root
 
 def test_mirror_output_puts_each_run_under_the_output_root(procs, tmp_path, root):
     out = tmp_path / "out"
-    fac = FacilityProcess(tmp_path, root, facility={"output": "mirror",
+    fac = started(procs, tmp_path, root, facility={"output": "mirror",
                                                     "output_root": str(out)})
-    procs.append(fac)
-    fac.start()
     run_id, ids = make_run(root, 1, 2, sub="pod5_pass")
     wait_runs(fac, lambda r: pending(r, run_id) == 2, "run found")
     batches = drain(fac)
@@ -424,9 +409,7 @@ def test_single_run_mode_has_no_run_routes_and_no_run_fields(procs, tmp_path):
 
 
 def test_a_run_whose_path_cannot_be_sent_to_engines_is_quarantined(procs, tmp_path, root):
-    fac = FacilityProcess(tmp_path, root)
-    procs.append(fac)
-    fac.start()
+    fac = started(procs, tmp_path, root)
     odd, _ = make_run(root, 1, 1, sample="back\\slash")
     spaced, _ = make_run(root, 2, 1, sample="with space")
     runs = wait_runs(fac, lambda r: odd in r and pending(r, spaced) == 1, "both runs found")

@@ -156,15 +156,23 @@ def test_no_run_starves_with_very_unequal_priorities():
     assert max(gaps) < 600                     # served regularly, not in rare bursts
 
 
+def one_engine_picks(fair: FairShare, ready: list[Demand], n: int, finish: bool) -> list[str]:
+    """The runs engine g0 picks for n batches of 10 s, each started (and finished, with
+    finish) before the next pick."""
+    order = []
+    for i in range(n):
+        choice = fair.pick("g0", ready)
+        fair.started(f"j{i}", choice.run_id, "g0", choice.model, 10.0)
+        if finish:
+            fair.finished(f"j{i}", 10.0)
+        order.append(choice.run_id)
+    return order
+
+
 def test_affinity_keeps_an_engine_on_its_model_within_slack_and_switches_beyond():
     fair = FairShare(switch_slack_s=100)
     ready = [Demand("a", 1, "hac"), Demand("b", 1, "sup")]
-    order = []
-    for n in range(60):
-        choice = fair.pick("g0", ready)
-        fair.started(f"j{n}", choice.run_id, "g0", choice.model, 10.0)
-        fair.finished(f"j{n}", 10.0)
-        order.append(choice.run_id)
+    order = one_engine_picks(fair, ready, 60, finish=True)
     stretches = [(run, len(list(group))) for run, group in itertools.groupby(order)]
     # a first: 11 batches take it 110 s ahead (beyond 100), then b runs until 110 s ahead of a
     assert stretches[:4] == [("a", 11), ("b", 22), ("a", 22), ("b", 5)], stretches
@@ -176,11 +184,7 @@ def test_affinity_keeps_an_engine_on_its_model_within_slack_and_switches_beyond(
 def test_without_slack_the_engine_switches_whenever_its_model_falls_behind():
     fair = FairShare(switch_slack_s=0)
     ready = [Demand("a", 1, "hac"), Demand("b", 1, "sup")]
-    order = []
-    for n in range(6):
-        choice = fair.pick("g0", ready)
-        fair.started(f"j{n}", choice.run_id, "g0", choice.model, 10.0)
-        order.append(choice.run_id)
+    order = one_engine_picks(fair, ready, 6, finish=False)
     assert order == ["a", "b", "b", "a", "a", "b"]    # a tie keeps the loaded model
     assert fair.switches() == {"g0": 3}
 
