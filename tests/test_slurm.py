@@ -279,14 +279,21 @@ def test_sbatch_job_basecalls_every_read_once(slurm, tmp_path, procs):
     assert site.manager.status()["files"]["DONE"] == 6
 
 
-def test_scancel_drains_and_a_new_job_finishes_the_run(slurm, tmp_path, procs):
-    site = Site(tmp_path, procs, n_files=16, samples_per_s=1e4)  # 2 s of work a file
+def submit_until_two_batches_run(slurm, site: Site, tmp_path: Path) -> tuple[str, Path]:
+    """sbatch the site's job; wait until it runs with two batches in flight: (job id, its
+    output file)."""
     job = slurm.sbatch(str(SBATCH_SCRIPT), str(site.config), env=site.job_env, cwd=tmp_path)
     out = tmp_path / f"bcorch-{job}.out"
     started = slurm.wait_job(job, {"RUNNING"} | FINAL_STATES, 30, out)
     assert started["JobState"] == "RUNNING", f"{started}\n{log_tail(out, 60)}"
     wait_until(lambda: sum(site.manager.status()["jobs_in_flight"].values()) == 2, 60,
                what=f"two batches in flight\n{log_tail(out)}")
+    return job, out
+
+
+def test_scancel_drains_and_a_new_job_finishes_the_run(slurm, tmp_path, procs):
+    site = Site(tmp_path, procs, n_files=16, samples_per_s=1e4)  # 2 s of work a file
+    job, out = submit_until_two_batches_run(slurm, site, tmp_path)
 
     # the documented way to see a job's node from a login shell (docs/operations.md)
     login = {**slurm.env, "PATH": site.job_env["PATH"]}
@@ -319,12 +326,7 @@ def test_term_to_the_batch_script_lets_batches_finish(slurm, tmp_path, procs):
     --signal=TERM`): only the batch script is signalled; it asks each bcorch to drain on its
     control socket, so the basecallers keep running and the batches in progress end DONE."""
     site = Site(tmp_path, procs, n_files=12, samples_per_s=1e4, drain_timeout_s=60.0)
-    job = slurm.sbatch(str(SBATCH_SCRIPT), str(site.config), env=site.job_env, cwd=tmp_path)
-    out = tmp_path / f"bcorch-{job}.out"
-    started = slurm.wait_job(job, {"RUNNING"} | FINAL_STATES, 30, out)
-    assert started["JobState"] == "RUNNING", f"{started}\n{log_tail(out, 60)}"
-    wait_until(lambda: sum(site.manager.status()["jobs_in_flight"].values()) == 2, 60,
-               what=f"two batches in flight\n{log_tail(out)}")
+    job, out = submit_until_two_batches_run(slurm, site, tmp_path)
     assigned = site.manager.status()["files"]["ASSIGNED"]
 
     signalled = slurm.run("scancel", "--batch", "--signal=TERM", job)
