@@ -15,6 +15,9 @@ about losing or repeating files is new here. The Facility adds what is between r
 - keep-alives and completions go to the run that issued the job (job id -> run);
 - a closed run whose files are all settled writes bcorch_summary.json and is COMPLETE.
 
+What the routes and metrics read (run views, the summed status, files in a state) is
+manager.facility_view; the Facility's reading methods delegate to it.
+
 Engines are told that nothing is left only when the facility is closed (`bcmanager
 close-input`: no new runs) and every run is COMPLETE, CANCELLED or QUARANTINED.
 """
@@ -35,6 +38,7 @@ from bcorch.protocol import (Batch, JobState as WireState, ProtocolError,
 
 from .facility_db import FacilityDB, RunRow, default_facility_db
 from .facility_states import RunEvent, RunState, TransitionRefused, transition
+from .facility_view import NO_PROGRESS, FacilityView
 from .fair_share import Demand, FairShare
 from .run_discovery import RunDir, discover_runs, parse_run_name
 from .run_part import RunPart, RunPlace
@@ -48,9 +52,7 @@ log = logging.getLogger("bcmanager.facility")
 
 OUTPUT_BESIDE = "basecalls"
 DEFAULT_ESTIMATE_S = 60.0   # a batch's GPU seconds before the engine's pace is known
-DUPLICATES_SHOWN = 20
 CLOSED_FLAG = "closed"
-NO_PROGRESS = {"files_done": 0, "files_total": 0, "bytes_done": 0, "bytes_total": 0}
 
 
 class UnknownRun(LookupError):
@@ -93,6 +95,7 @@ class Facility:
         self.db_path = str(default_facility_db(self.root, cfg.db))
         self.db = FacilityDB(self.db_path)
         self.fair = FairShare(fcfg.switch_slack_s, clock)
+        self.view = FacilityView(self)
         self._lock = threading.RLock()
         self._runs: dict[str, Run] = {}
         self._by_rel: dict[str, str] = {}
@@ -262,7 +265,7 @@ class Facility:
             if after is RunState.CANCELLED:
                 self.fair.forget_run(run.row.run_id)
             self._check_settled(run)
-            answer = self.run_view(run)
+            answer = self.view.run_view(run)
         self.work_may_be_ready()
         return answer
 
@@ -406,7 +409,7 @@ class Facility:
             "files_done": files.get(FileState.DONE.value, 0),
             "files_quarantined": files.get(FileState.QUARANTINED.value, 0),
             "files_duplicate": files.get(FileState.DUPLICATE.value, 0),
-            "gpu_s": round(self._served(run), 3),
+            "gpu_s": round(self.view.served_s(run), 3),
             "first_batch_at": run.row.first_batch_at, "last_batch_at": run.row.last_batch_at,
             "written_at": time.time(),
         }
@@ -414,12 +417,6 @@ class Facility:
             summary["files_not_basecalled"] = (files.get(FileState.PENDING.value, 0)
                                                + files.get(FileState.ASSIGNED.value, 0))
         return summary
-
-    def _served(self, run: Run) -> float:
-        """GPU seconds: finished batches (recorded) plus those running now."""
-        running = sum(max(0.0, self._clock() - i.started) for i in self._jobs.values()
-                      if i.run_id == run.row.run_id)
-        return run.row.served_s + running
 
     # -- protocol ----------------------------------------------------------------------
 
@@ -519,118 +516,31 @@ class Facility:
             self._check_settled(run)
         return answer
 
-    # -- reading -----------------------------------------------------------------------
+    # -- reading (manager.facility_view) -----------------------------------------------
 
     def run_view(self, run: Run) -> dict[str, Any]:
-        """The RUN object of /runs and /status; "_counts" and "_status" are for status()."""
-        summary = run.row.summary if run.state.final else {}
-        st = run.part.manager.status() if run.part is not None and not summary else None
-        settings = run.row.settings or {}
-        counts = st or summary or {}
-        files = counts.get("files", {})
-        return {
-            "run_id": run.row.run_id, "rel": run.row.rel, "state": run.state.value,
-            "reason": run.row.reason, "priority": settings.get("priority"),
-            "model": settings.get("model"), "kit": settings.get("kit"),
-            "emit": settings.get("emit"), "files": files,
-            "progress": counts.get("progress", dict(NO_PROGRESS)),
-            "eta_s": st["eta_s"] if st and run.state.serving else None,
-            "input_closed": run.row.input_closed, "output_dir": run.row.output_dir,
-            "served_s": round(self._served(run), 3),
-            "files_not_basecalled": (files.get("PENDING", 0) + files.get("ASSIGNED", 0)
-                                     if run.state is RunState.CANCELLED else 0),
-            "_status": st,
-            "_counts": counts,
-        }
+        return self.view.run_view(run)
 
     def runs(self) -> list[dict[str, Any]]:
-        views = [self.run_view(r) for r in self._all_runs()]   # not under the facility lock
-        for v in views:
-            v.pop("_status")
-            v.pop("_counts")
-        return views
-
-    def _all_runs(self) -> list[Run]:
-        with self._lock:
-            return list(self._runs.values())
+        return self.view.runs()
 
     def status(self) -> dict[str, Any]:
-        views = [self.run_view(r) for r in self._all_runs()]
-        with self._lock:
-            seen = dict(self._engines_seen)
-            nothing_left = self.nothing_left()
-        parts = [v.pop("_status") for v in views]
-        parts = [p for p in parts if p is not None]
-        counts = [v.pop("_counts") for v in views]
-        states = [s.value for s in FileState]
-        files = {s: sum(c.get("files", {}).get(s, 0) for c in counts) for s in states}
-        size = {s: sum(c.get("bytes", {}).get(s, 0) for c in counts) for s in states}
-        progress = {k: sum(c.get("progress", NO_PROGRESS)[k] for c in counts)
-                    for k in NO_PROGRESS}
-        jobs: dict[str, list[str]] = {}
-        for p in parts:
-            for engine, ids in p["jobs"].items():
-                jobs.setdefault(engine, []).extend(ids)
-        for p in parts:
-            for engine, info in p["engines"].items():
-                seen[engine] = max(seen.get(engine, 0.0), info["last_seen"])
-        files_per_s = sum(p["throughput"]["files_per_s"] for p in parts)
-        bytes_per_s = sum(p["throughput"]["bytes_per_s"] for p in parts)
-        window = max((p["throughput"]["window_s"] for p in parts), default=0.0)
-        left = files["PENDING"] + files["ASSIGNED"]
-        switches = self.fair.switches()
-        return {
-            "files": files, "bytes": size, "progress": progress,
-            "jobs_in_flight": {e: len(ids) for e, ids in jobs.items()},
-            "jobs": {e: sorted(ids) for e, ids in jobs.items()},
-            "engines": {e: {"last_seen": t, "jobs_in_flight": len(jobs.get(e, ()))}
-                        for e, t in sorted(seen.items())},
-            "throughput": {"window_s": window, "files_per_s": files_per_s,
-                           "bytes_per_s": bytes_per_s},
-            "eta_s": (left / files_per_s) if files_per_s > 0 else None,
-            "input_closed": self._closed,
-            "complete": nothing_left,
-            "report_back_interval": self.interval,
-            "duplicates": [d for p in parts for d in p["duplicates"]][:DUPLICATES_SHOWN],
-            "files_waiting": sum(p["files_waiting"] for p in parts),
-            "paces": {},
-            "runs": views,
-            "facility": {"root": self.root, "output_root": self.output_root,
-                         "output": self.fcfg.output, "closed": self._closed,
-                         "model_switches": switches,
-                         "model_switches_total": sum(switches.values()),
-                         "model_switches_per_hour": round(self.fair.switches_per_hour(), 3)},
-        }
+        return self.view.status()
 
     def files_in_state(self, state: FileState, limit: int, run_id: object = None) -> list[dict]:
-        with self._lock:
-            runs = [self._run(run_id)] if run_id is not None else list(self._runs.values())
-        out: list[dict] = []
-        for run in runs:
-            if run.part is None or len(out) >= limit:
-                continue
-            for f in run.part.store.files_in_state(state, limit - len(out)):
-                out.append({**f, "run": run.row.run_id})
-        return out
+        return self.view.files_in_state(state, limit, run_id)
 
     def counters(self) -> list[tuple[str, Any]]:
-        """(run_id, the run's store counters) for the metrics."""
-        with self._lock:
-            return [(r.row.run_id, r.part.store.snapshot()) for r in self._runs.values()
-                    if r.part is not None]
+        return self.view.counters()
 
     def parts(self) -> list[tuple[str, RunPart]]:
-        with self._lock:
-            return [(r.row.run_id, r.part) for r in self._runs.values() if r.part is not None]
+        return self.view.parts()
 
     def served(self) -> dict[str, float]:
-        """GPU seconds served to each run (finished batches and those running now)."""
-        with self._lock:
-            return {r.row.run_id: self._served(r) for r in self._runs.values()}
+        return self.view.served()
 
     def states(self) -> dict[str, str]:
-        with self._lock:
-            return {r.row.run_id: r.state.value for r in self._runs.values()}
+        return self.view.states()
 
     def close(self) -> None:
         with self._lock:
