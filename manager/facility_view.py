@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .facility_states import RunState
+from .service import DUPLICATES_SHOWN
 from .states import FileState
 
 if TYPE_CHECKING:
     from .facility import Facility, Run
     from .run_part import RunPart
 
-DUPLICATES_SHOWN = 20
 NO_PROGRESS = {"files_done": 0, "files_total": 0, "bytes_done": 0, "bytes_total": 0}
 
 
