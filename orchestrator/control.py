@@ -52,7 +52,7 @@ def _socket_dirs() -> list[Path]:
 
 def _socket_names() -> list[str]:
     """control-<job>.sock inside a Slurm job (every step of the job sees SLURM_JOB_ID, so
-    `srun --jobid=<id> bcorch status` finds it; two jobs on one node do not collide)."""
+    `srun --jobid=<id> --overlap bcorch status` finds it; two jobs on one node do not collide)."""
     job = os.environ.get("SLURM_JOB_ID", "")
     return ([f"control-{job}.sock"] if job.isdigit() else []) + ["control.sock"]
 

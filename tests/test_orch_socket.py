@@ -2,7 +2,7 @@
 
 scripts/bcorch.sbatch runs for real under bash, with a stand-in `srun` (it runs the
 command, taking --jobid=<id> into SLURM_JOB_ID as Slurm does) and fake engines; then
-`srun --jobid=<id> -w <node> bcorch status` from a shell whose XDG_RUNTIME_DIR differs
+`srun --jobid=<id> --overlap -w <node> bcorch status` from a shell whose XDG_RUNTIME_DIR differs
 must find the node's socket. The README's socat line is run where socat exists.
 """
 from __future__ import annotations
