@@ -161,12 +161,17 @@ def test_engine_that_never_reports_gets_its_file_count(tmp_path, store):
     assert manager.paces.own("original") is None
 
 
+def four_idle_engines(manager, startup_s: float) -> None:
+    """Engines e1-e4 known at 100 B/s with this start-up, each seen just now (idle)."""
+    for engine in ("e1", "e2", "e3", "e4"):
+        manager.learn_pace(engine, rate=100.0, startup_s=startup_s)
+        manager._engines_seen[engine] = time.time()
+
+
 def test_zero_startup_gives_one_file_batches_at_the_end(tmp_path, store):
     clock = FakeClock()
     manager = _manager(tmp_path, store, [KB] * 40, closed=True, clock=clock)
-    for engine in ("e1", "e2", "e3", "e4"):
-        manager.learn_pace(engine, rate=100.0, startup_s=0.0)   # steady batch: 1 file
-        manager._engines_seen[engine] = time.time()
+    four_idle_engines(manager, startup_s=0.0)   # steady batch: 1 file
     got = [manager.assign(f"e{1 + i % 4}", 0).body["batch_size"] for i in range(4)]
     assert got == [1, 1, 1, 1]
 
@@ -176,9 +181,7 @@ def test_closed_run_far_from_its_end_gets_steady_batches(tmp_path, store):
     49 s = 5 files): 400 s are left, more than two steady batches each."""
     clock = FakeClock()
     manager = _manager(tmp_path, store, [KB] * 40, closed=True, clock=clock)
-    for engine in ("e1", "e2", "e3", "e4"):
-        manager.learn_pace(engine, rate=100.0, startup_s=1.0)
-        manager._engines_seen[engine] = time.time()
+    four_idle_engines(manager, startup_s=1.0)
     assert manager.assign("e1", 0).body["batch_size"] == 5
 
 
@@ -186,9 +189,7 @@ def test_end_of_run_no_split_when_startup_is_large(tmp_path, store):
     """3 files left (30 s of work), 4 idle engines, start-up 60 s: one engine takes all."""
     clock = FakeClock()
     manager = _manager(tmp_path, store, [KB] * 3, closed=True, clock=clock)
-    for engine in ("e1", "e2", "e3", "e4"):
-        manager.learn_pace(engine, rate=100.0, startup_s=60.0)
-        manager._engines_seen[engine] = time.time()
+    four_idle_engines(manager, startup_s=60.0)
     assert manager.assign("e1", 0).body["batch_size"] == 3
 
 
@@ -196,18 +197,14 @@ def test_end_of_run_split_when_startup_is_small(tmp_path, store):
     """12 files left (120 s), 4 idle engines, start-up 1 s: each takes about a quarter."""
     clock = FakeClock()
     manager = _manager(tmp_path, store, [KB] * 12, closed=True, clock=clock)
-    for engine in ("e1", "e2", "e3", "e4"):
-        manager.learn_pace(engine, rate=100.0, startup_s=1.0)
-        manager._engines_seen[engine] = time.time()
+    four_idle_engines(manager, startup_s=1.0)
     got = [manager.assign(f"e{i}", 0).body["batch_size"] for i in (1, 2, 3, 4)]
     assert got == [3, 3, 3, 3]
 
 
 def test_open_run_never_splits(tmp_path, store):
     manager = _manager(tmp_path, store, [KB] * 12, closed=False, clock=FakeClock())
-    for engine in ("e1", "e2", "e3", "e4"):
-        manager.learn_pace(engine, rate=100.0, startup_s=1.0)
-        manager._engines_seen[engine] = time.time()
+    four_idle_engines(manager, startup_s=1.0)
     assert manager.assign("e1", 0).body["batch_size"] == 5
 
 
