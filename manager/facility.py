@@ -377,9 +377,7 @@ class Facility:
         if run.part is None or run.row.summary:
             return
         if run.state is RunState.CLOSED:
-            files = run.part.store.snapshot().files
-            if files[FileState.PENDING.value] or files[FileState.ASSIGNED.value] \
-                    or not run.part.manager.status()["complete"]:
+            if not run.part.manager.run_complete():
                 return
         elif run.state is not RunState.CANCELLED or run.part.manager.leases.by_engine():
             return

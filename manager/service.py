@@ -229,7 +229,7 @@ class Manager:
             job = self.store.assign(engine_id, sizing.files, sizing.work, sizing.nearest)
             if job is None:
                 return Answer(200, Batch.empty_answer(engine_id, self.interval,
-                                                      self._run_complete()).to_dict())
+                                                      self.run_complete()).to_dict())
             try:
                 self.layout.prepare(job)
             except OSError as exc:
@@ -463,7 +463,7 @@ class Manager:
         if first:
             self.work_may_be_ready()
 
-    def _run_complete(self) -> bool:
+    def run_complete(self) -> bool:
         """Nothing left, ever: the input is closed, a whole scan has seen every file (a
         restarted manager with a lost database learns of unfinished files only by scanning),
         and every file is DONE, QUARANTINED or a DUPLICATE."""
@@ -506,7 +506,7 @@ class Manager:
                            "bytes_per_s": bytes_done / window},
             "eta_s": (left / files_per_s) if files_per_s > 0 else None,
             "input_closed": self._input_closed,
-            "complete": self._run_complete(),
+            "complete": self.run_complete(),
             "report_back_interval": self.interval,
             "duplicates": [{"path": d["path"], "reason": d["reason"]} for d in duplicates],
             "files_waiting": self.waiting_files(),
