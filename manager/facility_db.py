@@ -8,7 +8,6 @@ manager host's local disk, keyed by the watch root (manager.statedir).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .facility_states import RunState
-from .statedir import state_dir
+from .statedir import keyed_db_path
 from .store import DatabaseUnusable
 
 SCHEMA = """
@@ -47,13 +46,7 @@ CREATE TABLE IF NOT EXISTS facility (
 def default_facility_db(root: str | os.PathLike[str], chosen: str = "") -> Path:
     """manager.db when given, else bcfacility-<root name>-<hash of the root>.sqlite in the
     state directory."""
-    if chosen:
-        return Path(chosen)
-    absolute = os.path.abspath(os.fspath(root))
-    key = hashlib.sha256(absolute.encode()).hexdigest()[:16]
-    tail = os.path.basename(absolute.rstrip(os.sep)) or "root"
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in tail)[:40]
-    return state_dir() / f"bcfacility-{safe}-{key}.sqlite"
+    return Path(chosen) if chosen else keyed_db_path("bcfacility", root)
 
 
 @dataclass

@@ -27,8 +27,14 @@ def state_dir(env: dict[str, str] | None = None) -> Path:
 
 
 def default_db_path(output_dir: str | os.PathLike[str], env: dict[str, str] | None = None) -> Path:
-    absolute = os.path.abspath(os.fspath(output_dir))
+    return keyed_db_path("bcmanager", output_dir, env)
+
+
+def keyed_db_path(prefix: str, directory: str | os.PathLike[str],
+                  env: dict[str, str] | None = None) -> Path:
+    """<prefix>-<directory's name>-<hash of its absolute path>.sqlite in the state directory."""
+    absolute = os.path.abspath(os.fspath(directory))
     key = hashlib.sha256(absolute.encode()).hexdigest()[:16]
     tail = os.path.basename(absolute.rstrip(os.sep)) or "root"
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in tail)[:40]
-    return state_dir(env) / f"bcmanager-{safe}-{key}.sqlite"
+    return state_dir(env) / f"{prefix}-{safe}-{key}.sqlite"
