@@ -40,7 +40,7 @@ from .facility_db import FacilityDB, RunRow, default_facility_db
 from .facility_states import RunEvent, RunState, TransitionRefused, transition
 from .facility_view import NO_PROGRESS, FacilityView
 from .fair_share import Demand, FairShare
-from .run_discovery import RunDir, discover_runs, parse_run_name
+from .run_discovery import RunDir, discover_runs, run_dir
 from .run_part import RunPart, RunPlace
 from .run_settings import RunSettings, RunSettingsError, settings_for
 from .run_summary import write_summary
@@ -130,11 +130,6 @@ class Facility:
     def run_count(self) -> int:
         return len(self._runs)
 
-    def _run_dir(self, rel: str, run_id: str) -> RunDir:
-        group, sample, name = (rel.split("/") + ["", "", ""])[:3]
-        return RunDir(run_id, Path(self.root) / rel, rel, group, sample, name,
-                      *parse_run_name(name))
-
     def _output_dir(self, rel: str) -> str:
         if self.fcfg.output == "beside":
             return os.path.join(self.root, rel, OUTPUT_BESIDE)
@@ -150,7 +145,7 @@ class Facility:
 
     def _load(self, row: RunRow) -> None:
         """A run known to the database (a restart): its part is opened unless quarantined."""
-        run = Run(row, self._run_dir(row.rel, row.run_id))
+        run = Run(row, run_dir(self.root, row.rel, row.run_id))
         if row.settings:
             try:
                 run.settings = RunSettings.from_dict(row.settings, "the facility database")

@@ -62,6 +62,13 @@ def propose_run_id(name: str) -> str:
     return cleaned[:RUN_ID_MAX].rstrip(".") or "run"
 
 
+def run_dir(root: Path | str, rel: str, run_id: str = "") -> RunDir:
+    """The RunDir of root/rel (rel: group/sample/name); run_id proposed from its name if none."""
+    group, sample, name = (rel.split("/") + ["", "", ""])[:3]
+    return RunDir(run_id or propose_run_id(name), Path(root) / rel, rel, group, sample, name,
+                  *parse_run_name(name))
+
+
 def _warn_once(path: Path, exc: OSError) -> None:
     key = str(path)
     if key in _warned:
@@ -112,10 +119,6 @@ def discover_runs(root: Path, known_rels: set[str]) -> list[RunDir]:
                 rel = f"{group.name}/{sample.name}/{run.name}"
                 if rel in known_rels or not _holds_pod5_dir(run.path):
                     continue
-                start, device, flow_cell, short_run_id = parse_run_name(run.name)
-                found.append(RunDir(run_id=propose_run_id(run.name), path=Path(run.path),
-                                    rel=rel, protocol_group=group.name, sample=sample.name,
-                                    name=run.name, start=start, device=device,
-                                    flow_cell=flow_cell, short_run_id=short_run_id))
+                found.append(run_dir(root, rel))
     found.sort(key=lambda r: r.rel)
     return found
