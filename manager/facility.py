@@ -173,12 +173,9 @@ class Facility:
         row = RunRow(run_id, where.rel, RunState.ACTIVE, output_dir=self._output_dir(where.rel),
                      found_at=time.time())
         run = Run(row, where)
-        try:
-            validate_rel_path(where.rel, "the run's path under the watch root")
-            run.settings = settings_for(where, self.fcfg)
-            row.settings = run.settings.to_dict()
-        except (RunSettingsError, ProtocolError) as exc:
-            row.state, row.reason = RunState.QUARANTINED, str(exc)
+        problem = self._read_settings(run)
+        if problem:
+            row.state, row.reason = RunState.QUARANTINED, problem
         self.db.add(row)
         self._runs[run_id] = run
         self._by_rel[where.rel] = run_id
@@ -264,15 +261,23 @@ class Facility:
         self.work_may_be_ready()
         return answer
 
-    def _requalify(self, run: Run) -> None:
-        """A QUARANTINED run asked to resume: read its settings again, open its part."""
+    def _read_settings(self, run: Run) -> str:
+        """Check the run's path and read its settings into it; the reason it cannot serve,
+        else ""."""
         try:
             validate_rel_path(run.where.rel, "the run's path under the watch root")
             run.settings = settings_for(run.where, self.fcfg)
         except (RunSettingsError, ProtocolError) as exc:
-            run.row.reason = str(exc)
-            return
+            return str(exc)
         run.row.settings = run.settings.to_dict()
+        return ""
+
+    def _requalify(self, run: Run) -> None:
+        """A QUARANTINED run asked to resume: read its settings again, open its part."""
+        problem = self._read_settings(run)
+        if problem:
+            run.row.reason = problem
+            return
         run.row.state, run.row.reason = RunState.ACTIVE, ""
         if run.part is None:
             self._open_part(run)
