@@ -258,6 +258,12 @@ def _run_command(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _percent_done(progress: dict) -> float:
+    """Files done as a percentage of the run's files (0 before any is found)."""
+    total = progress["files_total"]
+    return 100.0 * progress["files_done"] / total if total else 0.0
+
+
 def format_runs(runs: list[dict]) -> str:
     if not runs:
         return "no runs found yet under the watch root"
@@ -265,7 +271,7 @@ def format_runs(runs: list[dict]) -> str:
     lines = [header]
     for r in runs:
         p = r["progress"]
-        pct = 100.0 * p["files_done"] / p["files_total"] if p["files_total"] else 0.0
+        pct = _percent_done(p)
         lines.append(f"{r['run_id'][:24]:24} {r['state']:11} {str(r['model'] or '-')[:18]:18} "
                      f"{r['priority'] if r['priority'] is not None else '-':>5} "
                      f"{p['files_done']:>5}/{p['files_total']:<5}{pct:3.0f}% "
@@ -294,7 +300,7 @@ def _duration(seconds: float | None) -> str:
 
 def format_status(st: dict) -> str:
     p = st["progress"]
-    pct = 100.0 * p["files_done"] / p["files_total"] if p["files_total"] else 0.0
+    pct = _percent_done(p)
     t = st["throughput"]
     lines = [
         "files       " + "  ".join(f"{k} {v}" for k, v in st["files"].items()),
@@ -312,7 +318,7 @@ def format_status(st: dict) -> str:
                      f"model switches {fac.get('model_switches_total', 0)}")
         for i, r in enumerate(st["runs"]):
             p = r["progress"]
-            pct = 100.0 * p["files_done"] / p["files_total"] if p["files_total"] else 0.0
+            pct = _percent_done(p)
             left = f"time left {_duration(r['eta_s'])}" if r["state"] in ("ACTIVE", "CLOSED") \
                 else (r["reason"] or r["state"].lower())
             lines.append(f"{'runs' if i == 0 else '':12}{r['run_id']} {r['state']} "
