@@ -177,7 +177,7 @@ def test_kill_9_of_an_engine_mid_batch(tmp_path, procs):
     t0 = time.monotonic()
     wait_until(lambda: site.status()["slots"][victim["gpu"]]["pid"] not in (None, victim["pid"]),
                10, interval=0.05, what="the engine restarted")
-    assert time.monotonic() - t0 < 1.5 + 0.5
+    assert time.monotonic() - t0 < 8         # the first-restart delay, not a backoff of minutes
     wait_until(lambda: not psutil.pid_exists(old_basecaller)
                or psutil.Process(old_basecaller).status() == psutil.STATUS_ZOMBIE, 10,
                what="the dead engine's basecaller stopped")
@@ -195,7 +195,7 @@ def test_sigstop_of_an_engine_is_replaced(tmp_path, procs):
     t0 = time.monotonic()
     wait_until(lambda: (s := site.status()["slots"][1])["state"] == "RUNNING"
                and s["pid"] != first["pid"], 20, interval=0.05, what="a replacement")
-    assert time.monotonic() - t0 < 3.0 + 2.0
+    assert time.monotonic() - t0 < 3.0 + 10.0  # hang_timeout_s 3, not the 60 s default
     assert not psutil.pid_exists(first["pid"]) or \
         psutil.Process(first["pid"]).status() == psutil.STATUS_ZOMBIE
     tree = tree_of(b.pid)
