@@ -103,13 +103,24 @@ class Metrics(CollectorMetrics):
         super().__init__(ManagerCollector(manager))
 
 
+PAGE_ROUTE = "/"   # the live page and its log-in (manager.web_page), served beside `routes`
+
+
+def route_label(path: str, routes: frozenset[str]) -> str:
+    """The route of a request path as the app resolves it (one trailing slash is dropped),
+    or "other": label values stay bounded whatever paths clients send."""
+    route = path.rstrip("/") if len(path) > 1 else path
+    return route if route in routes else "other"
+
+
 class MetricsMiddleware:
-    """Wraps a WSGI app: times each request by route (known routes only) and status code."""
+    """Wraps a WSGI app: times each request by route (known routes and the live page only)
+    and status code."""
 
     def __init__(self, app: Callable, metrics: CollectorMetrics, routes: Iterable[str]):
         self.app = app
         self.metrics = metrics
-        self.routes = frozenset(routes)
+        self.routes = frozenset(routes) | {PAGE_ROUTE}
 
     def __call__(self, environ: dict, start_response: Callable) -> Any:
         start = time.perf_counter()
@@ -123,7 +134,6 @@ class MetricsMiddleware:
         try:
             return self.app(environ, recording_start_response)
         finally:
-            path = (environ.get("PATH_INFO") or "/").rstrip("/") or "/"
-            route = path if path in self.routes else "other"  # bounded label values
+            route = route_label(environ.get("PATH_INFO") or "/", self.routes)
             self.metrics.latency.labels(route, seen[0] if seen else "500").observe(
                 time.perf_counter() - start)

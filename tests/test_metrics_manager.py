@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from manager_helpers import assign, complete, start_manager, wait_counts, write_files
-from support import wait_until
+from support import http_json, wait_until
 
 TOKEN = "s3cret-token"
 
@@ -77,6 +77,18 @@ def test_latency_histogram_counts_errors_and_bounds_route_labels(procs, tmp_path
               (("code", "400"), ("route", "/assignwork")))] == 1
     assert m[("bcmanager_request_duration_seconds_count", (("code", "404"), ("route", "other")))] == 1
     assert not any("no-such-route" in str(labels) for _, labels in m)
+
+
+def test_live_page_has_its_own_route_label(procs, tmp_path):
+    manager = start_manager(procs, tmp_path, token=TOKEN)
+    for url, token, code in [("/", TOKEN, 200), ("/", "", 401), ("/?token=wrong", "", 401),
+                             ("//", TOKEN, 404), ("/page-" + "x" * 30, TOKEN, 404)]:
+        assert http_json(manager.url + url, token)[0] == code, url
+    m = scrape(manager)
+    assert m[("bcmanager_request_duration_seconds_count", (("code", "200"), ("route", "/")))] == 1
+    assert m[("bcmanager_request_duration_seconds_count", (("code", "401"), ("route", "/")))] == 2
+    assert m[("bcmanager_request_duration_seconds_count", (("code", "404"), ("route", "other")))] == 2
+    assert ("bcmanager_request_duration_seconds_count", (("code", "404"), ("route", "/"))) not in m
 
 
 def test_lease_expiry_is_counted(procs, tmp_path):
