@@ -6,7 +6,6 @@ with the same fields. Every problem with a request is a 4xx with a one-line
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
@@ -19,6 +18,7 @@ from bcorch.protocol import (MAX_BATCH_SIZE, RATE_FIELD, SIMULATED_FIELD, STARTU
                               parse_job_state, parse_pace_value, short_job_id,
                               validate_file_name, validate_id)
 
+from .auth import TokenAuth
 from .metrics import Metrics
 from .service import Answer, Manager
 from .states import FileState
@@ -151,14 +151,14 @@ class App:
 
     def __init__(self, manager: Manager, token: str = ""):
         self.manager = manager
-        self._expected = f"Bearer {token}".encode() if token else None
+        self.auth = TokenAuth(token)
         self.facility = None if isinstance(manager, Manager) else manager
         if self.facility is None:
             self.metrics = Metrics(manager)
         else:
             from .facility_metrics import FacilityMetrics
             self.metrics = FacilityMetrics(self.facility)
-        self.page = LivePage(manager, token)   # GET / and /live (manager.web_page)
+        self.page = LivePage(manager, self.auth)   # GET / and /live (manager.web_page)
         self.routes: dict[str, tuple[frozenset[str], bool, Callable[[Params], Answer]]] = {
             "/assignwork": (frozenset({"GET", "POST"}), True, self.assignwork),
             "/keepalive": (frozenset({"GET", "POST"}), True, self.keepalive),
@@ -221,10 +221,7 @@ class App:
         return handler(self._params(environ, method))
 
     def _authorize(self, environ: dict) -> None:
-        if self._expected is None or self.page.cookie_authorizes(environ):
-            return
-        given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
-        if not hmac.compare_digest(given, self._expected):
+        if not self.auth.authorizes(environ):
             raise HTTPError(401, "missing or wrong token (Authorization: Bearer <token>)",
                             [("WWW-Authenticate", 'Bearer realm="bcmanager"')])
 

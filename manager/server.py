@@ -112,12 +112,12 @@ class Service:
             log.info("serving a facility on http://%s:%d (watch root %s, %d runs known, "
                      "facility db %s, lease %.0f s, token %s)", self.cfg.host, self.port,
                      self.facility.root, self.facility.run_count(), self.facility.db_path,
-                     self.cfg.report_back_interval, "required" if self.app._expected else "off")
+                     self.cfg.report_back_interval, "required" if self.app.auth.required else "off")
         else:
             log.info("serving on http://%s:%d (input %s, output %s, db %s, lease %.0f s, token %s)",
                      self.cfg.host, self.port, self.cfg.input_dir, self.cfg.output_dir,
                      self.store.path, self.cfg.report_back_interval,
-                     "required" if self.app._expected else "off")
+                     "required" if self.app.auth.required else "off")
         self._threads = [
             threading.Thread(target=self._every, name="reaper", daemon=True,
                              args=(self.reap_tick_s(), "lease reaper", self._reap)),

@@ -4,10 +4,8 @@ The page (static/page.html, inline CSS and JS, no CDN) is the same bytes for eve
 holds no data: it fetches /status, /live and /files?state=QUARANTINED every few seconds.
 
 Logging in without a header: with a token set, `/?token=T` once answers 303 to `/` with an
-HttpOnly, SameSite=Strict cookie whose value is an HMAC of the token under a key drawn at
-start (so the cookie is never the token, and a restart logs every browser out). The cookie
-authorises only GET/HEAD of the read-only routes the page fetches; everything else still
-needs `Authorization: Bearer`. Nothing here logs a query string.
+HttpOnly, SameSite=Strict cookie (its value, and what it authorises, are manager.auth's:
+the one owner of the token check). Nothing here logs a query string.
 
 /live adds what /status does not say: a per-minute throughput history per run (the last
 hour, kept in memory, sampled from /status at most every SAMPLE_EVERY_S seconds whenever
@@ -19,10 +17,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import logging
 import re
-import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -30,14 +26,12 @@ from importlib import resources
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
+from .auth import COOKIE, TokenAuth
 from .live_history import SAMPLE_EVERY_S, ThroughputHistory
 from .service import Answer
 
 log = logging.getLogger("bcmanager.http")
 
-COOKIE = "bcmanager_session"
-# GET/HEAD of these routes accept the page's cookie in place of the bearer token.
-COOKIE_ROUTES = frozenset({"/status", "/files", "/live", "/runs"})
 SINGLE_RUN = ""          # the history key of the one run of a single-run manager
 SILENT_AFTER_S = 60.0    # an engine not heard of for longer (and 2 lease intervals) is GONE
 _ENGINE_ID = re.compile(r"(?P<host>.+)-gpu(?P<gpu>[0-9]+)")
@@ -81,15 +75,13 @@ def load_page() -> Page:
 
 
 class LivePage:
-    """`GET /` (the page and its log-in), the /live JSON route, and the cookie check."""
+    """`GET /` (the page and its log-in) and the /live JSON route."""
 
-    def __init__(self, manager: Any, token: str = "", clock: Callable[[], float] = time.time,
+    def __init__(self, manager: Any, auth: TokenAuth | None = None,
+                 clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic):
         self.manager = manager
-        self._token = token
-        self._key = secrets.token_bytes(32)
-        self._session = hmac.new(self._key, token.encode(), hashlib.sha256).hexdigest() \
-            if token else ""
+        self.auth = auth or TokenAuth()
         self._clock = clock
         self._monotonic = monotonic
         self._page: Page | None = None
@@ -97,30 +89,6 @@ class LivePage:
         self._sampled_at: float | None = None
         self._history: dict[str, ThroughputHistory] = {}
         self._job_seen: dict[str, float] = {}   # short job id -> wall time first seen live
-
-    # -- authorisation -------------------------------------------------------------------
-
-    def _cookie_valid(self, environ: dict) -> bool:
-        """Split by hand: http.cookies drops the rest of a header at the first cookie (of
-        another site on this host) that it finds malformed."""
-        if not self._session:
-            return False
-        for part in environ.get("HTTP_COOKIE", "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == COOKIE and hmac.compare_digest(value.encode("utf-8", "replace"),
-                                                      self._session.encode()):
-                return True
-        return False
-
-    def cookie_authorizes(self, environ: dict) -> bool:
-        """A read-only GET/HEAD of the page's routes carrying the page's cookie."""
-        path = (environ.get("PATH_INFO") or "/").rstrip("/") or "/"
-        return (environ.get("REQUEST_METHOD") in ("GET", "HEAD") and path in COOKIE_ROUTES
-                and self._cookie_valid(environ))
-
-    def _bearer_valid(self, environ: dict) -> bool:
-        given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
-        return hmac.compare_digest(given, f"Bearer {self._token}".encode())
 
     # -- GET / ---------------------------------------------------------------------------
 
@@ -136,18 +104,17 @@ class LivePage:
             query = {}
         given = query.get("token")
         if given is not None:
-            if self._token and not (len(given) == 1 and hmac.compare_digest(
-                    given[0].encode("utf-8", "replace"), self._token.encode())):
+            if self.auth.required and not (len(given) == 1 and self.auth.token_valid(given[0])):
                 log.info("GET / -> 401 wrong token in ?token= (the value is not logged)")
                 return self._refused(start_response, method)
             headers = [("Location", "/"), ("Cache-Control", "no-store"),
                        ("Referrer-Policy", "no-referrer")]
-            if self._token:
-                headers.append(("Set-Cookie", f"{COOKIE}={self._session}; Path=/; HttpOnly; "
+            if self.auth.required:
+                headers.append(("Set-Cookie", f"{COOKIE}={self.auth.session}; Path=/; HttpOnly; "
                                               f"SameSite=Strict"))
             start_response("303 See Other", [*headers, ("Content-Length", "0")])
             return [b""]
-        if self._token and not (self._cookie_valid(environ) or self._bearer_valid(environ)):
+        if not self.auth.authorizes(environ):
             return self._refused(start_response, method)
         if self._page is None:
             self._page = load_page()
