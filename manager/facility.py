@@ -15,6 +15,15 @@ about losing or repeating files is new here. The Facility adds what is between r
 - keep-alives and completions go to the run that issued the job (job id -> run);
 - a closed run whose files are all settled writes bcorch_summary.json and is COMPLETE.
 
+A settled run (COMPLETE, or CANCELLED with its summary written) is retired: its part is
+closed (moves acknowledged, store and journal closed) and dropped, so a facility that has
+seen hundreds of runs holds files open only for the runs still being served. What is
+still asked about it comes from its row and summary in the facility database (its view,
+counts, GPU time); /files for it opens its store for that one query. A restart opens no
+settled run at all. A POD5 that appears in a COMPLETE run's input afterwards is not
+basecalled: manager.late_files logs it once. A QUARANTINED run has no part either;
+`run resume` opens it.
+
 What the routes and metrics read (run views, the summed status, files in a state) is
 manager.facility_view; the Facility's reading methods delegate to it.
 
@@ -23,14 +32,16 @@ close-input`: no new runs) and every run is COMPLETE, CANCELLED or QUARANTINED.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from bcorch.config import FacilityConfig, ManagerConfig
 from bcorch.protocol import (Batch, JobState as WireState, ProtocolError,
@@ -38,7 +49,8 @@ from bcorch.protocol import (Batch, JobState as WireState, ProtocolError,
 
 from .facility_db import FacilityDB, RunRow, default_facility_db
 from .facility_states import RunEvent, RunState, TransitionRefused, transition
-from .facility_view import NO_PROGRESS, FacilityView
+from .facility_view import NO_PROGRESS, FacilityView, RunCounts
+from .late_files import LateFiles
 from .fair_share import Demand, FairShare
 from .run_discovery import RunDir, discover_runs, run_dir
 from .run_part import RunPart, RunPlace
@@ -96,6 +108,7 @@ class Facility:
         self.db = FacilityDB(self.db_path)
         self.fair = FairShare(fcfg.switch_slack_s, clock)
         self.view = FacilityView(self)
+        self.late = LateFiles()
         self._lock = threading.RLock()
         self._runs: dict[str, Run] = {}
         self._by_rel: dict[str, str] = {}
@@ -116,16 +129,17 @@ class Facility:
         self.watcher = watcher
         with self._lock:
             for run in self._runs.values():
-                if run.part is not None:
-                    self._watch_part(run.part)
+                self._watch_run(run)
 
-    def _watch_part(self, part: RunPart) -> None:
-        """The watcher neither enters the run's output dir nor wakes for its batch dirs."""
+    def _watch_run(self, run: Run) -> None:
+        """The watcher neither enters the run's output dir nor wakes for its batch dirs
+        (whether its part is open or not)."""
         if self.watcher is None:
             return
-        self.watcher.input_roots = self.watcher.input_roots | {part.place.input_dir}
-        if part.place.output_dir.startswith(self.root + os.sep):
-            self.watcher.skip = self.watcher.skip | {part.place.output_dir}
+        self.watcher.input_roots = self.watcher.input_roots | {str(run.where.path)}
+        output_dir = run.row.output_dir
+        if output_dir and output_dir.startswith(self.root + os.sep):
+            self.watcher.skip = self.watcher.skip | {output_dir}
 
     def run_count(self) -> int:
         return len(self._runs)
@@ -138,6 +152,10 @@ class Facility:
     def run_output_rel(self, rel: str) -> str:
         """The run's output directory relative to the shared output root."""
         return f"{rel}/{OUTPUT_BESIDE}" if self.fcfg.output == "beside" else rel
+
+    def db_of(self, run: Run) -> str:
+        """The SQLite file of the run's store."""
+        return self._db_for(run.row.output_dir)
 
     def _db_for(self, output_dir: str) -> str:
         own = default_db_path(output_dir)
@@ -153,8 +171,10 @@ class Facility:
                 row.state, row.reason = RunState.QUARANTINED, str(exc)
         self._runs[row.run_id] = run
         self._by_rel[row.rel] = row.run_id
-        if row.state is not RunState.QUARANTINED and not (row.state.final and row.summary):
-            self._open_part(run)   # a run over and summarised needs no database open
+        if self._settled(run):
+            self._watch_late(run)   # over and summarised: its database is not opened
+        elif row.state is not RunState.QUARANTINED:
+            self._open_part(run)
 
     def _unique_id(self, proposed: str) -> str:
         if proposed not in self._runs:
@@ -202,7 +222,7 @@ class Facility:
                                   f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
             return
         run.part = part
-        self._watch_part(part)
+        self._watch_run(run)
         part.manager.on_work_may_be_ready(self.work_may_be_ready)
         for job in part.store.live_jobs():   # a restart: the run's live jobs are its own
             self._jobs[job.job_id] = Issued(row.run_id, self._clock())
@@ -301,7 +321,7 @@ class Facility:
             run.row.state = after
             self.db.save(run.row)
 
-    def close_input(self, why: str = "") -> None:
+    def close_input(self, why: str = "") -> Answer:
         """Close the facility: no new runs. Each run still closes on its own."""
         with self._lock:
             if not self._closed:
@@ -310,6 +330,7 @@ class Facility:
                 log.info("facility closed%s: no new runs will be taken",
                          f" ({why})" if why else "")
         self.work_may_be_ready()
+        return Answer(200, {"ok": True, "input_closed": True, "facility": True})
 
     @property
     def input_closed(self) -> bool:
@@ -339,6 +360,7 @@ class Facility:
         for run in list(self._runs.values()):
             with self._lock:
                 self._check_settled(run)
+        self.late.check(self._stop)
         if not self._discovered:
             self._discovered = True
             self.work_may_be_ready()
@@ -394,7 +416,28 @@ class Facility:
         self.fair.forget_run(run.row.run_id)
         log.info("run %s: %s; bcorch_summary.json written in %s", run.row.run_id, after.value,
                  run.row.output_dir)
+        self._retire(run)
         self.work_may_be_ready()   # held long polls may learn that nothing is left
+
+    @staticmethod
+    def _settled(run: Run) -> bool:
+        """Over and summarised: nothing about it changes any more."""
+        return run.state.final and bool(run.row.summary)
+
+    def _retire(self, run: Run) -> None:
+        """A settled run's part is closed and dropped: its row and summary answer for it."""
+        part, run.part = run.part, None
+        if part is not None:
+            try:
+                part.close()
+            except Exception:  # noqa: BLE001 - its summary is written; the others go on
+                log.exception("run %s: closing its database failed", run.row.run_id)
+        self._watch_late(run)
+
+    def _watch_late(self, run: Run) -> None:
+        if run.state is RunState.COMPLETE:
+            self.late.watch(run.row.run_id, str(run.where.path), run.row.output_dir,
+                            float(run.row.summary.get("written_at") or 0.0))
 
     def _summary(self, run: Run, state: RunState) -> dict[str, Any]:
         st = run.part.manager.status() if run.part is not None else None
@@ -408,6 +451,7 @@ class Facility:
             "files_quarantined": files.get(FileState.QUARANTINED.value, 0),
             "files_duplicate": files.get(FileState.DUPLICATE.value, 0),
             "gpu_s": round(self.view.served_s(run), 3),
+            "jobs": run.part.store.job_counts() if run.part is not None else {},
             "first_batch_at": run.row.first_batch_at, "last_batch_at": run.row.last_batch_at,
             "written_at": time.time(),
         }
@@ -491,28 +535,36 @@ class Facility:
 
     def keepalive(self, job_id: str, state: WireState, engine_id: str | None = None) -> Answer:
         run = self._owner(job_id)
-        if run is None or run.part is None:
+        part = run.part if run is not None else None
+        late = Answer(200, {"late": True})
+        if part is None:
             log.info("job %s: keep-alive (%s) for a job no run knows: late",
                      short_job_id(job_id), state.value)
-            return Answer(200, {"late": True})
-        return run.part.manager.keepalive(job_id, state, engine_id=engine_id)
+            return late
+        with _retired_is_late(part, job_id, late) as answer:
+            answer.value = part.manager.keepalive(job_id, state, engine_id=engine_id)
+        return answer.value
 
     def complete(self, job_id: str, state: WireState, failed: dict[str, str], reason: str,
                  engine_id: str | None = None, simulated: bool = False,
                  rate: float | None = None, startup_s: float | None = None) -> Answer:
         run = self._owner(job_id)
-        if run is None or run.part is None:
+        part = run.part if run is not None else None
+        late = Answer(200, {"ok": False, "late": True})
+        if run is None or part is None:
             log.info("job %s: %s for a job no run knows: late", short_job_id(job_id),
                      state.value)
-            return Answer(200, {"ok": False, "late": True})
-        answer = run.part.manager.complete(job_id, state, failed, reason, engine_id=engine_id,
-                                           simulated=simulated, rate=rate, startup_s=startup_s)
+            return late
+        with _retired_is_late(part, job_id, late) as answer:
+            answer.value = part.manager.complete(job_id, state, failed, reason,
+                                                 engine_id=engine_id, simulated=simulated,
+                                                 rate=rate, startup_s=startup_s)
         with self._lock:
             issued = self._jobs.get(job_id)
-            if issued is not None and run.part.manager.leases.engine_of(job_id) is None:
+            if issued is not None and part.manager.leases.engine_of(job_id) is None:
                 self._finished(job_id, issued)
             self._check_settled(run)
-        return answer
+        return answer.value
 
     # -- reading (manager.facility_view) -----------------------------------------------
 
@@ -534,6 +586,9 @@ class Facility:
     def parts(self) -> list[tuple[str, RunPart]]:
         return self.view.parts()
 
+    def run_counts(self) -> list[RunCounts]:
+        return self.view.run_counts()
+
     def served(self) -> dict[str, float]:
         return self.view.served()
 
@@ -549,3 +604,22 @@ class Facility:
                     except Exception:  # noqa: BLE001
                         log.exception("run %s: closing its database failed", run.row.run_id)
             self.db.close()
+
+
+class _Result:
+    def __init__(self, value: Answer):
+        self.value = value
+
+
+@contextlib.contextmanager
+def _retired_is_late(part: RunPart, job_id: str, late: Answer) -> Iterator[_Result]:
+    """A job's run retired while its message was on the way (its store closed under it):
+    the message is late, as it would be a moment later."""
+    result = _Result(late)
+    try:
+        yield result
+    except sqlite3.ProgrammingError:
+        if not part.closed:
+            raise
+        log.info("job %s: its run settled and was closed meanwhile: late", short_job_id(job_id))
+        result.value = late

@@ -1,7 +1,9 @@
 """Prometheus metrics of a facility: the single-run families, summed over runs, plus the
 per-run file gauges with a `run` label, each run's state and the model switches.
 
-Like manager.metrics, everything is read at scrape time from what the runs keep.
+Like manager.metrics, everything is read at scrape time from what the runs keep: a run
+being served from its store, a settled run (its part closed) from its summary, so its
+counters neither vanish nor drop when it settles or the manager restarts.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ class FacilityCollector:
         self.facility = facility
 
     def collect(self) -> Iterable[Any]:
-        parts = self.facility.parts()
+        runs = self.facility.run_counts()
         files = GaugeMetricFamily("bcmanager_files", "Input files by run and state",
                                   labels=["run", "state"])
         size = GaugeMetricFamily("bcmanager_file_bytes", "Bytes of input files by run and state",
@@ -27,18 +29,17 @@ class FacilityCollector:
         totals: dict[str, list[int]] = {}
         jobs: dict[str, int] = {}
         leases: dict[str, int] = {}
-        for run_id, part in parts:
-            counters = part.store.snapshot()
-            for state, n in sorted(counters.files.items()):
-                files.add_metric([run_id, state], n)
-                size.add_metric([run_id, state], counters.bytes[state])
+        for run in runs:
+            for state, n in sorted(run.files.items()):
+                files.add_metric([run.run_id, state], n)
+                size.add_metric([run.run_id, state], run.bytes.get(state, 0))
                 total = totals.setdefault(state, [0, 0])
                 total[0] += n
-                total[1] += counters.bytes[state]
-            for state, n in part.store.job_counts().items():
+                total[1] += run.bytes.get(state, 0)
+            for state, n in run.jobs.items():
                 jobs[state] = jobs.get(state, 0) + n
-            for engine, ids in part.manager.leases.by_engine().items():
-                leases[engine] = leases.get(engine, 0) + len(ids)
+            for engine, n in run.leases.items():
+                leases[engine] = leases.get(engine, 0) + n
         yield files
         yield size
         done = CounterMetricFamily("bcmanager_files_done", "Files basecalled (DONE), by run",
@@ -46,10 +47,9 @@ class FacilityCollector:
         done_bytes = CounterMetricFamily("bcmanager_bytes_done",
                                          "Bytes of input files basecalled (DONE), by run",
                                          labels=["run"])
-        for run_id, part in parts:
-            counters = part.store.snapshot()
-            done.add_metric([run_id], counters.files.get("DONE", 0))
-            done_bytes.add_metric([run_id], counters.bytes.get("DONE", 0))
+        for run in runs:
+            done.add_metric([run.run_id], run.files.get("DONE", 0))
+            done_bytes.add_metric([run.run_id], run.bytes.get("DONE", 0))
         yield done
         yield done_bytes
         yield GaugeMetricFamily("bcmanager_files_quarantined",

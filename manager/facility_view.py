@@ -5,20 +5,63 @@ A FacilityView reads a Facility (manager.facility) and changes nothing: each run
 summary once final), the facility-wide status summed over runs, files in a state, and the
 per-run figures the metrics collect. The runs' own status is read outside the facility
 lock; only the list of runs and the facility's own fields are read under it.
+
+A settled run has no part (the facility closed it): its figures come from its summary,
+and its files in a state from its store, opened for that one query. A part read outside
+the lock may be closed under the reader (the run settled meanwhile); the reader then
+takes the summary, as it would a moment later.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from .facility_states import RunState
 from .service import DUPLICATES_SHOWN
 from .states import FileState
+from .store import Counters, Store
 
 if TYPE_CHECKING:
     from .facility import Facility, Run
     from .run_part import RunPart
 
 NO_PROGRESS = {"files_done": 0, "files_total": 0, "bytes_done": 0, "bytes_total": 0}
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunCounts:
+    """What the metrics show of one run: from its part while open, else its summary."""
+
+    run_id: str
+    files: dict[str, int]
+    bytes: dict[str, int]
+    jobs: dict[str, int]
+    leases: dict[str, int] = field(default_factory=dict)   # engine -> live jobs
+
+
+def _from_part(part: RunPart | None, read: Callable[[RunPart], T]) -> T | None:
+    """read(part), or None when there is no part or it was closed meanwhile."""
+    if part is None:
+        return None
+    try:
+        return read(part)
+    except sqlite3.ProgrammingError:
+        if part.closed:
+            return None
+        raise
+
+
+def _summary_counters(summary: dict[str, Any]) -> Counters:
+    counters = Counters()
+    for state, n in (summary.get("files") or {}).items():
+        counters.files[state] = n
+    for state, n in (summary.get("bytes") or {}).items():
+        counters.bytes[state] = n
+    return counters
 
 
 class FacilityView:
@@ -35,7 +78,9 @@ class FacilityView:
     def run_view(self, run: Run) -> dict[str, Any]:
         """The RUN object of /runs and /status; "_counts" and "_status" are for status()."""
         summary = run.row.summary if run.state.final else {}
-        st = run.part.manager.status() if run.part is not None and not summary else None
+        st = _from_part(run.part, lambda p: p.manager.status()) if not summary else None
+        if st is None and not summary and run.state.final:
+            summary = run.row.summary   # it settled while being read
         settings = run.row.settings or {}
         counts = st or summary or {}
         files = counts.get("files", {})
@@ -120,17 +165,58 @@ class FacilityView:
             runs = [fac._run(run_id)] if run_id is not None else list(fac._runs.values())
         out: list[dict] = []
         for run in runs:
-            if run.part is None or len(out) >= limit:
-                continue
-            for f in run.part.store.files_in_state(state, limit - len(out)):
-                out.append({**f, "run": run.row.run_id})
+            if len(out) >= limit:
+                break
+            wanted = limit - len(out)
+            found = _from_part(run.part, lambda p: p.store.files_in_state(state, wanted))
+            if found is None and fac._settled(run):
+                found = self._settled_files(run, state, wanted)
+            out.extend({**f, "run": run.row.run_id} for f in found or ())
         return out
 
-    def counters(self) -> list[tuple[str, Any]]:
-        """(run_id, the run's store counters) for the metrics."""
+    def _settled_files(self, run: Run, state: FileState, limit: int) -> list[dict]:
+        """A settled run's files in a state: its store opened for this query alone (not at
+        all when its summary counts none, or its database is gone)."""
+        if not (run.row.summary.get("files") or {}).get(state.value):
+            return []
+        path = self.facility.db_of(run)
+        if not os.path.exists(path):
+            return []
+        store = Store(path, self.facility.cfg.max_attempts)
+        try:
+            return store.files_in_state(state, limit)
+        finally:
+            store.close()
+
+    def counters(self) -> list[tuple[str, Counters]]:
+        """(run_id, the run's file counters): its store's, or its summary's once settled."""
         with self.facility._lock:
-            return [(r.row.run_id, r.part.store.snapshot())
-                    for r in self.facility._runs.values() if r.part is not None]
+            runs = list(self.facility._runs.values())
+        out = []
+        for run in runs:
+            counters = _from_part(run.part, lambda p: p.store.snapshot())
+            if counters is None and run.row.summary:
+                counters = _summary_counters(run.row.summary)
+            if counters is not None:
+                out.append((run.row.run_id, counters))
+        return out
+
+    def run_counts(self) -> list[RunCounts]:
+        """Each run's files, bytes, jobs and live leases for the metrics; a run neither open
+        nor summarised (QUARANTINED before it took files) has none."""
+        with self.facility._lock:
+            runs = list(self.facility._runs.values())
+        out = []
+        for run in runs:
+            counts = _from_part(run.part, _part_counts)
+            if counts is None and run.row.summary:
+                counters = _summary_counters(run.row.summary)
+                counts = RunCounts("", counters.files, counters.bytes,
+                                   dict(run.row.summary.get("jobs") or {}))
+            if counts is not None:
+                counts.run_id = run.row.run_id
+                out.append(counts)
+        return out
 
     def parts(self) -> list[tuple[str, RunPart]]:
         with self.facility._lock:
@@ -145,3 +231,9 @@ class FacilityView:
     def states(self) -> dict[str, str]:
         with self.facility._lock:
             return {r.row.run_id: r.state.value for r in self.facility._runs.values()}
+
+
+def _part_counts(part: RunPart) -> RunCounts:
+    counters = part.store.snapshot()
+    leases = {engine: len(ids) for engine, ids in part.manager.leases.by_engine().items()}
+    return RunCounts("", counters.files, counters.bytes, part.store.job_counts(), leases)

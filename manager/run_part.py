@@ -95,8 +95,13 @@ class RunPart:
     def reap(self) -> int:
         return self.manager.reap()
 
+    @property
+    def closed(self) -> bool:
+        """close() was called: its store and journal must not be used any more."""
+        return self._closed
+
     def close(self) -> None:
-        """Acknowledge finished moves and close the database (once)."""
+        """Acknowledge finished moves and close the database and journal (once)."""
         with self._close_lock:
             if self._closed:
                 return

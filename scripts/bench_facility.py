@@ -330,8 +330,9 @@ def simulate(tmp: Path, root: Path, runs: list[dict], engines: int, batch: int, 
             heapq.heappush(free, (t + duration, n))
         end = clock.now
         status = fac.status()
+        served_at_end = fac.served()
         if backlogged is None:
-            backlogged = {"at_h": (end - start) / 3600, "served": fac.served(),
+            backlogged = {"at_h": (end - start) / 3600, "served": served_at_end,
                           "switches": status["facility"]["model_switches_total"]}
     finally:
         fac.close()
@@ -339,16 +340,11 @@ def simulate(tmp: Path, root: Path, runs: list[dict], engines: int, batch: int, 
     switches = status["facility"]["model_switches_total"]
     files_done = status["files"]["DONE"]
     served = backlogged["served"]
-    weight_total = sum(r["priority"] for r in runs)
-    gpu_total = sum(served.values())
-    shares = []
-    for r in runs:
-        got = served.get(r["run_id"], 0.0) / gpu_total
-        due = r["priority"] / weight_total
-        shares.append({"run_id": r["run_id"], "model": r["model"], "priority": r["priority"],
-                       "share": got, "weighted_share": due, "ratio": got / due})
+    if sum(served.values()) <= 0:   # a run ran out of work before any batch finished
+        served = served_at_end
+    shares = shares_of(runs, served)
     by_priority = {}
-    for p in sorted({r["priority"] for r in runs}):
+    for p in sorted({r["priority"] for r in shares}):
         ratios = [s["ratio"] for s in shares if s["priority"] == p]
         by_priority[f"{p:g}"] = {"runs": len(ratios), "share": sum(
             s["share"] for s in shares if s["priority"] == p),
@@ -364,9 +360,54 @@ def simulate(tmp: Path, root: Path, runs: list[dict], engines: int, batch: int, 
             "backlogged_switches_per_hour": (backlogged["switches"] / backlogged["at_h"]
                                              if backlogged["at_h"] else 0.0),
             "share_by_priority": by_priority,
-            "share_ratio_min": min(s["ratio"] for s in shares),
-            "share_ratio_max": max(s["ratio"] for s in shares),
+            "share_ratio_min": min((s["ratio"] for s in shares), default=None),
+            "share_ratio_max": max((s["ratio"] for s in shares), default=None),
             "shares": shares, "real_s": time.perf_counter() - real0, "load": load()}
+
+
+def shares_of(runs: list[dict], served: dict[str, float]) -> list[dict]:
+    """Each run's share of the GPU time served against its priority's share; [] when no GPU
+    time was served at all (nothing to divide)."""
+    gpu_total = sum(served.values())
+    weight_total = sum(r["priority"] for r in runs)
+    if gpu_total <= 0 or weight_total <= 0:
+        return []
+    shares = []
+    for r in runs:
+        got = served.get(r["run_id"], 0.0) / gpu_total
+        due = r["priority"] / weight_total
+        shares.append({"run_id": r["run_id"], "model": r["model"], "priority": r["priority"],
+                       "share": got, "weighted_share": due, "ratio": got / due})
+    return shares
+
+
+def files_needed_for_http(args: argparse.Namespace) -> int:
+    """Files the HTTP assign measurements take in all (bench_assign: every engine does
+    max(1, batches // engines) batches of --batch files; the files are not refilled)."""
+    plans = [(n, args.batches) for n in args.engines]
+    if args.paced_engines:
+        plans.append((args.paced_engines, max(args.paced_engines, args.batches // 2)))
+    return sum(n * max(1, batches // n) * args.batch for n, batches in plans)
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line errors for inputs the measurements cannot use."""
+    for flag in ("runs", "files", "batch", "batches", "threads", "sim_engines"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if min(args.engines) < 1 or args.paced_engines < 0:
+        p.error("--engines must be at least 1 and --paced-engines at least 0")
+    if min(args.priorities) <= 0:
+        p.error(f"--priorities must be above 0, got {args.priorities}")
+    if len(args.file_s) != len(args.models):
+        p.error("--file-s: give one value per --models entry")
+    if args.idle_s <= 0 or args.scan_interval_s <= 0:
+        p.error("--idle-s and --scan-interval-s must be above 0")
+    needed, have = files_needed_for_http(args), args.runs * args.files
+    if not args.skip_http and needed > have:
+        p.error(f"--files: the HTTP assign measurements take {needed} files but --runs x "
+                f"--files makes {have}; raise --files, lower --batches, --engines or "
+                f"--paced-engines, or pass --skip-http")
 
 
 def main(argv: list[str]) -> int:
@@ -399,8 +440,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", default="bench_facility.json", help="where to write the results")
     p.add_argument("--tmp", default=None, help="scratch directory (default: a new tmp dir)")
     args = p.parse_args(argv)
-    if len(args.file_s) != len(args.models):
-        p.error("--file-s: give one value per --models entry")
+    check_args(p, args)
     file_s = dict(zip(args.models, args.file_s))
     total = args.runs * args.files
     results: dict = {"machine": f"{os.cpu_count()} cores", "python": sys.version.split()[0],
@@ -486,6 +526,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
               f"simulated h" + ("" if f["arrive_over_h"] else
                                  f"; {f['backlogged_switches_per_hour']:.1f}/h while every run "
                                  f"had work, the first {f['backlogged_h']:.1f} h") + ")")
+        if not f["share_by_priority"]:
+            print(f"{'  GPU shares':40}       n/a    (no GPU time was served)")
         for p, c in (f["share_by_priority"] if not f["arrive_over_h"] else {}).items():
             print(f"{'  priority %s: GPU share / weighted share' % p:40} {c['share']:9.3f} / "
                   f"{c['weighted_share']:.3f}  (per run {c['ratio_min']:.2f}..{c['ratio_max']:.2f}"
