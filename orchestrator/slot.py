@@ -508,6 +508,7 @@ class Slot:
             "state": self.state.value, "reason": self.reason,
             "in_state_s": round(now - self.since, 1), "pid": self.pid,
             "engine_state": hb.get("state"), "job_id": hb.get("job_id"),
+            "run_id": hb.get("run_id"), "model": hb.get("model"),
             "batch_size": hb.get("batch_size"), "batch_elapsed_s": hb.get("batch_elapsed_s"),
             "basecaller_pid": hb.get("basecaller_pid"),
             "batches_done": hb.get("batches_done"), "files_done": hb.get("files_done"),

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from bcorch.protocol import short_job_id
+
 GIB = 1024 ** 3
+RUN_COLUMN_MAX = 40    # a run id or a model longer than this shows its tail (its last chars)
 
 
 def duration(seconds: float | None) -> str:
@@ -23,6 +26,15 @@ def memory(used: int | None, total: int | None) -> str:
     if used is None:
         return f"{total / GIB:.0f} GiB"
     return f"{used / GIB:.1f}/{total / GIB:.0f} GiB"
+
+
+def tail(value: str | None, width: int = RUN_COLUMN_MAX) -> str:
+    """The value, or "..." and its last characters where it is longer than `width`: a
+    MinKNOW run id ends in its flow cell and short id, a model name in its speed and version.
+    ASCII, so that any terminal or log encoding prints it."""
+    if not value:
+        return "-"
+    return value if len(value) <= width else "..." + value[-(width - 3):]
 
 
 def table(headers: list[str], rows: Iterable[list[Any]]) -> str:
@@ -55,7 +67,7 @@ def render_status(status: dict) -> str:
         state = s["state"] + (f"({s['engine_state']})" if s.get("engine_state")
                               and s["state"] in ("RUNNING", "DRAINING") else "")
         rows.append([
-            s["gpu"], state, s.get("job_id") or "-",
+            s["gpu"], state, short_job_id(s["job_id"]) if s.get("job_id") else "-",
             s.get("batch_size") if s.get("job_id") else "-",
             duration(s.get("batch_elapsed_s")) if s.get("job_id") else "-",
             s.get("files_done"), s.get("restarts"), s.get("last_exit"),
@@ -70,9 +82,25 @@ def render_status(status: dict) -> str:
             notes.append(f"gpu{s['gpu']} {s['state']}: {s.get('reason')}{back}")
     out = [head, table(["GPU", "STATE", "JOB", "FILES", "IN BATCH", "DONE", "RESTARTS",
                         "LAST EXIT", "MEMORY", "UTIL", "TEMP"], rows)]
+    runs = render_runs(status.get("slots", []))
+    if runs:
+        out += ["", runs]
     if notes:
         out.append("\n".join(notes))
     return "\n".join(out)
+
+
+def render_runs(slots: list[dict]) -> str:
+    """Which facility run and model each GPU basecalls; "" when no slot works on a run.
+
+    A table of its own under the slots' table, so that both stay within 100 columns with
+    MinKNOW run ids and full model names. A single-run manager's batches name no run, and
+    its engines all run engine.model: nothing to add there.
+    """
+    if not any(s.get("run_id") for s in slots):
+        return ""
+    return table(["GPU", "RUN", "MODEL"],
+                 [[s["gpu"], tail(s.get("run_id")), tail(s.get("model"))] for s in slots])
 
 
 def render_gpus(gpus: list[dict], health: dict[str, dict]) -> str:

@@ -443,6 +443,55 @@ def test_parent_gone_stops_reports_and_exits_within_5s(tmp_path, procs, children
     wait_until(lambda: site.files()["PENDING"] == 1, 10, what="files given back")
 
 
+def test_heartbeats_name_the_facility_run_and_model_being_basecalled(tmp_path, procs, children):
+    """`bcorch status` shows which run and model each GPU works on: the heartbeat during a
+    facility batch names the batch's run_id and the run's model (not engine.model); a
+    heartbeat before any batch names neither."""
+    root, out_root = tmp_path / "root", tmp_path / "out"
+    run_in, run_out = root / RUN_REL, out_root / RUN_REL / "basecalls"
+    write_dataset(run_in / "pod5", 1, reads_per_file=20, samples_per_read=4000)
+    run_out.mkdir(parents=True)
+    manager = ManagerProcess(tmp_path, run_in, run_out, batch_size=1, input_closed=True)
+    procs.append(manager.start())
+    wait_until(lambda: manager.status()["files"].get("PENDING") == 1, 20, what="files found")
+    with run_settings_proxy(manager.url, run_id="PAW12345", run_input_dir=RUN_REL,
+                            run_output_dir=f"{RUN_REL}/basecalls",
+                            model="sup,5mCG_5hmCG") as proxy:
+        cfg = write_config(tmp_path / "engine.toml", manager={"url": proxy.url}, engine={
+            "input_dir": str(root), "output_dir": str(out_root), "model": "hac",
+            "engine_id": "fac", "polling_interval": 0.005, "request_retries": 1},
+            runner={"kind": "simulate", "samples_per_s": 5_000, "stop_grace_s": 1.0})
+        child = Child(SpawnSpec(config_path=str(cfg), gpu_index=0))
+        children.append(child)
+        first = child.wait_for("heartbeat")
+        assert first["job_id"] is None and (first["run_id"], first["model"]) == (None, None)
+        start = child.wait_for("job_start")
+        beat = child.wait_for("heartbeat", state="WORKING")
+        assert beat["job_id"] == start["job_id"]
+        assert (beat["run_id"], beat["model"]) == ("PAW12345", "sup,5mCG_5hmCG"), beat
+        child.conn.send({"cmd": "stop"})
+        assert child.wait_for("job_end")["state"] == "STOPPED"
+        child.proc.join(10)
+        assert child.proc.exitcode == 0
+
+
+def test_heartbeats_of_a_single_run_batch_name_no_run_and_the_configured_model(
+        tmp_path, procs, children):
+    """A single-run manager's batch names no run: the heartbeat's run_id is None and its
+    model is engine.model, the one the basecaller runs."""
+    site = Site(tmp_path, procs, n_files=1, reads=20)
+    child = Child(spec(site, site.config(engine={"model": "hac@v5.0.0"},
+                                         runner={"samples_per_s": 5_000, "stop_grace_s": 1.0})))
+    children.append(child)
+    child.wait_for("job_start")
+    beat = child.wait_for("heartbeat", state="WORKING")
+    assert (beat["run_id"], beat["model"]) == (None, "hac@v5.0.0"), beat
+    child.conn.send({"cmd": "stop"})
+    assert child.wait_for("job_end")["state"] == "STOPPED"
+    child.proc.join(10)
+    assert child.proc.exitcode == 0
+
+
 def test_sigterm_on_lone_engine_drains_and_second_one_stops(tmp_path, procs):
     site = Site(tmp_path, procs, n_files=4, reads=20, batch_size=1)
     engine = site.engine(site.config(runner={"samples_per_s": 40_000}))

@@ -12,7 +12,8 @@ import signal
 import pytest
 
 from bcorch.config import from_mapping
-from bcorch.workers.channel import Cmd, EngineState, HEARTBEAT_KEYS, Msg, command
+from bcorch.workers.channel import (Cmd, EngineState, HEARTBEAT_KEYS, HEARTBEAT_OPTIONAL_KEYS,
+                                    Msg, command)
 from bcorch.workers.engine import BCEngine
 from bcorch.workers.intent import Cause, Goal, Intent
 from bcorch.workers.parent_pipe import ParentPipe
@@ -106,7 +107,7 @@ def test_drain_shows_as_draining_and_resume_as_working(engine_and_parent):
     parent.send(command(Cmd.DRAIN))
     engine._service()
     beat = _beats(parent)[-1]
-    assert set(beat) == HEARTBEAT_KEYS and beat["state"] == "DRAINING"
+    assert set(beat) == HEARTBEAT_KEYS | HEARTBEAT_OPTIONAL_KEYS and beat["state"] == "DRAINING"
     assert engine.intent.goal is Goal.DRAIN and engine.shutdown
     assert engine.PROCESSING_STATE is EngineState.WORKING   # what it does; the intent says why
     parent.send(command(Cmd.RESUME))

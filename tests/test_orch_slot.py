@@ -261,6 +261,64 @@ def test_snapshot_carries_the_heartbeat():
     assert snap["uuid"] == "virtual-1" and snap["state"] == "RUNNING" and snap["pid"] == 100
 
 
+def facility_beat(run_id: str | None, model: str | None,
+                  job_id: str | None = "j000007-aa11bb22cc33dd44ee55") -> dict:
+    beat = {"type": "heartbeat", "engine_id": "host-gpu1", "state": "WORKING", "job_id": job_id,
+            "batch_size": 10, "batch_elapsed_s": 12.5, "basecaller_pid": None,
+            "batches_done": 3, "files_done": 40, "files_failed": 0, "last_error": ""}
+    return {**beat, "run_id": run_id, "model": model}
+
+
+def test_snapshot_names_the_run_and_model_of_the_batch_and_none_for_an_older_engine():
+    slot = run(make_slot(), 90.0)
+    slot.on_engine_message(facility_beat("PAW12345", "sup,5mCG_5hmCG"), UP, 99.0)
+    snap = slot.snapshot(100.0)
+    assert (snap["run_id"], snap["model"]) == ("PAW12345", "sup,5mCG_5hmCG")
+    old = {k: v for k, v in facility_beat(None, None).items() if k not in ("run_id", "model")}
+    assert slot.on_engine_message(old, UP, 101.0) == Decision()
+    snap = slot.snapshot(102.0)
+    assert (snap["run_id"], snap["model"], snap["job_id"]) == (
+        None, None, "j000007-aa11bb22cc33dd44ee55"), "an older engine's heartbeat is kept"
+
+
+def _status(*slots: dict) -> dict:
+    return {"host": "gpuhost1", "pid": 1, "state": "RUNNING", "uptime_s": 3.0,
+            "manager": {"url": "http://m:8000", "reachable": True}, "slots": list(slots)}
+
+
+def _slot_snapshot(gpu: int, beat: dict | None) -> dict:
+    slot = run(Slot(virtual_gpus(gpu + 1)[gpu], f"host-gpu{gpu}", RestartPolicy()), 0.0)
+    if beat is not None:
+        slot.on_engine_message(beat, UP, 1.0)
+    return slot.snapshot(2.0)
+
+
+def test_status_table_shows_each_gpus_run_and_model_within_100_columns():
+    from bcorch.orchestrator.status_view import render_status
+    long_run = "20261101_1200_1A_PAW12345_abcdef12"
+    long_model = "dna_r10.4.1_e8.2_400bps_sup@v5.0.0,5mCG_5hmCG@v2"
+    text = render_status(_status(_slot_snapshot(0, facility_beat(long_run, long_model)),
+                                 _slot_snapshot(1, facility_beat("PAX99999", "hac")),
+                                 _slot_snapshot(2, None)))
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100, text
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["GPU", "RUN", "MODEL"])
+    rows = {line.split()[0]: line.split()[1:] for line in lines[header + 1:header + 4]}
+    assert rows["0"] == [long_run, "..." + long_model[-37:]], "long names keep their tail"
+    assert rows["1"] == ["PAX99999", "hac"] and rows["2"] == ["-", "-"], text
+    assert "j000007-aa11" in text and "aa11bb22cc33dd44ee55" not in text, \
+        "the table shows the short job id (short_job_id); --json keeps all of it"
+
+
+def test_status_table_has_no_run_column_without_runs():
+    from bcorch.orchestrator.status_view import render_status
+    text = render_status(_status(_slot_snapshot(0, facility_beat(None, "hac")),
+                                 _slot_snapshot(1, None)))
+    assert not any(line.split()[:2] == ["GPU", "RUN"] for line in text.splitlines()), text
+    assert "MODEL" not in text and "hac" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+
+
 # --- a whole supervisor on a plain clock -------------------------------------------------
 class Clock:
     def __init__(self):

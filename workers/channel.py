@@ -4,13 +4,15 @@ The parent starts the engine with a `SpawnSpec` (pickled by the spawn start
 method). After that the channel is one duplex ``multiprocessing`` connection.
 Every message is a plain dict with a ``type`` (child -> parent) or a ``cmd``
 (parent -> child), so either side can log it as it is; the heartbeat's keys are
-typed by `Heartbeat`, and `heartbeat()` builds one.
+typed by `Heartbeat`, and `heartbeat()` builds one. A heartbeat's `run_id` and
+`model` came later (issue 13's facility mode): an engine of an older bcorch sends
+neither, so `as_heartbeat()` accepts a heartbeat without them and fills in None.
 
 child -> parent
     {"type": "ready", "engine_id", "gpu", "pid"}
     {"type": "heartbeat", "engine_id", "state", "job_id", "batch_size",
      "batch_elapsed_s", "basecaller_pid", "batches_done", "files_done",
-     "files_failed", "last_error"}                                 (every second)
+     "files_failed", "last_error", "run_id", "model"}              (every second)
     {"type": "job_start", "job_id", "batch_size"}
     {"type": "job_end", "job_id", "state", "files_failed"}
     {"type": "manager_problem", "reason"}
@@ -78,8 +80,8 @@ class SpawnSpec:
     after_outage: bool = False         # spread the first request (restarted after a manager outage)
 
 
-class Heartbeat(TypedDict):
-    """The engine's heartbeat, once a second (engine -> slot)."""
+class _HeartbeatKeys(TypedDict):
+    """The keys every engine's heartbeat has had since the first bcorch."""
 
     type: str                     # Msg.HEARTBEAT
     engine_id: str
@@ -94,23 +96,45 @@ class Heartbeat(TypedDict):
     last_error: str
 
 
+class Heartbeat(_HeartbeatKeys, total=False):
+    """The engine's heartbeat, once a second (engine -> slot).
+
+    `run_id` and `model` say what the GPU is basecalling: both None while no batch is
+    held. `run_id` is the facility run of the batch (None for a single-run manager's
+    batch, which names no run); `model` is the model the basecaller runs the batch with,
+    the run's model or else engine.model (None if that is empty too, e.g. the script
+    runner). Optional: older engines do not send them (`as_heartbeat` fills in None).
+    """
+
+    run_id: str | None
+    model: str | None
+
+
 def heartbeat(*, engine_id: str, state: EngineState, job_id: str | None, batch_size: int,
               batch_elapsed_s: float, basecaller_pid: int | None, batches_done: int,
-              files_done: int, files_failed: int, last_error: str) -> Heartbeat:
+              files_done: int, files_failed: int, last_error: str, run_id: str | None = None,
+              model: str | None = None) -> Heartbeat:
     return Heartbeat(type=Msg.HEARTBEAT.value, engine_id=engine_id, state=state.value,
                      job_id=job_id, batch_size=batch_size, batch_elapsed_s=batch_elapsed_s,
                      basecaller_pid=basecaller_pid, batches_done=batches_done,
-                     files_done=files_done, files_failed=files_failed, last_error=last_error)
+                     files_done=files_done, files_failed=files_failed, last_error=last_error,
+                     run_id=run_id, model=model)
 
 
 HEARTBEAT_KEYS: frozenset[str] = Heartbeat.__required_keys__
+HEARTBEAT_OPTIONAL_KEYS: frozenset[str] = Heartbeat.__optional_keys__
 
 
 def as_heartbeat(msg: dict[str, Any]) -> Heartbeat | None:
-    """The message as a Heartbeat; None when a key is missing (extra keys are kept)."""
+    """The message as a Heartbeat; None when a required key is missing.
+
+    Extra keys are kept; an optional key an older engine does not send is None.
+    """
     if not HEARTBEAT_KEYS <= msg.keys():
         return None
-    return msg  # type: ignore[return-value]  # every key checked above
+    beat = {key: None for key in HEARTBEAT_OPTIONAL_KEYS}
+    beat.update(msg)
+    return beat  # type: ignore[return-value]  # every required key checked above
 
 
 def message(kind: Msg, **fields: Any) -> dict[str, Any]:

@@ -382,7 +382,7 @@ class BCEngine:
                 raise ConfigError(f"engine.input_dir: the job's input dir {str(input_dir)!r} does "
                                   f"not exist here (is engine.input_dir this host's mount of the "
                                   f"manager's INPUT_DIR?)")
-            result = self._basecalling_work(input_dir, output_dir, batch.model or self.bc_model,
+            result = self._basecalling_work(input_dir, output_dir, self._model_for(batch),
                                             timing, kit=batch.kit, emit=batch.emit)
             result = self.output_check.apply(result, input_dir, output_dir, batch.batch)
         except LeaseLost as exc:
@@ -399,6 +399,10 @@ class BCEngine:
             return EXIT_CONFIG, reason if isinstance(exc, ConfigError) else \
                 f"runner.kind {self.conf.runner.kind}: cannot start the basecaller: {reason}"
         return self._report(result, timing)
+
+    def _model_for(self, batch: Batch) -> str:
+        """The model the basecaller runs the batch with: its run's, else engine.model."""
+        return batch.model or self.bc_model
 
     def _job_dirs(self, batch: Batch) -> tuple[Path, Path]:
         """The batch's input and output dirs on this host: under its run's directories
@@ -667,7 +671,9 @@ class BCEngine:
             batch_elapsed_s=round(time.monotonic() - self._batch_started, 3) if batch else 0.0,
             basecaller_pid=handle.pid if handle is not None and handle.result is None else None,
             batches_done=self.batches_done, files_done=self.files_done,
-            files_failed=self.files_failed, last_error=self.last_error))
+            files_failed=self.files_failed, last_error=self.last_error,
+            run_id=(batch.run_id or None) if batch else None,
+            model=(self._model_for(batch) or None) if batch else None))
 
     def _grace(self) -> float:
         grace = self.conf.runner.stop_grace_s
