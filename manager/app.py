@@ -19,7 +19,10 @@ from bcorch.protocol import (MAX_BATCH_SIZE, RATE_FIELD, SIMULATED_FIELD, STARTU
                               validate_file_name, validate_id)
 
 from .auth import TokenAuth
-from .metrics import Metrics
+from .facility import Facility, UnknownRun
+from .facility_app import run_routes
+from .facility_metrics import FacilityMetrics
+from .metrics import CollectorMetrics, Metrics
 from .service import Answer, Manager
 from .states import FileState
 from .store import UnknownFailedFile
@@ -149,15 +152,9 @@ def _simulated(params: Params) -> bool:
 class App:
     """Serves a Manager (single-run mode) or a Facility (facility mode: /runs routes too)."""
 
-    def __init__(self, manager: Manager, token: str = ""):
+    def __init__(self, manager: Manager | Facility, token: str = ""):
         self.manager = manager
         self.auth = TokenAuth(token)
-        self.facility = None if isinstance(manager, Manager) else manager
-        if self.facility is None:
-            self.metrics = Metrics(manager)
-        else:
-            from .facility_metrics import FacilityMetrics
-            self.metrics = FacilityMetrics(self.facility)
         self.page = LivePage(manager, self.auth)   # GET / and /live (manager.web_page)
         self.routes: dict[str, tuple[frozenset[str], bool, Callable[[Params], Answer]]] = {
             "/assignwork": (frozenset({"GET", "POST"}), True, self.assignwork),
@@ -170,9 +167,12 @@ class App:
             "/metrics": (frozenset({"GET", "HEAD"}), True, self.metrics_text),
             "/live": (frozenset({"GET", "HEAD"}), True, self.page.live),
         }
-        if self.facility is not None:
-            from .facility_app import run_routes
-            self.routes.update(run_routes(self.facility, HTTPError))
+        self.metrics: CollectorMetrics
+        if isinstance(manager, Manager):
+            self.metrics = Metrics(manager)
+        else:   # facility mode's own: the metrics' run label and the /runs routes
+            self.metrics = FacilityMetrics(manager)
+            self.routes.update(run_routes(manager, HTTPError))
 
     # -- WSGI --------------------------------------------------------------------------
 
@@ -312,15 +312,10 @@ class App:
                                  f"{', '.join(s.value for s in FileState)}, got {str(raw)[:40]!r}") from None
         limit_raw = params.one("limit", required=False)
         limit = 1000 if limit_raw is None else _int_param(limit_raw, "limit", 1, MAX_LIST_LIMIT)
-        if self.facility is not None:
-            from .facility import UnknownRun
-            try:
-                found = self.facility.files_in_state(state, limit,
-                                                     params.one("run", required=False))
-            except UnknownRun as exc:
-                raise HTTPError(400, str(exc)) from None
-        else:
-            found = self.manager.store.files_in_state(state, limit)
+        try:
+            found = self.manager.files_in_state(state, limit, params.one("run", required=False))
+        except UnknownRun as exc:
+            raise HTTPError(400, str(exc)) from None
         files = [{**f, "job_id": f["job_id"] and short_job_id(f["job_id"])} for f in found]
         return Answer(200, {"state": state.value, "count": len(files), "files": files})
 
@@ -328,7 +323,4 @@ class App:
         return RawAnswer(*self.metrics.exposition())
 
     def close_input(self, params: Params) -> Answer:
-        self.manager.close_input()
-        if self.facility is not None:
-            return Answer(200, {"ok": True, "input_closed": True, "facility": True})
-        return Answer(200, {"ok": True, "input_closed": True})
+        return self.manager.close_input()

@@ -169,7 +169,7 @@ class Manager:
         for listener in self._work_listeners:
             listener()
 
-    def close_input(self, why: str = "") -> None:
+    def close_input(self, why: str = "") -> Answer:
         with self._lock:
             if not self._input_closed:
                 self.store.close_input()
@@ -182,6 +182,7 @@ class Manager:
                         log.error("cannot record the closed input in the journal %s: %s",
                                   self.journal.path, exc)
         self.work_may_be_ready()
+        return Answer(200, {"ok": True, "input_closed": True})
 
     def add_found(self, found: list[Found]) -> Placed:
         """Store files the scanner found ready, recognising moved files and copies."""
@@ -471,6 +472,11 @@ class Manager:
         return (self._input_closed and self._input_scanned
                 and counts[FileState.PENDING.value] == 0 and counts[FileState.ASSIGNED.value] == 0
                 and self.waiting_files() == 0)
+
+    def files_in_state(self, state: FileState, limit: int, run_id: object = None) -> list[dict]:
+        """The first `limit` files in `state`. One run, unnamed: `run_id` (which names a run
+        of a Facility) is not looked at."""
+        return self.store.files_in_state(state, limit)
 
     def status(self) -> dict[str, Any]:
         counters = self.store.snapshot()
