@@ -473,3 +473,28 @@ def test_status_header_says_whether_the_manager_was_ever_reached():
     assert "manager http://m: not reached yet" in render_status(status)
     status["manager"].update(reached=True, run_complete=True)
     assert "manager http://m: reachable, run complete" in render_status(status)
+
+
+def test_status_on_the_control_pipe_names_each_gpus_run_and_model(supervisor):
+    """A heartbeat read from the engine's real pipe reaches `bcorch status --json` (the control
+    reply, as JSON) and the table rendered from it."""
+    import json
+    import multiprocessing
+    from bcorch.orchestrator.status_view import render_status
+    sup, clock = supervisor()
+    ours, engines = multiprocessing.Pipe()
+    try:
+        sup.slots[0].engine.conn = ours
+        engines.send(facility_beat("PAW12345", "sup,5mCG_5hmCG"))
+        assert ours.poll(10), "the heartbeat did not come through the pipe"
+        sup._read_pipe(sup.slots[0])
+        replies: list[dict] = []
+        sup.handle(("control", {"cmd": "status"}, replies.append), 1.0)
+        reply = json.loads(json.dumps(replies[0]))
+    finally:
+        ours.close()
+        engines.close()
+    assert [(s["run_id"], s["model"]) for s in reply["slots"]] == [
+        ("PAW12345", "sup,5mCG_5hmCG"), (None, None)]
+    rows = render_status(reply).split("GPU  RUN")[1].splitlines()[1:]
+    assert [row.split() for row in rows] == [["0", "PAW12345", "sup,5mCG_5hmCG"], ["1", "-", "-"]]
