@@ -4,8 +4,10 @@ Work is measured in a file's bytes on disk (VBZ-compressed signal, roughly propo
 to its samples); the manager reads no POD5 read table (it has no pod5 dependency).
 
 Each engine reports, with a DONE batch, the rate it basecalled at (bytes per second of
-basecalling) and its start-up per batch (everything of the batch that is not basecalling:
-asking, lease, process start, model loading). From those:
+basecalling) and its start-up per batch (what the batch cost the GPU outside basecalling:
+from the end of the engine's previous basecall to this one's process start, waiting for
+work left out, plus the runner's own start-up such as a model load where the runner
+measures it; docs/engine.md, "The pace it reports"). From those:
 
 - steady state: a batch holds enough work that start-up is at most `share` of the batch's
   time: work >= startup * (1 - share) / share seconds at the engine's rate;
