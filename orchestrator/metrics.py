@@ -57,6 +57,11 @@ class SlotCollector:
         in_batch = GaugeMetricFamily("bcorch_slot_batch_files",
                                      "Files in the batch being basecalled (0 when idle)",
                                      labels=labels)
+        # A model label is bounded by the few models a facility runs; a run label would
+        # grow without bound over weeks of runs (the manager's metrics carry the run).
+        model = GaugeMetricFamily("bcorch_slot_model",
+                                  "1 for the model the slot's batch is basecalled with "
+                                  "(absent when idle)", labels=labels + ["model"])
         health = {k: GaugeMetricFamily(f"bcorch_{name}", text, labels=labels)
                   for k, name, text in HEALTH_GAUGES}
         lost = GaugeMetricFamily("bcorch_gpu_lost", "1 when NVML reports the GPU lost",
@@ -68,13 +73,15 @@ class SlotCollector:
             batches.add_metric(key(s), s.get("batches_done") or 0)
             files.add_metric(key(s), s.get("files_done") or 0)
             in_batch.add_metric(key(s), (s.get("batch_size") or 0) if s.get("job_id") else 0)
+            if s.get("job_id") and s.get("model"):
+                model.add_metric(key(s) + [str(s["model"])], 1.0)
             sample = s.get("health") or {}
             for k, family in health.items():
                 if sample.get(k) is not None:
                     family.add_metric(key(s), sample[k])
             if s.get("health") is not None:
                 lost.add_metric(key(s), 1.0 if sample.get("lost") else 0.0)
-        yield from (state, restarts, batches, files, in_batch, *health.values(), lost)
+        yield from (state, restarts, batches, files, in_batch, model, *health.values(), lost)
         manager = status.get("manager", {})
         yield GaugeMetricFamily("bcorch_manager_reachable",
                                 "1 when the last contact with the manager succeeded",
