@@ -55,7 +55,7 @@ from .fair_share import Demand, FairShare
 from .run_discovery import RunDir, discover_runs, run_dir
 from .run_part import RunPart, RunPlace
 from .run_settings import RunSettings, RunSettingsError, settings_for
-from .run_summary import write_summary
+from .run_summary import SUMMARY_NAME, write_summary
 from .service import Answer, refuse_simulated
 from .states import FileState
 from .statedir import default_db_path
@@ -351,12 +351,14 @@ class Facility:
         for run in list(self._runs.values()):
             if self._stop():
                 return
-            if run.part is None or run.state.final or run.state is RunState.QUARANTINED:
+            part = run.part
+            if part is None or run.state.final or run.state is RunState.QUARANTINED:
                 continue
             try:
-                run.part.scan(self._stop)
+                part.scan(self._stop)
             except Exception:  # noqa: BLE001
-                log.exception("run %s: scan failed (will retry)", run.row.run_id)
+                if not part.closed:   # else it settled meanwhile: nothing to scan
+                    log.exception("run %s: scan failed (will retry)", run.row.run_id)
         for run in list(self._runs.values()):
             with self._lock:
                 self._check_settled(run)
@@ -368,8 +370,14 @@ class Facility:
     def reap(self) -> int:
         expired = 0
         for run in list(self._runs.values()):
-            if run.part is not None and run.state is not RunState.QUARANTINED:
-                expired += run.part.reap()
+            part = run.part
+            if part is None or run.state is RunState.QUARANTINED:
+                continue
+            try:
+                expired += part.reap()
+            except sqlite3.ProgrammingError:
+                if not part.closed:   # else it settled meanwhile: nothing to reap
+                    raise
         self._sweep_jobs()
         return expired
 
@@ -435,9 +443,15 @@ class Facility:
         self._watch_late(run)
 
     def _watch_late(self, run: Run) -> None:
-        if run.state is RunState.COMPLETE:
-            self.late.watch(run.row.run_id, str(run.where.path), run.row.output_dir,
-                            float(run.row.summary.get("written_at") or 0.0))
+        """Files are late when changed after the summary file was: its mtime is on the
+        filesystem's clock, as theirs are (the written_at inside it when it is gone)."""
+        if run.state is not RunState.COMPLETE:
+            return
+        try:
+            settled_at = os.stat(Path(run.row.output_dir) / SUMMARY_NAME).st_mtime
+        except OSError:
+            settled_at = float(run.row.summary.get("written_at") or 0.0)
+        self.late.watch(run.row.run_id, str(run.where.path), run.row.output_dir, settled_at)
 
     def _summary(self, run: Run, state: RunState) -> dict[str, Any]:
         st = run.part.manager.status() if run.part is not None else None
