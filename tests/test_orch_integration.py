@@ -274,3 +274,53 @@ def test_manager_outage_drain_policy_exits_75(tmp_path, procs):
     assert b.wait(90) == 75, b.log()[-3000:]
     assert "on_manager_failure = drain" in b.log()
     assert none_alive(tree, 5) == []
+
+
+@pytest.mark.slow
+def test_bcorch_status_names_the_facility_run_and_model_each_gpu_basecalls(tmp_path, procs):
+    """Operators see which run and model each GPU works on: a real facility manager
+    (--watch-root) with one run whose bcorch.toml asks for a methylation model, a real bcorch;
+    `bcorch status --json` and its table name the run and the model while a batch runs."""
+    from bcorch.orchestrator.local_cluster import bcorch_argv, manager_argv
+    from support import free_port, http_json
+    root = tmp_path / "root"
+    name = "20261126_1001_P2S-01-A_FLOW001_abcd0001"
+    run = root / "proto" / "methylation" / name
+    write_dataset(run / "pod5", 2, reads_per_file=10, samples_per_read=4000)
+    (run / "bcorch.toml").write_text('[run]\nmodel = "sup,5mCG_5hmCG"\n')
+    port, sock = free_port(), tmp_path / "ctl" / "c.sock"
+    cfg = write_config(
+        tmp_path / "bcorch.toml",
+        manager={"url": f"http://127.0.0.1:{port}", "port": port, "settle_s": 0.0,
+                 "scan_interval_s": 0.2, "batch_size": 1},
+        facility={"model": "hac"},
+        engine={"polling_interval": 0.05, "work_until_none_left": True},
+        runner={"kind": "simulate", "samples_per_s": 10_000, "stop_grace_s": 2.0},
+        orchestrator={"hang_timeout_s": 30.0, "exit_when_done": False})
+    manager = ManagedProcess(manager_argv(cfg, "--watch-root", str(root)), tmp_path / "m.log")
+    procs.append(manager)
+    manager.start()
+    def manager_up() -> bool:
+        try:
+            return http_json(f"http://127.0.0.1:{port}/runs")[0] == 200
+        except OSError:
+            return False
+    wait_until(manager_up, 30, what="the facility manager up")
+    bcorch = ManagedProcess(bcorch_argv(cfg, 1, "--socket", str(sock)), tmp_path / "b.log")
+    procs.append(bcorch)
+    bcorch.start()
+    wait_until(lambda: sock.exists() or bcorch.proc.poll() is not None, 30, what="control socket")
+
+    def working_slot():
+        slot = request(sock, {"cmd": "status"})["slots"][0]
+        return slot if slot.get("job_id") else None
+    slot = wait_until(working_slot, 60, what="a batch in bcorch status")
+    assert (slot["run_id"], slot["model"]) == (name, "sup,5mCG_5hmCG"), slot
+    table = subprocess.run([sys.executable, "-m", "bcorch.orchestrator", "status", "--socket",
+                            str(sock)], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    runs = table.stdout.split("GPU  RUN")
+    assert len(runs) == 2 and ["0", name, "sup,5mCG_5hmCG"] in [
+        line.split() for line in runs[1].splitlines()], table.stdout
+    bcorch.signal(signal.SIGTERM)
+    assert bcorch.wait(60) == 0, bcorch.log()[-2000:]
