@@ -542,9 +542,10 @@ class Facility:
         issued = self._jobs.get(job_id)
         if issued is not None:
             return self._runs.get(issued.run_id)
-        for run in self._runs.values():   # a job finished before a restart: ask the stores
-            if run.part is not None and run.part.store.job(job_id) is not None:
-                return run
+        with self._lock:   # a job finished before a restart: ask the open runs' stores
+            for run in self._runs.values():
+                if run.part is not None and run.part.store.job(job_id) is not None:
+                    return run
         return None
 
     def keepalive(self, job_id: str, state: WireState, engine_id: str | None = None) -> Answer:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,26 +36,28 @@ class LateFiles:
 
     def __init__(self) -> None:
         self._runs: dict[str, _Watched] = {}
+        self._lock = threading.Lock()   # watch() comes from a request's thread
 
     def watch(self, run_id: str, input_dir: str, output_dir: str, settled_at: float) -> None:
-        if run_id not in self._runs:
-            self._runs[run_id] = _Watched(os.path.abspath(input_dir),
-                                          os.path.abspath(output_dir), settled_at)
-
-    def forget(self, run_id: str) -> None:
-        self._runs.pop(run_id, None)
+        with self._lock:
+            if run_id not in self._runs:
+                self._runs[run_id] = _Watched(os.path.abspath(input_dir),
+                                              os.path.abspath(output_dir), settled_at)
 
     def check(self, stop: Callable[[], bool] = lambda: False) -> dict[str, str]:
         """Run id -> the first late file found (input-relative), each logged once."""
         found: dict[str, str] = {}
-        for run_id, watched in list(self._runs.items()):
+        with self._lock:
+            runs = list(self._runs.items())
+        for run_id, watched in runs:
             if stop():
                 break
             late = _first_late(watched)
             if late is None:
                 continue
             found[run_id] = late
-            del self._runs[run_id]
+            with self._lock:
+                self._runs.pop(run_id, None)
             log.warning("run %s is COMPLETE and its summary written: %s appeared in its input "
                         "afterwards and will NOT be basecalled (put it in a new run directory); "
                         "said once", run_id, late)
