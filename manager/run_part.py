@@ -106,11 +106,7 @@ class RunPart:
             if self._closed:
                 return
             self._closed = True
-        try:
-            self.manager.flush_moved()
-        finally:
-            self.store.close()
-            self.journal.close()
+        self.manager.close()
 
 
 def inside(child: str, parent: str) -> bool:

@@ -146,6 +146,18 @@ class Manager:
             self.store.mark_moved(*moved)
             self._journalled.difference_update(moved)
 
+    def close(self) -> None:
+        """Acknowledge finished moves, then close the store and the journal under the lock:
+        an operation in another thread finishes first or finds them closed, never cut off
+        between its transaction and its moves."""
+        with self._lock:
+            try:
+                self.flush_moved()
+            finally:
+                self.store.close()
+                if self.journal is not None:
+                    self.journal.close()
+
     def _finish_moves(self) -> None:
         self.flush_moved()
         for job in self.store.unfinished_moves():
