@@ -19,8 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bcorch.orchestrator.control import ControlError, request
 from bcorch.orchestrator.local_cluster import LocalCluster
 from bcorch.orchestrator.pod5_dataset import write_dataset
+from bcorch.orchestrator.status_view import render_status
 from bcorch.workers.read_ids import read_ids_under
 
 
@@ -48,12 +50,19 @@ def main() -> int:
     expected = write_dataset(cluster.input_dir, args.files, 50, 4000, seed=7)
     reads = {r for ids in expected.values() for r in ids}
     slots_seen: list[dict] = []
+    busy_table = "(no slot was seen holding a batch)"
     try:
         cluster.start_manager()
         bcorch = cluster.start_bcorch()
         deadline = time.monotonic() + 180
         while bcorch.running() and time.monotonic() < deadline:
-            slots_seen = cluster.slots() or slots_seen
+            try:
+                reply = request(cluster.socket, {"cmd": "status"}, timeout=2.0)
+            except (ControlError, OSError):
+                reply = {}
+            slots_seen = reply.get("slots") or slots_seen
+            if any(slot.get("job_id") for slot in reply.get("slots") or []):
+                busy_table = render_status(reply)
             time.sleep(0.5)
         code = bcorch.returncode
         status = cluster.status() or {}
@@ -61,6 +70,7 @@ def main() -> int:
         cluster.close()
     print("bcorch status slots (last answer before it exited):")
     print(json.dumps(slots_seen, indent=1)[:6000])
+    print(f"`bcorch status` while a batch was held:\n{busy_table}")
     print(f"manager files: {status.get('files')}; bcorch exit {code}")
     found = read_ids_under([cluster.output_dir / "pass", cluster.output_dir / "fail"])
     missing, doubled = reads - set(found), found.doubled()
