@@ -65,6 +65,7 @@ log = logging.getLogger("bcmanager.facility")
 OUTPUT_BESIDE = "basecalls"
 DEFAULT_ESTIMATE_S = 60.0   # a batch's GPU seconds before the engine's pace is known
 CLOSED_FLAG = "closed"
+MISSING = "its directory is missing"
 
 
 class UnknownRun(LookupError):
@@ -83,6 +84,7 @@ class Run:
     where: RunDir
     settings: RunSettings | None = None
     part: RunPart | None = None
+    unavailable: str = ""   # why its batches cannot be handed out now (its directory gone)
 
     @property
     def state(self) -> RunState:
@@ -225,7 +227,7 @@ class Facility:
         self._watch_run(run)
         part.manager.on_work_may_be_ready(self.work_may_be_ready)
         for job in part.store.live_jobs():   # a restart: the run's live jobs are its own
-            self._jobs[job.job_id] = Issued(row.run_id, self._clock())
+            self._jobs.setdefault(job.job_id, Issued(row.run_id, self._clock()))
             self.fair.started(job.job_id, row.run_id, job.engine_id, self._model(run),
                               DEFAULT_ESTIMATE_S)
 
@@ -346,13 +348,20 @@ class Facility:
                 if self._stop():
                     return
                 with self._lock:
-                    if where.rel not in self._by_rel:
+                    if where.rel in self._by_rel:
+                        continue
+                    moved = self._moved_from(where)
+                    if moved is not None:
+                        self._move(moved, where)
+                    else:
                         self._add(where)
         for run in list(self._runs.values()):
             if self._stop():
                 return
             part = run.part
             if part is None or run.state.final or run.state is RunState.QUARANTINED:
+                continue
+            if not self._present(run):
                 continue
             try:
                 part.scan(self._stop)
@@ -366,6 +375,65 @@ class Facility:
         if not self._discovered:
             self._discovered = True
             self.work_may_be_ready()
+
+    def _present(self, run: Run) -> bool:
+        """Whether the run's directory is there; a run whose directory is gone (deleted,
+        moved out of the root, unmounted) is said so once, gets no batches and is not
+        scanned until it is back. Its files stay as they are: nothing is lost or redone."""
+        here = os.path.isdir(run.where.path)
+        with self._lock:
+            if here and run.unavailable:
+                log.info("run %s (%s): its directory is back; serving it again",
+                         run.row.run_id, run.row.rel)
+                run.unavailable = ""
+                self.work_may_be_ready()
+            elif not here and not run.unavailable.startswith(MISSING):
+                self._unavailable(run, f"{MISSING} ({run.where.path}): moved, deleted or "
+                                       f"unmounted; its files wait until it is back, or "
+                                       f"`run cancel` it")
+        return here
+
+    def _unavailable(self, run: Run, why: str) -> None:
+        run.unavailable = why
+        log.warning("run %s (%s): %s; the other runs go on", run.row.run_id, run.row.rel, why)
+
+    def _moved_from(self, where: RunDir) -> Run | None:
+        """The known run that `where` is, moved within the root: a run directory's name
+        (start, device, flow cell, run id) is unique, so a known run of the same name whose
+        own directory is gone has been moved (its sample or group renamed, say)."""
+        for run in self._runs.values():
+            if run.where.name == where.name and run.row.rel != where.rel \
+                    and not os.path.lexists(run.where.path):
+                return run
+        return None
+
+    def _move(self, run: Run, where: RunDir) -> None:
+        """The run follows its directory: same id, store, journal and output (beside the
+        pod5 folder, the output moved with it; its database file is renamed to match)."""
+        old_rel, old_db = run.row.rel, self.db_of(run)
+        part, run.part = run.part, None
+        if part is not None:
+            try:
+                part.close()
+            except Exception:  # noqa: BLE001 - reopened below from what was recorded
+                log.exception("run %s: closing its database before the move failed",
+                              run.row.run_id)
+        run.where = dataclasses.replace(where, run_id=run.row.run_id)
+        run.row.rel = where.rel
+        if self.fcfg.output == "beside":
+            run.row.output_dir = self._output_dir(where.rel)
+        _rename_db(old_db, self.db_of(run))
+        self.db.save(run.row)
+        del self._by_rel[old_rel]
+        self._by_rel[where.rel] = run.row.run_id
+        run.unavailable = ""
+        log.warning("run %s: its directory moved from %s to %s; it is the same run (nothing "
+                    "done is done again)", run.row.run_id, old_rel, where.rel)
+        if self._settled(run):
+            self._watch_late(run)
+        elif part is not None:
+            self._open_part(run)
+        self.work_may_be_ready()
 
     def reap(self) -> int:
         expired = 0
@@ -492,7 +560,8 @@ class Facility:
     def _ready(self) -> list[Demand]:
         ready = []
         for run in self._runs.values():
-            if not run.state.serving or run.part is None or run.settings is None:
+            if not run.state.serving or run.part is None or run.settings is None \
+                    or run.unavailable:
                 continue
             if run.part.store.snapshot().files[FileState.PENDING.value] <= 0:
                 continue
@@ -512,9 +581,13 @@ class Facility:
                 run = self._runs[demand.run_id]
                 assert run.part is not None and run.settings is not None
                 answer = run.part.manager.assign(engine_id, wanted, simulated)
-                if answer.status != 200:
+                if answer.status == 503:   # its batch could not be prepared: withdrawn
+                    if self._present(run):
+                        self._unavailable(run, "its batches cannot be prepared until the "
+                                               f"next scan: {answer.body.get('error', '')}")
+                elif answer.status != 200:
                     return answer
-                if answer.body.get("batch_size"):
+                elif answer.body.get("batch_size"):
                     return self._issued(run, engine_id, answer)
                 ready = [d for d in ready if d.run_id != demand.run_id]
             return Answer(200, Batch.empty_answer(engine_id, self.interval,
@@ -535,7 +608,8 @@ class Facility:
         return Answer(200, dataclasses.replace(
             batch, input_closed=self._closed, input_root=self.root, output_root=self.output_root,
             run_id=run.row.run_id, run_input_dir=run.row.rel,
-            run_output_dir=self.run_output_rel(run.row.rel), model=run.settings.model,
+            run_output_dir=os.path.relpath(run.row.output_dir, self.output_root),
+            model=run.settings.model,
             kit=run.settings.kit, emit=run.settings.emit).to_dict())
 
     def _owner(self, job_id: str) -> Run | None:
@@ -619,6 +693,15 @@ class Facility:
                     except Exception:  # noqa: BLE001
                         log.exception("run %s: closing its database failed", run.row.run_id)
             self.db.close()
+
+
+def _rename_db(old: str, new: str) -> None:
+    """Move a closed SQLite store (and any -wal/-shm beside it) to its new name."""
+    if old == new or not os.path.exists(old):
+        return
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(old + suffix):
+            os.replace(old + suffix, new + suffix)
 
 
 class _Result:

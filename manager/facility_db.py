@@ -102,12 +102,13 @@ class FacilityDB:
                         json.dumps(row.settings), row.output_dir, row.found_at or time.time()))
 
     def save(self, row: RunRow) -> None:
-        """Write the row's changing fields (state, reason, settings, accounting, summary)."""
+        """Write the row's changing fields (where it is, state, reason, settings, accounting,
+        summary)."""
         with self._tx() as db:
-            db.execute("UPDATE runs SET state = ?, reason = ?, input_closed = ?, settings = ?, "
-                       "output_dir = ?, first_batch_at = ?, last_batch_at = ?, served_s = ?, "
-                       "summary = ? WHERE run_id = ?",
-                       (row.state.value, row.reason, int(row.input_closed),
+            db.execute("UPDATE runs SET rel = ?, state = ?, reason = ?, input_closed = ?, "
+                       "settings = ?, output_dir = ?, first_batch_at = ?, last_batch_at = ?, "
+                       "served_s = ?, summary = ? WHERE run_id = ?",
+                       (row.rel, row.state.value, row.reason, int(row.input_closed),
                         json.dumps(row.settings), row.output_dir, row.first_batch_at,
                         row.last_batch_at, row.served_s,
                         json.dumps(row.summary) if row.summary else "", row.run_id))

@@ -86,7 +86,7 @@ class FacilityView:
         files = counts.get("files", {})
         return {
             "run_id": run.row.run_id, "rel": run.row.rel, "state": run.state.value,
-            "reason": run.row.reason, "priority": settings.get("priority"),
+            "reason": run.row.reason or run.unavailable, "priority": settings.get("priority"),
             "model": settings.get("model"), "kit": settings.get("kit"),
             "emit": settings.get("emit"), "files": files,
             "progress": counts.get("progress", dict(NO_PROGRESS)),

@@ -39,10 +39,12 @@ class LateFiles:
         self._lock = threading.Lock()   # watch() comes from a request's thread
 
     def watch(self, run_id: str, input_dir: str, output_dir: str, settled_at: float) -> None:
+        """Watch the run's input (again, from scratch, when it was moved)."""
+        input_dir, output_dir = os.path.abspath(input_dir), os.path.abspath(output_dir)
         with self._lock:
-            if run_id not in self._runs:
-                self._runs[run_id] = _Watched(os.path.abspath(input_dir),
-                                              os.path.abspath(output_dir), settled_at)
+            known = self._runs.get(run_id)
+            if known is None or known.input_dir != input_dir:
+                self._runs[run_id] = _Watched(input_dir, output_dir, settled_at)
 
     def check(self, stop: Callable[[], bool] = lambda: False) -> dict[str, str]:
         """Run id -> the first late file found (input-relative), each logged once."""

@@ -1,0 +1,175 @@
+"""Facility mode tried the way a careless or hostile facility user would (issue 13, with
+issue 11's promise per run): every read basecalled once, in its run's output, and one run's
+trouble never stops the others.
+
+An in-process Facility on real directories, real POD5 files and real SQLite; the test plays
+the engine (reads through the batch's run directories, writes FASTQ, completes the job).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bcorch.config import FacilityConfig, ManagerConfig
+from bcorch.manager.facility import Facility
+from bcorch.manager.facility_states import RunEvent, RunState
+from bcorch.orchestrator.pod5_dataset import write_pod5
+from bcorch.protocol import JobState
+from test_facility import basecall
+
+GROUP, SAMPLE = "proto", "sample"
+
+
+def make_run(root: Path, name: str, files: int, seed: int, *, sample: str = SAMPLE) -> set[str]:
+    """A run directory root/GROUP/sample/name/pod5 with `files` POD5 files: its read ids."""
+    pod5 = root / GROUP / sample / name / "pod5"
+    pod5.mkdir(parents=True, exist_ok=True)
+    ids: set[str] = set()
+    for i in range(files):
+        tmp = pod5 / f"f{i:02d}.pod5.tmp"
+        ids.update(write_pod5(tmp, 2, 200, random.Random(seed * 1000 + i)))
+        os.rename(tmp, pod5 / f"f{i:02d}.pod5")
+    return ids
+
+
+def facility(tmp: Path, root: Path, **fcfg) -> Facility:
+    cfg = ManagerConfig(watch_root=str(root), settle_s=0.0, report_back_interval=3600.0,
+                        db=str(tmp / "state" / "facility.sqlite"))
+    return Facility(cfg, FacilityConfig(**fcfg))
+
+
+def take(fac: Facility, size: int = 1) -> dict:
+    answer = fac.assign("gpu0", size)
+    assert answer.status == 200, answer.body
+    return answer.body
+
+
+def finish(fac: Facility, batch: dict) -> None:
+    basecall(None, batch)
+    answer = fac.complete(batch["jobid"], JobState.DONE, {}, "", engine_id="gpu0")
+    assert answer.status == 200 and answer.body.get("ok"), answer.body
+
+
+def drain(fac: Facility, limit: int = 100) -> list[str]:
+    """Take and finish 1-file batches until none is left: the run ids served."""
+    served = []
+    for _ in range(limit):
+        batch = take(fac)
+        if not batch["batch_size"]:
+            return served
+        finish(fac, batch)
+        served.append(batch["run_id"])
+    raise AssertionError("never ran dry")
+
+
+def reads_in(base: Path) -> collections.Counter:
+    """How often each read id appears in the merged FASTQ (*/pass/*.fastq) under base."""
+    counts: collections.Counter = collections.Counter()
+    for fq in base.rglob("*.fastq"):
+        if fq.parent.name == "pass":
+            counts.update(line[1:].split()[0] for line in fq.read_text().splitlines()[::4])
+    return counts
+
+
+def runs(fac: Facility) -> dict[str, dict]:
+    return {r["run_id"]: r for r in fac.runs()}
+
+
+def test_a_run_directory_that_vanishes_does_not_stop_the_other_runs(tmp_path):
+    """A run's directory deleted, moved out of the root or unmounted while it has files
+    left: the other runs are still served (it used to answer every /assignwork 503, for
+    good, as fair share kept picking the starved run), it says its directory is missing,
+    and once back it is served again: every read once."""
+    root = tmp_path / "root"
+    gone = make_run(root, "run_gone", 4, 1)
+    stays = make_run(root, "run_stays", 4, 2)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        away = tmp_path / "away"
+        os.rename(root / GROUP / SAMPLE / "run_gone", away)
+        fac.scan_tick()
+
+        served = drain(fac)
+        assert served.count("run_stays") >= 3 and "run_gone" not in served, served
+        view = runs(fac)
+        assert view["run_stays"]["files"]["DONE"] == 4
+        assert "missing" in view["run_gone"]["reason"], view["run_gone"]
+        assert view["run_gone"]["state"] == "ACTIVE" and not fac.nothing_left()
+
+        os.rename(away, root / GROUP / SAMPLE / "run_gone")
+        fac.scan_tick()
+        drain(fac)
+        view = runs(fac)
+        assert view["run_gone"]["files"]["DONE"] == 4 and view["run_gone"]["reason"] == ""
+        assert set(view) == {"run_gone", "run_stays"}
+    finally:
+        fac.close()
+    counts = reads_in(root)
+    assert set(counts) == gone | stays and set(counts.values()) == {1}, counts
+
+
+def test_assigning_skips_a_run_whose_directory_vanished_since_the_last_scan(tmp_path):
+    """Between two scans the facility does not know yet: the batch it cannot prepare is
+    withdrawn and the next run is asked, instead of a 503 to the engine."""
+    root = tmp_path / "root"
+    make_run(root, "run_a", 3, 1)
+    make_run(root, "run_b", 3, 2)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        first = take(fac)
+        other = "run_b" if first["run_id"] == "run_a" else "run_a"
+        shutil.rmtree(root / GROUP / SAMPLE / other)
+        for _ in range(2):
+            batch = take(fac)
+            assert batch["batch_size"] == 1 and batch["run_id"] == first["run_id"], batch
+            finish(fac, batch)
+        finish(fac, first)
+        assert take(fac)["batch_size"] == 0
+        assert "missing" in runs(fac)[other]["reason"]
+    finally:
+        fac.close()
+
+
+@pytest.mark.parametrize("output", ["beside", "mirror"])
+def test_a_run_moved_to_another_sample_mid_run_keeps_its_id_and_nothing_is_redone(
+        tmp_path, output):
+    """A run directory moved within the root (its sample folder renamed) while a batch of
+    it is out: it stays the same run (id, store, output), the batch still completes, and
+    no read is basecalled twice (mirror output used to start it over as a new run)."""
+    root = tmp_path / "root"
+    out = tmp_path / "out"
+    ids = make_run(root, "20261126_1200_P2S-01-A_FLOW001_abcd0001", 4, 1)
+    fac = facility(tmp_path, root, output=output, output_root=str(out))
+    run_id = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        out_job = take(fac)
+        (root / GROUP / SAMPLE).rename(root / GROUP / "sample_renamed")
+        fac.scan_tick()
+        fac.scan_tick()
+        view = runs(fac)
+        assert set(view) == {run_id}, view
+        assert view[run_id]["rel"] == f"{GROUP}/sample_renamed/{run_id}"
+        out_job["run_input_dir"] = view[run_id]["rel"]   # the engine finds it where it is now
+        if output == "beside":
+            out_job["run_output_dir"] = view[run_id]["rel"] + "/basecalls"
+        finish(fac, out_job)
+        served = drain(fac)
+        assert served == [run_id, run_id], served
+        fac.command(run_id, RunEvent.CLOSE)
+        fac.scan_tick()
+        assert fac._runs[run_id].state is RunState.COMPLETE
+        assert runs(fac)[run_id]["files"]["DONE"] == 4
+    finally:
+        fac.close()
+    counts = reads_in(tmp_path)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
