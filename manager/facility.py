@@ -479,6 +479,8 @@ class Facility:
                 return
         elif run.state is not RunState.CANCELLED or run.part.manager.leases.by_engine():
             return
+        if not self._moves_done(run):
+            return
         after = transition(run.state, RunEvent.SETTLED, run.row.input_closed)
         summary = self._summary(run, after)
         try:
@@ -494,6 +496,15 @@ class Facility:
                  run.row.output_dir)
         self._retire(run)
         self.work_may_be_ready()   # held long polls may learn that nothing is left
+
+    @staticmethod
+    def _moves_done(run: Run) -> bool:
+        """Every finished batch's outputs are where they belong. A move that failed (a full
+        disk, `pass` not a directory) is retried by the run's reaper, so a run is not
+        settled, and its part closed, before then."""
+        assert run.part is not None
+        run.part.manager.flush_moved()
+        return not run.part.store.unfinished_moves()
 
     @staticmethod
     def _settled(run: Run) -> bool:

@@ -173,3 +173,36 @@ def test_a_run_moved_to_another_sample_mid_run_keeps_its_id_and_nothing_is_redon
         fac.close()
     counts = reads_in(tmp_path)
     assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_run_whose_last_outputs_could_not_be_moved_is_not_settled_until_they_are(tmp_path):
+    """The last batch of a closed run is DONE but its FASTQ cannot be moved into the run's
+    output (here `pass` is a file, as a careless operator or a full disk makes it): the run
+    must not be summarised and retired then (its part, which retries the move, used to be
+    closed and never opened again: the reads never reached the output). It settles once
+    the move is done, with every read in pass/ once."""
+    root = tmp_path / "root"
+    ids = make_run(root, "run1", 2, 1)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        batch = take(fac, 2)
+        fac.command("run1", RunEvent.CLOSE)
+        out = Path(fac._runs["run1"].row.output_dir)
+        shutil.rmtree(out / "pass", ignore_errors=True)
+        (out / "pass").write_text("not a directory")
+        finish(fac, batch)
+        fac.reap()
+        fac.scan_tick()
+        assert fac._runs["run1"].state is RunState.CLOSED
+        assert not (out / "bcorch_summary.json").exists()
+
+        (out / "pass").unlink()
+        fac.reap()
+        fac.scan_tick()
+        assert fac._runs["run1"].state is RunState.COMPLETE
+        assert fac._runs["run1"].part is None
+    finally:
+        fac.close()
+    counts = reads_in(root)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
