@@ -114,6 +114,8 @@ class Facility:
         self._lock = threading.RLock()
         self._runs: dict[str, Run] = {}
         self._by_rel: dict[str, str] = {}
+        self._by_real: dict[str, str] = {}   # a run directory's real path -> its run id
+        self._aliases: set[str] = set()      # rels that are a known run through a symlink
         self._jobs: dict[str, Issued] = {}
         self._listeners: list[Callable[[], None]] = []
         self._engines_seen: dict[str, float] = {}
@@ -173,6 +175,7 @@ class Facility:
                 row.state, row.reason = RunState.QUARANTINED, str(exc)
         self._runs[row.run_id] = run
         self._by_rel[row.rel] = row.run_id
+        self._by_real.setdefault(os.path.realpath(run.where.path), row.run_id)
         if self._settled(run):
             self._watch_late(run)   # over and summarised: its database is not opened
         elif row.state is not RunState.QUARANTINED:
@@ -201,6 +204,7 @@ class Facility:
         self.db.add(row)
         self._runs[run_id] = run
         self._by_rel[where.rel] = run_id
+        self._by_real.setdefault(os.path.realpath(where.path), run_id)
         if row.state is RunState.QUARANTINED:
             log.error("run %s (%s): QUARANTINED: %s; the other runs go on", run_id, where.rel,
                       row.reason)
@@ -343,12 +347,12 @@ class Facility:
     def scan_tick(self) -> None:
         """Find new runs (unless closed), then one scan of each run that takes files."""
         if not self._closed:
-            known = set(self._by_rel)
-            for where in discover_runs(Path(self.root), known):
+            known = set(self._by_rel) | self._aliases
+            for where in _real_paths_first(discover_runs(Path(self.root), known)):
                 if self._stop():
                     return
                 with self._lock:
-                    if where.rel in self._by_rel:
+                    if where.rel in self._by_rel or self._is_alias(where):
                         continue
                     moved = self._moved_from(where)
                     if moved is not None:
@@ -397,6 +401,18 @@ class Facility:
         run.unavailable = why
         log.warning("run %s (%s): %s; the other runs go on", run.row.run_id, run.row.rel, why)
 
+    def _is_alias(self, where: RunDir) -> bool:
+        """A known run reached through a symlink (the run, its sample or its group linked
+        under another name) is not a second run: its reads would be basecalled twice."""
+        same = self._by_real.get(os.path.realpath(where.path))
+        if same is None or same not in self._runs:
+            return False
+        self._aliases.add(where.rel)
+        log.warning("%s is run %s (%s) under another name (a symlink): not a run of its own; "
+                    "its reads are basecalled once, as run %s", where.rel, same,
+                    self._runs[same].row.rel, same)
+        return True
+
     def _moved_from(self, where: RunDir) -> Run | None:
         """The known run that `where` is, moved within the root: a run directory's name
         (start, device, flow cell, run id) is unique, so a known run of the same name whose
@@ -418,7 +434,10 @@ class Facility:
             except Exception:  # noqa: BLE001 - reopened below from what was recorded
                 log.exception("run %s: closing its database before the move failed",
                               run.row.run_id)
+        self._by_real = {real: rid for real, rid in self._by_real.items()
+                         if rid != run.row.run_id}
         run.where = dataclasses.replace(where, run_id=run.row.run_id)
+        self._by_real[os.path.realpath(where.path)] = run.row.run_id
         run.row.rel = where.rel
         if self.fcfg.output == "beside":
             run.row.output_dir = self._output_dir(where.rel)
@@ -704,6 +723,13 @@ class Facility:
                     except Exception:  # noqa: BLE001
                         log.exception("run %s: closing its database failed", run.row.run_id)
             self.db.close()
+
+
+def _real_paths_first(found: list[RunDir]) -> list[RunDir]:
+    """Runs found at their real path before those reached through a symlink, so that a run
+    and a link to it, found together, are recorded under the real one."""
+    return sorted(found, key=lambda w: (os.path.realpath(w.path) != os.path.abspath(w.path),
+                                        w.rel))
 
 
 def _rename_db(old: str, new: str) -> None:

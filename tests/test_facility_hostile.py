@@ -8,6 +8,7 @@ the engine (reads through the batch's run directories, writes FASTQ, completes t
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import random
 import shutil
@@ -205,4 +206,39 @@ def test_a_run_whose_last_outputs_could_not_be_moved_is_not_settled_until_they_a
     finally:
         fac.close()
     counts = reads_in(root)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_run_reachable_twice_through_symlinks_is_one_run(tmp_path, caplog):
+    """A run directory linked under another name, a sample folder linked into another
+    group, and a link back to the root (a loop): the run is found once, under its real
+    path, and each read basecalled once (each name used to be a run of its own: every read
+    four times, two of them sharing one output directory). Also after a restart."""
+    root = tmp_path / "root"
+    ids = make_run(root, "run_real", 2, 1)
+    sample = root / GROUP / SAMPLE
+    os.symlink(sample / "run_real", sample / "run_a_link")   # sorts before the real one
+    (root / "group2").mkdir()
+    os.symlink(sample, root / "group2" / SAMPLE)
+    os.symlink(root, root / "loop")
+    fac = facility(tmp_path, root)
+    try:
+        with caplog.at_level(logging.WARNING, logger="bcmanager.facility"):
+            fac.scan_tick()
+            fac.scan_tick()
+        assert set(runs(fac)) == {"run_real"}, runs(fac)
+        assert fac._runs["run_real"].row.rel == f"{GROUP}/{SAMPLE}/run_real"
+        said = [r.getMessage() for r in caplog.records if "symlink" in r.getMessage()]
+        assert len(said) == 3 and all("as run run_real" in line for line in said), said
+        assert drain(fac) == ["run_real", "run_real"]
+    finally:
+        fac.close()
+    again = facility(tmp_path, root)
+    try:
+        again.scan_tick()
+        assert set(runs(again)) == {"run_real"}
+        assert take(again)["batch_size"] == 0
+    finally:
+        again.close()
+    counts = reads_in(root / GROUP / SAMPLE / "run_real")
     assert set(counts) == ids and set(counts.values()) == {1}, counts
