@@ -57,6 +57,30 @@ def parse_pace_value(value: object, what: str) -> float:
     return number
 
 
+# Optional /completed fields (issue 16): the reads a DONE batch wrote, as the engine's output
+# check counted them (records in the job's pass/ and fail/ folders: what the manager merges).
+# Sent together; an engine that sends neither (the original) leaves its batch's reads
+# unknown, which the manager shows as unknown, never as 0.
+READS_PASS_FIELD = "reads_pass"
+READS_FAIL_FIELD = "reads_fail"
+READ_FIELDS = (READS_PASS_FIELD, READS_FAIL_FIELD)
+MAX_READ_COUNT = 10**12
+
+
+def parse_read_count(value: object, what: str) -> int:
+    """A read count: a non-negative JSON integer, or decimal digits in a query."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number: int | None = value
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{1,13}", value.strip()):
+        number = int(value.strip())
+    else:
+        number = None
+    if number is None or not 0 <= number <= MAX_READ_COUNT:
+        raise ProtocolError(f"{what} must be a non-negative integer (reads), "
+                            f"got {str(value)[:40]!r}")
+    return number
+
+
 def new_job_id(seq: int) -> str:
     """j<sequence>-<80 random bits in hex>: ordered for people, unguessable for others."""
     return f"j{seq:06d}-{secrets.token_hex(JOB_ID_RANDOM_BITS // 8)}"

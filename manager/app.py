@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
-from bcorch.protocol import (MAX_BATCH_SIZE, RATE_FIELD, SIMULATED_FIELD, STARTUP_FIELD,
-                              JobState as WireState, ProtocolError, parse_flag,
-                              parse_job_state, parse_pace_value, short_job_id,
-                              validate_file_name, validate_id)
+from bcorch.protocol import (MAX_BATCH_SIZE, RATE_FIELD, READS_FAIL_FIELD, READS_PASS_FIELD,
+                              SIMULATED_FIELD, STARTUP_FIELD, JobState as WireState,
+                              ProtocolError, parse_flag, parse_job_state, parse_pace_value,
+                              parse_read_count, short_job_id, validate_file_name, validate_id)
 
 from .auth import TokenAuth
 from .facility import Facility, UnknownRun
@@ -25,7 +25,7 @@ from .facility_metrics import FacilityMetrics
 from .metrics import CollectorMetrics, Metrics
 from .service import Answer, Manager
 from .states import FileState
-from .store import UnknownFailedFile
+from .store import ReadCount, UnknownFailedFile
 from .web_page import LivePage
 
 log = logging.getLogger("bcmanager.http")
@@ -142,6 +142,21 @@ def _holder_named(params: Params) -> str | None:
 def _pace_value(params: Params, name: str) -> float | None:
     value = params.one(name, required=False)
     return None if value is None else _checked(parse_pace_value, value, name)
+
+
+def _read_count(params: Params) -> ReadCount | None:
+    """reads_pass and reads_fail of a completion: both, or neither (reads unknown)."""
+    values = {name: params.one(name, required=False)
+              for name in (READS_PASS_FIELD, READS_FAIL_FIELD)}
+    missing = [name for name, value in values.items() if value is None]
+    if len(missing) == 2:
+        return None
+    if missing:
+        other = READS_FAIL_FIELD if missing[0] == READS_PASS_FIELD else READS_PASS_FIELD
+        raise HTTPError(400, f"parameter {missing[0]} is missing: it is sent together with "
+                             f"{other}")
+    return ReadCount(*(_checked(parse_read_count, value, name)
+                       for name, value in values.items()))
 
 
 def _simulated(params: Params) -> bool:
@@ -289,7 +304,8 @@ class App:
             return self.manager.complete(job_id, state, _failed_files(params), reason[:MAX_REASON],
                                          engine_id=engine_id, simulated=simulated,
                                          rate=_pace_value(params, RATE_FIELD),
-                                         startup_s=_pace_value(params, STARTUP_FIELD))
+                                         startup_s=_pace_value(params, STARTUP_FIELD),
+                                         reads=_read_count(params))
         except UnknownFailedFile as exc:
             raise HTTPError(400, f"parameter {exc}") from None
 

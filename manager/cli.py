@@ -18,6 +18,8 @@ from bcorch import config as config_mod, logs
 from bcorch.config import Config, ConfigError
 from bcorch.terminal import watch
 
+from .read_counts import ReadTotals, describe as describe_reads
+
 COMMANDS = ("status", "close-input", "runs", "run")
 RUN_ACTIONS = ("pause", "resume", "cancel", "close")
 
@@ -267,7 +269,8 @@ def _percent_done(progress: dict) -> float:
 def format_runs(runs: list[dict]) -> str:
     if not runs:
         return "no runs found yet under the watch root"
-    header = f"{'RUN':24} {'STATE':11} {'MODEL':18} {'PRIO':>5} {'DONE':>13} {'LEFT':>9}  REL"
+    header = (f"{'RUN':24} {'STATE':11} {'MODEL':18} {'PRIO':>5} {'DONE':>13} {'READS':>12} "
+              f"{'LEFT':>9}  REL")
     lines = [header]
     for r in runs:
         p = r["progress"]
@@ -275,10 +278,21 @@ def format_runs(runs: list[dict]) -> str:
         lines.append(f"{r['run_id'][:24]:24} {r['state']:11} {str(r['model'] or '-')[:18]:18} "
                      f"{r['priority'] if r['priority'] is not None else '-':>5} "
                      f"{p['files_done']:>5}/{p['files_total']:<5}{pct:3.0f}% "
+                     f"{_reads_short(r.get('reads')):>12} "
                      f"{_duration(r['eta_s']) if r['eta_s'] is not None else '-':>9}  {r['rel']}")
         if r.get("reason"):
             lines.append(f"{'':24} {r['reason']}")
     return "\n".join(lines)
+
+
+def _reads_short(reads: dict | None) -> str:
+    """A run's reads in a table cell: "1234", ">=1234" when some batches did not report
+    theirs, "?" when none did (or the manager does not count them)."""
+    totals = ReadTotals.from_dict(reads)
+    if totals is None or not totals.known:
+        return "?"
+    total = totals.passed + totals.failed
+    return f">={total}" if totals.jobs_counted < totals.jobs_done else str(total)
 
 
 def _size(n: float) -> str:
@@ -306,6 +320,7 @@ def format_status(st: dict) -> str:
         "files       " + "  ".join(f"{k} {v}" for k, v in st["files"].items()),
         f"progress    {p['files_done']} / {p['files_total']} files ({pct:.1f}%), "
         f"{_size(p['bytes_done'])} / {_size(p['bytes_total'])}",
+        f"reads       {describe_reads(st.get('reads'))}",
         f"throughput  {t['files_per_s']:.2f} files/s, {_size(t['bytes_per_s'])}/s "
         f"(last {t['window_s']:.0f} s); time left {_duration(st['eta_s'])}",
         f"input       {'closed' if st['input_closed'] else 'open (more files may come)'}; "
@@ -323,7 +338,7 @@ def format_status(st: dict) -> str:
                 else (r["reason"] or r["state"].lower())
             lines.append(f"{'runs' if i == 0 else '':12}{r['run_id']} {r['state']} "
                          f"{r['model'] or '-'}: {p['files_done']} / {p['files_total']} files "
-                         f"({pct:.1f}%); {left}")
+                         f"({pct:.1f}%), reads {_reads_short(r.get('reads'))}; {left}")
     now = time.time()
     engines = st.get("engines", {})
     if not engines:

@@ -24,6 +24,7 @@ from .identity import Kind, examine
 from .journal import Journal, JournalledFile, identity_of
 from .layout import Layout
 from .leases import Leases
+from .read_counts import ReadCount
 from .states import FileState, JobState
 from . import store as store_module
 from .store import Completion, Found, Job, Placed, Store
@@ -336,8 +337,10 @@ class Manager:
 
     def complete(self, job_id: str, state: WireState, failed: dict[str, str],
                  reason: str, engine_id: str | None = None, simulated: bool = False,
-                 rate: float | None = None, startup_s: float | None = None) -> Answer:
-        """A final report (rate and startup_s: the engine's pace, optional). A request naming another engine than the holder is answered as
+                 rate: float | None = None, startup_s: float | None = None,
+                 reads: ReadCount | None = None) -> Answer:
+        """A final report (rate and startup_s: the engine's pace, optional; reads: what a
+        DONE batch wrote, optional, kept with the job). A request naming another engine than the holder is answered as
         for an unknown job (late), so it learns nothing; a simulated DONE or FAILED on a
         manager not started for simulation is refused and the batch is returned unharmed."""
         target = _FINAL[state]
@@ -353,16 +356,17 @@ class Manager:
                           "the batch is returned as STOPPED", short_job_id(job_id), state.value)
                 self._finish(job_id, WireState.STOPPED, {}, "simulated result refused")
                 return Answer(CONFIG_REFUSED, {"error": SIMULATION_REFUSED})
-            answer = self._finish(job_id, state, failed, reason)
+            answer = self._finish(job_id, state, failed, reason, reads)
             if state is WireState.DONE and answer.body.get("ok"):
                 self.learn_pace(self._holder(job_id) or engine_id or "", rate, startup_s)
             return answer
 
     def _finish(self, job_id: str, state: WireState, failed: dict[str, str],
-                reason: str) -> Answer:
+                reason: str, reads: ReadCount | None = None) -> Answer:
         target = _FINAL[state]
         with self._lock:
-            result: Completion = self.store.finish(job_id, target, failed, reason, self.excuse)
+            result: Completion = self.store.finish(job_id, target, failed, reason, self.excuse,
+                                                   reads)
             job = result.job
             if job is None:
                 log.info("job %s: %s for an unknown job: late", short_job_id(job_id), state.value)
@@ -377,9 +381,11 @@ class Manager:
             if not self._journal_done(job):
                 return self._unjournalled_answer(job)
             self._settle_quietly(job)
-        log.info("job %s engine %s: %s (%d files done%s)", short_job_id(job_id), job.engine_id,
-                 state.value,
-                 result.files_done, f", {len(failed)} named failed" if failed else "")
+        log.info("job %s engine %s: %s (%d files done%s%s)", short_job_id(job_id),
+                 job.engine_id, state.value,
+                 result.files_done, f", {len(failed)} named failed" if failed else "",
+                 f", {reads.passed} pass + {reads.failed} fail reads"
+                 if reads is not None and target is JobState.DONE else "")
         self.work_may_be_ready()
         return Answer(200, {"ok": True})
 
@@ -516,6 +522,7 @@ class Manager:
                 "files_done": counters.files["DONE"], "files_total": total_files,
                 "bytes_done": counters.bytes["DONE"], "bytes_total": total_bytes,
             },
+            "reads": self.store.read_totals().to_dict(),
             "jobs_in_flight": {e: len(j) for e, j in in_flight.items()},
             "jobs": in_flight,
             "engines": {e: {"last_seen": t, "jobs_in_flight": len(in_flight.get(e, ()))}

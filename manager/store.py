@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 from bcorch.protocol import new_job_id
 
+from .read_counts import ReadCount, ReadTotals
 from .states import (RETRY_BACKOFF_MAX_S, FileEvent, FileState, JobState, file_transition,
                      job_transition, retry_delay)
 
@@ -60,7 +61,9 @@ CREATE TABLE IF NOT EXISTS jobs(
     n_files    INTEGER NOT NULL,
     created    REAL NOT NULL,
     finished   REAL,
-    reason     TEXT
+    reason     TEXT,
+    reads_pass INTEGER,                             -- reads a DONE job wrote; NULL: not reported
+    reads_fail INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_live ON jobs(seq) WHERE state = 'LIVE';
 CREATE INDEX IF NOT EXISTS jobs_fs_pending ON jobs(seq) WHERE fs_pending = 1;
@@ -70,6 +73,7 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # Columns added since the first schema: a database made by an older manager gets them on open.
 _ADDED_COLUMNS = {"fid": "TEXT", "mtime": "REAL", "failures": "INTEGER NOT NULL DEFAULT 0",
                   "retry_at": "REAL", "dup_of": "INTEGER"}
+_ADDED_JOB_COLUMNS = {"reads_pass": "INTEGER", "reads_fail": "INTEGER"}
 _INDEXES_OF_ADDED = """
 CREATE INDEX IF NOT EXISTS files_fid ON files(fid) WHERE fid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS files_quarantined ON files(id) WHERE state = 'QUARANTINED';
@@ -215,6 +219,7 @@ class Store:
             self._db.executescript(SCHEMA)
             self._add_columns()
             self.counters = self._recount()
+            self.reads = self._recount_reads()
         except sqlite3.Error as exc:
             raise DatabaseUnusable(path, exc) from None
 
@@ -226,6 +231,10 @@ class Store:
         if "failures" not in have:
             self._db.execute("UPDATE files SET failures = attempts WHERE attempts > 0")
         self._db.executescript(_INDEXES_OF_ADDED)
+        have_in_jobs = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _ADDED_JOB_COLUMNS.items():
+            if name not in have_in_jobs:   # older jobs' reads stay NULL: unknown
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -283,6 +292,18 @@ class Store:
     def snapshot(self) -> Counters:
         with self._lock:
             return Counters(dict(self.counters.files), dict(self.counters.bytes))
+
+    def read_totals(self) -> ReadTotals:
+        """Reads of the DONE jobs, and how many of them reported theirs."""
+        with self._lock:
+            r = self.reads
+            return ReadTotals(r.passed, r.failed, r.jobs_counted, r.jobs_done)
+
+    def _recount_reads(self) -> ReadTotals:
+        done, counted, passed, failed = self._db.execute(
+            "SELECT COUNT(*), COUNT(reads_pass), COALESCE(SUM(reads_pass), 0), "
+            "COALESCE(SUM(reads_fail), 0) FROM jobs WHERE state = 'DONE'").fetchone()
+        return ReadTotals(passed, failed, counted, done)
 
     def _recount(self) -> Counters:
         counters = Counters()
@@ -415,6 +436,7 @@ class Store:
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('input_closed', '1')")
         with self._lock:
             self.counters = self._recount()
+            self.reads = self._recount_reads()
         return done
 
     def done_files(self, job_id: str) -> list[tuple[str | None, str, int]]:
@@ -518,8 +540,12 @@ class Store:
         return [job for job in map(self.job, ids) if job is not None]
 
     def finish(self, job_id: str, target: JobState, failed: dict[str, str] | None = None,
-               reason: str = "", excuse: Excuse | None = None) -> Completion:
+               reason: str = "", excuse: Excuse | None = None,
+               reads: ReadCount | None = None) -> Completion:
         """Record the end of a job and move its files; idempotent for a repeated same outcome.
+
+        reads: what a DONE job wrote, as its engine reported it (kept with the job; None:
+        unknown). Ignored for any other outcome: nothing of that job's output is merged.
 
         failed maps link names of a DONE batch to a reason: those files count an attempt,
         unless excuse(path, size, mtime) gives a reason not to (the file is still being
@@ -576,11 +602,18 @@ class Store:
             db.executemany("UPDATE files SET state = ?, attempts = ?, retry_cap = ?, "
                            "reason = COALESCE(?, reason), updated = ?, failures = ?, retry_at = ? "
                            "WHERE id = ?", updates)
-            db.execute("UPDATE jobs SET state = ?, fs_pending = 1, finished = ?, reason = ? "
-                       "WHERE job_id = ?", (target.value, now, reason or None, job_id))
+            if target is not JobState.DONE:
+                reads = None
+            db.execute("UPDATE jobs SET state = ?, fs_pending = 1, finished = ?, reason = ?, "
+                       "reads_pass = ?, reads_fail = ? WHERE job_id = ?",
+                       (target.value, now, reason or None,
+                        reads.passed if reads else None, reads.failed if reads else None,
+                        job_id))
         with self._lock:
             for old, new, size in moves:
                 self.counters.move(old, new, size)
+            if target is JobState.DONE:
+                self.reads.add_job(reads)
         return Completion(Job(job_id, engine_id, target), True, done_files, done_bytes)
 
     @staticmethod

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import requests
 
-from bcorch.protocol import (CONFIG_REFUSED, RATE_FIELD, SIMULATED_FIELD, STARTUP_FIELD, Batch,
-                             JobState, ProtocolError)
+from bcorch.protocol import (CONFIG_REFUSED, RATE_FIELD, READ_FIELDS, SIMULATED_FIELD,
+                             STARTUP_FIELD, Batch, JobState, ProtocolError)
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +123,21 @@ class ManagerClient:
                   failed_files: Mapping[str, str] | None = None, reason: str = "",
                   retries: int | None = 0,
                   timeout: tuple[float, float] | None = None,
-                  pace: Mapping[str, float] | None = None) -> Completion:
+                  pace: Mapping[str, float] | None = None,
+                  reads: Mapping[str, int] | None = None) -> Completion:
         """Report a final state. Plain GET (as the original) unless there is more to say.
 
         pace: optional rate and startup_s (protocol.RATE_FIELD, STARTUP_FIELD) of the batch.
+        reads: optional reads_pass and reads_fail (protocol.READ_FIELDS) a DONE batch wrote;
+        both or neither. Like the pace, extra query parameters of the same GET, which a
+        manager that does not know them (the original) ignores.
         """
         fields: dict[str, Any] = {"job_id": job_id, "job_state": job_state.value}
         for key in (RATE_FIELD, STARTUP_FIELD):
             if pace and pace.get(key) is not None:
                 fields[key] = round(float(pace[key]), 6)
+        if reads and all(reads.get(key) is not None for key in READ_FIELDS):
+            fields.update({key: int(reads[key]) for key in READ_FIELDS})
         if self.simulated:
             fields[SIMULATED_FIELD] = "true"
         if failed_files or reason:

@@ -45,7 +45,7 @@ from bcorch.protocol import (EXIT_CONFIG, EXIT_OK, EXIT_PROTOCOL, Batch, JobStat
 from bcorch import logs
 from bcorch.config import Config, ConfigError
 from bcorch.ids import engine_id_for
-from .output_check import OutputChecker
+from .output_check import OutputChecker, ReadsWritten
 from .parent_pipe import ParentPipe
 from .runners import Placement, RunHandle, RunResult, make_runner
 from .runners.base import BatchSettingsError
@@ -384,7 +384,7 @@ class BCEngine:
                                   f"manager's INPUT_DIR?)")
             result = self._basecalling_work(input_dir, output_dir, self._model_for(batch),
                                             timing, kit=batch.kit, emit=batch.emit)
-            result = self.output_check.apply(result, input_dir, output_dir, batch.batch)
+            checked = self.output_check.checked(result, input_dir, output_dir, batch.batch)
         except LeaseLost as exc:
             return self._end_batch_lost(str(exc))
         except BatchSettingsError as exc:
@@ -398,7 +398,7 @@ class BCEngine:
             self._report(RunResult(JobState.STOPPED, reason=reason), timing)
             return EXIT_CONFIG, reason if isinstance(exc, ConfigError) else \
                 f"runner.kind {self.conf.runner.kind}: cannot start the basecaller: {reason}"
-        return self._report(result, timing)
+        return self._report(checked.result, timing, checked.reads)
 
     def _model_for(self, batch: Batch) -> str:
         """The model the basecaller runs the batch with: its run's, else engine.model."""
@@ -468,7 +468,9 @@ class BCEngine:
         return (result.state is JobState.FAILED and killed
                 and (self._signals > 0 or bool(self.parent.gone)))
 
-    def _report(self, result: RunResult, timing: BatchTiming) -> tuple[int, str] | None:
+    def _report(self, result: RunResult, timing: BatchTiming,
+                reads: ReadsWritten | None = None) -> tuple[int, str] | None:
+        """Send the final report; reads: what a DONE batch wrote (output check), if known."""
         assert self._batch is not None and self._keepalive is not None
         batch, keepalive = self._batch, self._keepalive
         if self.PROCESSING_STATE is not EngineState.STOPPING:
@@ -482,6 +484,7 @@ class BCEngine:
         deadline = time.monotonic() + self._grace() if self.parent.gone else None
         if result.state is JobState.DONE:
             keepalive.pace = self._pace(batch, timing)
+            keepalive.reads = reads.fields() if reads is not None else {}
         timing.completing = time.monotonic()
         keepalive.finish(result.state, result.failed_files, result.reason, deadline)
         while keepalive.is_alive():

@@ -55,6 +55,7 @@ class BCKeepAlive(threading.Thread):
         self.failed_files: dict[str, str] = {}
         self.reason = ""
         self.pace: dict[str, float] = {}   # rate and startup_s sent with DONE (batch sizing)
+        self.reads: dict[str, int] = {}    # reads_pass and reads_fail sent with DONE, if known
         self.keep_alive_url = client.url + "/keepalive"
         self.keep_alive_terminate_url = client.url + "/completed"
         self.BCManager_PB = False
@@ -161,7 +162,8 @@ class BCKeepAlive(threading.Thread):
                 answer = self.client.completed(self.job_id, self.final_state, self.failed_files,
                                                self.reason, retries=0,
                                                timeout=self._call_timeout(deadline),
-                                               **({"pace": self.pace} if self.pace else {}))
+                                               **({"pace": self.pace} if self.pace else {}),
+                                               **({"reads": self.reads} if self.reads else {}))
             except (ManagerUnreachable, ProtocolError) as exc:
                 if isinstance(exc, ManagerRefused) and exc.refuses_configuration:
                     self.outcome = ReportOutcome.REFUSED

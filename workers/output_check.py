@@ -23,6 +23,11 @@ skips a file. The outcome, per input file:
 
 When a side cannot be read (no pod5 library; SAM, CRAM or FASTA output; a malformed
 output file) the log decides alone, and the engine says so.
+
+The same reading of the outputs counts the reads written (issue 16): the records in the
+job's `pass/` and `fail/` folders, which are what the manager merges into OUTPUT_DIR. The
+engine reports them with a DONE batch (protocol.READS_PASS_FIELD, READS_FAIL_FIELD); when
+the check could not read the outputs, the count is unknown and nothing is reported.
 """
 from __future__ import annotations
 
@@ -34,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from bcorch.protocol import JobState
-from .read_ids import UnreadableOutput, WrittenReads, read_ids_under
+from bcorch.protocol import READS_FAIL_FIELD, READS_PASS_FIELD, JobState
+from .read_ids import UnreadableOutput, WrittenReads, read_files_under, records_in
 from .runners.base import LOG_NAME, RunResult
 
 LOG_TAIL_BYTES = 4 * 1024 * 1024
@@ -55,6 +60,19 @@ def _once(log: logging.Logger | logging.LoggerAdapter, key: str, message: str) -
         log.warning("%s", message)
 
 
+@dataclass(frozen=True)
+class ReadsWritten:
+    """Records written into a job's pass/ and fail/ folders (a split read's children count
+    one each: they are records of the output)."""
+
+    passed: int
+    failed: int
+
+    def fields(self) -> dict[str, int]:
+        """The optional /completed fields that carry it."""
+        return {READS_PASS_FIELD: self.passed, READS_FAIL_FIELD: self.failed}
+
+
 @dataclass
 class CheckReport:
     """What the check found; `apply` turns it into the batch's result."""
@@ -63,6 +81,15 @@ class CheckReport:
     partial: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     method: str = ""
+    reads: ReadsWritten | None = None   # None: the outputs were not read
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A batch's result after the check, and the reads it wrote (None: not known)."""
+
+    result: RunResult
+    reads: ReadsWritten | None = None
 
 
 class OutputChecker:
@@ -90,34 +117,42 @@ class OutputChecker:
     def apply(self, result: RunResult, input_dir: Path, output_dir: Path,
               batch: Sequence[str]) -> RunResult:
         """The batch's result after the check (only a DONE result is checked)."""
+        return self.checked(result, input_dir, output_dir, batch).result
+
+    def checked(self, result: RunResult, input_dir: Path, output_dir: Path,
+                batch: Sequence[str]) -> Checked:
+        """The batch's result after the check, with the reads a DONE batch wrote."""
         if result.state is not JobState.DONE:
-            return result
+            return Checked(result)
         report = self.check(input_dir, output_dir, batch)
         for note in report.notes:
             self.log.warning("output check: %s", note)
         if report.partial:
             name, reason = next(iter(report.partial.items()))
-            return RunResult(JobState.FAILED, result.returncode,
-                             {**result.failed_files, **report.failed_files},
-                             reason=f"output check ({report.method}): {name}: {reason}"
-                                    + (f" (and {len(report.partial) - 1} more file(s))"
-                                       if len(report.partial) > 1 else ""))
+            return Checked(RunResult(JobState.FAILED, result.returncode,
+                                     {**result.failed_files, **report.failed_files},
+                                     reason=f"output check ({report.method}): {name}: {reason}"
+                                            + (f" (and {len(report.partial) - 1} more file(s))"
+                                               if len(report.partial) > 1 else "")))
         failed = {**report.failed_files, **result.failed_files}
         if failed and len(failed) >= len(batch):
-            return RunResult(JobState.FAILED, result.returncode, failed,
-                             reason=f"output check ({report.method}): no file of the batch "
-                                    f"reached the output ({next(iter(failed.values()))})")
-        return RunResult(JobState.DONE, result.returncode, failed, result.reason)
+            return Checked(RunResult(JobState.FAILED, result.returncode, failed,
+                                     reason=f"output check ({report.method}): no file of the "
+                                            f"batch reached the output "
+                                            f"({next(iter(failed.values()))})"))
+        return Checked(RunResult(JobState.DONE, result.returncode, failed, result.reason),
+                       report.reads)
 
     def check(self, input_dir: Path, output_dir: Path, batch: Sequence[str]) -> CheckReport:
         report = CheckReport()
         from_log = skipped_in_log(output_dir / LOG_NAME, input_dir, batch)
         inputs = input_read_ids(input_dir, batch, self.log)
-        outputs = output_read_ids(output_dir, self.log) if inputs is not None else None
-        if inputs is None or outputs is None:
+        written = written_reads(output_dir, self.log) if inputs is not None else None
+        if inputs is None or written is None:
             report.method = "basecaller log only"
             report.failed_files.update(from_log)
             return report
+        outputs, report.reads = written
         report.method = "read ids"
         for name in batch:
             ids = inputs.get(name)
@@ -170,11 +205,32 @@ def output_read_ids(output_dir: Path,
     None when some output cannot be read (SAM, CRAM, FASTA, a malformed file): the log
     decides then.
     """
+    written = written_reads(output_dir, log)
+    return written[0] if written is not None else None
+
+
+def written_reads(output_dir: Path, log: logging.Logger | logging.LoggerAdapter
+                  ) -> tuple[WrittenReads, ReadsWritten] | None:
+    """Every read id written under output_dir, and the records in its pass/ and fail/
+    folders (read files elsewhere are not merged, so they are not counted as written).
+
+    None when some output cannot be read (SAM, CRAM, FASTA, a malformed file).
+    """
+    written = WrittenReads()
+    counts = {"pass": 0, "fail": 0}
     try:
-        return read_ids_under([output_dir])
+        for path in read_files_under([output_dir]):
+            top = path.relative_to(output_dir).parts[0]
+            n = 0
+            for record in records_in(path):
+                written.add(record)
+                n += 1
+            if top in counts:
+                counts[top] += n
     except UnreadableOutput as exc:
         log.warning("output check: %s; checking the basecaller log only", exc)
         return None
+    return written, ReadsWritten(counts["pass"], counts["fail"])
 
 
 def skipped_in_log(log_path: Path, input_dir: Path, batch: Sequence[str]) -> dict[str, str]:
