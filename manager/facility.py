@@ -55,6 +55,7 @@ from .fair_share import Demand, FairShare
 from .run_discovery import RunDir, discover_runs, run_dir
 from .run_part import RunPart, RunPlace
 from .run_settings import RunSettings, RunSettingsError, settings_for
+from .read_counts import ReadCount, ReadTotals
 from .run_summary import SUMMARY_NAME, write_summary
 from .service import Answer, refuse_simulated
 from .states import FileState
@@ -559,6 +560,7 @@ class Facility:
             "settings": run.row.settings,
             "files": files, "bytes": st["bytes"] if st else {},
             "progress": st["progress"] if st else dict(NO_PROGRESS),
+            "reads": st["reads"] if st else ReadTotals().to_dict(),
             "files_done": files.get(FileState.DONE.value, 0),
             "files_quarantined": files.get(FileState.QUARANTINED.value, 0),
             "files_duplicate": files.get(FileState.DUPLICATE.value, 0),
@@ -666,7 +668,8 @@ class Facility:
 
     def complete(self, job_id: str, state: WireState, failed: dict[str, str], reason: str,
                  engine_id: str | None = None, simulated: bool = False,
-                 rate: float | None = None, startup_s: float | None = None) -> Answer:
+                 rate: float | None = None, startup_s: float | None = None,
+                 reads: ReadCount | None = None) -> Answer:
         run = self._owner(job_id)
         part = run.part if run is not None else None
         late = Answer(200, {"ok": False, "late": True})
@@ -677,7 +680,7 @@ class Facility:
         with _retired_is_late(part, job_id, late) as answer:
             answer.value = part.manager.complete(job_id, state, failed, reason,
                                                  engine_id=engine_id, simulated=simulated,
-                                                 rate=rate, startup_s=startup_s)
+                                                 rate=rate, startup_s=startup_s, reads=reads)
         with self._lock:
             issued = self._jobs.get(job_id)
             if issued is not None and part.manager.leases.engine_of(job_id) is None:

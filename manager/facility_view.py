@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from .facility_states import RunState
+from .read_counts import ReadTotals
 from .service import DUPLICATES_SHOWN
 from .states import FileState
 from .store import Counters, Store
@@ -53,6 +54,17 @@ def _from_part(part: RunPart | None, read: Callable[[RunPart], T]) -> T | None:
         if part.closed:
             return None
         raise
+
+
+def _reads_of(counts: dict[str, Any]) -> ReadTotals:
+    """A run's read totals from its status or summary; a summary written before reads were
+    counted has none: its DONE batches count as unknown."""
+    totals = ReadTotals.from_dict(counts.get("reads"))
+    if totals is None:
+        jobs = counts.get("jobs") or {}
+        done = jobs.get("DONE", 0) if isinstance(jobs.get("DONE", 0), int) else 0
+        totals = ReadTotals(jobs_done=done)
+    return totals
 
 
 def _summary_counters(summary: dict[str, Any]) -> Counters:
@@ -90,6 +102,7 @@ class FacilityView:
             "model": settings.get("model"), "kit": settings.get("kit"),
             "emit": settings.get("emit"), "files": files,
             "progress": counts.get("progress", dict(NO_PROGRESS)),
+            "reads": _reads_of(counts).to_dict(),
             "eta_s": st["eta_s"] if st and run.state.serving else None,
             "input_closed": run.row.input_closed, "output_dir": run.row.output_dir,
             "served_s": round(self.served_s(run), 3),
@@ -138,6 +151,8 @@ class FacilityView:
         switches = fac.fair.switches()
         return {
             "files": files, "bytes": size, "progress": progress,
+            "reads": ReadTotals.summed(ReadTotals.from_dict(v["reads"]) or ReadTotals()
+                                       for v in views).to_dict(),
             "jobs_in_flight": {e: len(ids) for e, ids in jobs.items()},
             "jobs": {e: sorted(ids) for e, ids in jobs.items()},
             "engines": {e: {"last_seen": t, "jobs_in_flight": len(jobs.get(e, ()))}

@@ -265,3 +265,53 @@ def test_the_reads_ride_on_the_plain_get_as_extra_query_parameters():
     assert q1 == {"job_id": "j1", "job_state": "DONE", "reads_pass": "30", "reads_fail": "4"}
     assert m2 == "POST" and json.loads(b2)["reads_pass"] == 30
     assert m3 == "GET" and q3 == {"job_id": "j3", "job_state": "DONE"}   # as the original
+
+
+# -- facility mode: per run, in /runs and bcorch_summary.json ----------------------------------
+
+def test_a_facility_runs_summary_and_runs_route_have_its_reads(procs, tmp_path):
+    """Run 1's batches report their reads, run 2's do not (an original engine): run 1's
+    bcorch_summary.json and /runs count its reads, run 2 says unknown, and the facility's
+    /status and `bcmanager runs` say of how many batches the total is."""
+    from test_facility import GROUP, SAMPLE, basecall as fac_basecall, make_run, pending, \
+        started, wait_runs
+
+    root = tmp_path / "root"
+    root.mkdir()
+    fac = started(procs, tmp_path, root)
+    counted, ids = make_run(root, 1, 3, reads=3)
+    unknown, _ = make_run(root, 2, 1, reads=2)
+    wait_runs(fac, lambda r: pending(r, counted) == 3 and pending(r, unknown) == 1,
+              "both runs found")
+    (root / GROUP / SAMPLE / counted / "final_summary_FLOW001_abcd0001.txt").write_text("x\n")
+    wait_runs(fac, lambda r: r[counted]["state"] == "CLOSED", "run 1 CLOSED")
+    batches = 0
+    while True:
+        code, batch = fac.get("/assignwork", engineid="gpu0", batchsize=2)
+        assert code == 200, batch
+        if not batch["batch_size"]:
+            break
+        written = fac_basecall(fac, batch)
+        fields = {"job_id": batch["jobid"], "job_state": "DONE"}
+        if batch["run_id"] == counted:
+            fields.update(reads_pass=len(written), reads_fail=0)
+            batches += 1
+        code, body = fac.get("/completed", **fields)
+        assert (code, body) == (200, {"ok": True})
+    runs = wait_runs(fac, lambda r: r[counted]["state"] == "COMPLETE", "run 1 COMPLETE")
+    summary_path = root / GROUP / SAMPLE / counted / "basecalls" / "bcorch_summary.json"
+    summary = json.loads(summary_path.read_text())
+    assert summary["reads"] == {"pass": len(ids), "fail": 0, "total": 9,
+                                "jobs_counted": batches, "jobs_done": batches}
+    assert runs[counted]["reads"] == summary["reads"]   # a settled run: from its summary
+    assert runs[unknown]["reads"] == {"pass": None, "fail": None, "total": None,
+                                      "jobs_counted": 0, "jobs_done": 1}
+    reads = fac.get("/status")[1]["reads"]
+    assert reads == {"pass": 9, "fail": 0, "total": 9, "jobs_counted": batches,
+                     "jobs_done": batches + 1}
+    shown = subprocess.run([sys.executable, "-m", "bcorch.manager", "runs", "--url", fac.url],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split()[0]: line for line in shown.stdout.splitlines()[1:]}
+    assert " 9 " in lines[counted[:24]] and " ? " in lines[unknown[:24]], shown.stdout
+    assert "at least 9 (9 pass, 0 fail): counted for" in _cli_status(fac.url)
