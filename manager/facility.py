@@ -52,7 +52,7 @@ from .facility_states import RunEvent, RunState, TransitionRefused, transition
 from .facility_view import NO_PROGRESS, FacilityView, RunCounts
 from .late_files import LateFiles
 from .fair_share import Demand, FairShare
-from .run_discovery import RunDir, discover_runs, run_dir
+from .run_discovery import RunDir, discover_runs, linked_pod5_problem, run_dir
 from .run_part import RunPart, RunPlace
 from .run_settings import RunSettings, RunSettingsError, settings_for
 from .read_counts import ReadCount, ReadTotals
@@ -217,6 +217,12 @@ class Facility:
         return run
 
     def _open_part(self, run: Run) -> None:
+        """Open the run's part, unless its directory is missing (an unmounted root at a
+        restart, say): creating its output would re-create the run's directory on the mount
+        point, and its files would be handed out though they are not there. A scan tick
+        opens it once the directory is back."""
+        if not self._present(run):
+            return
         row = run.row
         place = RunPlace(str(run.where.path), row.output_dir, self._db_for(row.output_dir))
         try:
@@ -293,6 +299,9 @@ class Facility:
         else ""."""
         try:
             validate_rel_path(run.where.rel, "the run's path under the watch root")
+            linked = linked_pod5_problem(run.where.path)
+            if linked:
+                return linked
             run.settings = settings_for(run.where, self.fcfg)
         except (RunSettingsError, ProtocolError) as exc:
             return str(exc)
@@ -363,6 +372,10 @@ class Facility:
         for run in list(self._runs.values()):
             if self._stop():
                 return
+            if run.part is None and self._needs_part(run):
+                with self._lock:
+                    if run.part is None and self._needs_part(run):
+                        self._open_part(run)
             part = run.part
             if part is None or run.state.final or run.state is RunState.QUARANTINED:
                 continue
@@ -380,6 +393,10 @@ class Facility:
         if not self._discovered:
             self._discovered = True
             self.work_may_be_ready()
+
+    def _needs_part(self, run: Run) -> bool:
+        """Its part was not opened (its directory was missing) and it is still served."""
+        return run.state is not RunState.QUARANTINED and not self._settled(run)
 
     def _present(self, run: Run) -> bool:
         """Whether the run's directory is there; a run whose directory is gone (deleted,

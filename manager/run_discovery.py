@@ -106,6 +106,25 @@ def _holds_pod5_dir(run_path: str) -> bool:
     return any(os.path.isdir(os.path.join(run_path, name)) for name in POD5_DIRS)
 
 
+def linked_pod5_problem(run_path: Path | str) -> str:
+    """Why the run cannot be served when one of its pod5 folders is a symbolic link, else "".
+
+    A run's scanner does not follow links (one could reach another run's files, which
+    would then be basecalled twice), so such a run would be served with none of its files.
+    """
+    for name in POD5_DIRS:
+        path = os.path.join(run_path, name)
+        if os.path.islink(path):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return (f"its {name} folder is a symbolic link (to {target[:200]}); links inside "
+                    f"a run are not followed (one could reach another run's files): put the "
+                    f"POD5 files in the run directory, then `run resume`")
+    return ""
+
+
 def discover_runs(root: Path, known_rels: set[str]) -> list[RunDir]:
     """Run directories three levels below root that hold a pod5 folder and are not known.
 

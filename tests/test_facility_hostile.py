@@ -242,3 +242,65 @@ def test_a_run_reachable_twice_through_symlinks_is_one_run(tmp_path, caplog):
         again.close()
     counts = reads_in(root / GROUP / SAMPLE / "run_real")
     assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_restart_while_the_watch_root_is_not_mounted_hands_out_nothing_and_loses_nothing(
+        tmp_path):
+    """The manager restarts while the shared filesystem is not mounted yet (the root is an
+    empty mount point): no run's directory is re-created on the mount point and no batch
+    of files that are not there is handed out (each failed, and after three attempts the
+    files were QUARANTINED for good: their reads lost). Once mounted, every read once."""
+    root = tmp_path / "root"
+    ids = make_run(root, "run1", 3, 1) | make_run(root, "run2", 3, 2)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+    finally:
+        fac.close()
+    mounted = tmp_path / "mounted"
+    os.rename(root, mounted)
+    root.mkdir()
+
+    again = facility(tmp_path, root)
+    try:
+        again.scan_tick()
+        again.reap()
+        for _ in range(4):
+            batch = take(again)
+            assert batch["batch_size"] == 0, batch
+        assert all("missing" in r["reason"] for r in runs(again).values()), runs(again)
+        assert os.listdir(root) == []
+
+        root.rmdir()
+        os.rename(mounted, root)
+        again.scan_tick()
+        assert len(drain(again)) == 5
+        assert all(r["files"]["DONE"] == 3 and r["reason"] == "" for r in runs(again).values())
+    finally:
+        again.close()
+    counts = reads_in(root)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_run_whose_pod5_folder_is_a_symlink_is_quarantined_not_silently_empty(tmp_path):
+    """A run's `pod5` folder linked to another directory (another run's, or another disk):
+    the run's scanner does not follow links, so the run was served with no file at all and
+    would have closed COMPLETE with none basecalled, saying nothing. It is QUARANTINED with
+    a reason naming the link; the run it points to is served once."""
+    root = tmp_path / "root"
+    ids = make_run(root, "run_real", 2, 1)
+    linked = root / GROUP / SAMPLE / "run_linked"
+    linked.mkdir(parents=True)
+    os.symlink(root / GROUP / SAMPLE / "run_real" / "pod5", linked / "pod5")
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        view = runs(fac)
+        assert view["run_linked"]["state"] == "QUARANTINED", view["run_linked"]
+        assert "pod5" in view["run_linked"]["reason"] and "link" in view["run_linked"]["reason"]
+        assert drain(fac) == ["run_real", "run_real"]
+    finally:
+        fac.close()
+    counts = reads_in(root)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
