@@ -54,7 +54,8 @@ from .late_files import LateFiles
 from .fair_share import Demand, FairShare
 from .run_discovery import RunDir, discover_runs, linked_pod5_problem, run_dir
 from .run_part import RunPart, RunPlace
-from .run_settings import RunSettings, RunSettingsError, settings_for
+from .run_settings import (RUN_FILE, RunSettings, RunSettingsError, run_file_stamp,
+                           settings_for)
 from .read_counts import ReadCount, ReadTotals
 from .run_summary import SUMMARY_NAME, write_summary
 from .service import Answer, refuse_simulated
@@ -86,6 +87,7 @@ class Run:
     settings: RunSettings | None = None
     part: RunPart | None = None
     unavailable: str = ""   # why its batches cannot be handed out now (its directory gone)
+    run_file: tuple[int, int] | None = None   # its bcorch.toml when last read (run_file_stamp)
 
     @property
     def state(self) -> RunState:
@@ -169,6 +171,7 @@ class Facility:
     def _load(self, row: RunRow) -> None:
         """A run known to the database (a restart): its part is opened unless quarantined."""
         run = Run(row, run_dir(self.root, row.rel, row.run_id))
+        run.run_file = run_file_stamp(run.where.path)
         if row.settings:
             try:
                 run.settings = RunSettings.from_dict(row.settings, "the facility database")
@@ -302,6 +305,7 @@ class Facility:
             linked = linked_pod5_problem(run.where.path)
             if linked:
                 return linked
+            run.run_file = run_file_stamp(run.where.path)
             run.settings = settings_for(run.where, self.fcfg)
         except (RunSettingsError, ProtocolError) as exc:
             return str(exc)
@@ -381,6 +385,8 @@ class Facility:
                 continue
             if not self._present(run):
                 continue
+            with self._lock:
+                self._check_run_file(run)
             try:
                 part.scan(self._stop)
             except Exception:  # noqa: BLE001
@@ -393,6 +399,46 @@ class Facility:
         if not self._discovered:
             self._discovered = True
             self.work_may_be_ready()
+
+    def _check_run_file(self, run: Run) -> None:
+        """The run's bcorch.toml written after its settings were read (dropped in after
+        MinKNOW made the directory, or edited). Before the run's first batch it is read
+        again (a bad value quarantines the run, as at discovery). After it, only the
+        priority is taken: the model, kit and format stay, so a run is never a mix, and a
+        warning says so."""
+        stamp = run_file_stamp(run.where.path)
+        if stamp == run.run_file or run.state is RunState.QUARANTINED or run.settings is None:
+            return
+        before = run.settings
+        where = f"{run.where.path / RUN_FILE}"
+        if run.row.first_batch_at is None:
+            problem = self._read_settings(run)
+            if problem:
+                self._quarantine(run, problem)
+            elif run.settings != before:
+                self.db.save(run.row)
+                log.info("run %s: %s changed before its first batch; now model %s, kit %s, "
+                         "emit %s, priority %g", run.row.run_id, where, run.settings.model,
+                         run.settings.kit or "none", run.settings.emit, run.settings.priority)
+            return
+        run.run_file = stamp
+        try:
+            wanted = settings_for(run.where, self.fcfg)
+        except RunSettingsError as exc:
+            log.warning("run %s: %s changed after its first batch and cannot be used (%s); "
+                        "the run keeps its settings", run.row.run_id, where, exc)
+            return
+        if wanted.priority != before.priority:
+            run.settings = dataclasses.replace(before, priority=wanted.priority)
+            run.row.settings = run.settings.to_dict()
+            self.db.save(run.row)
+            log.info("run %s: priority %g (from %s)", run.row.run_id, wanted.priority, where)
+        if (wanted.model, wanted.kit, wanted.emit) != (before.model, before.kit, before.emit):
+            log.warning("run %s: %s changed after its first batch: NOT applied, the run keeps "
+                        "model %s, kit %s, emit %s (a run is basecalled with one model; for "
+                        "other settings, cancel it and copy its POD5 files to a new run "
+                        "directory)", run.row.run_id, where, before.model, before.kit or "none",
+                        before.emit)
 
     def _needs_part(self, run: Run) -> bool:
         """Its part was not opened (its directory was missing) and it is still served."""

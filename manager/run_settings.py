@@ -110,6 +110,18 @@ def read_run_file(run_path: Path) -> dict[str, Any]:
     return dict(table)
 
 
+def run_file_stamp(run_path: Path | str) -> tuple[int, int] | None:
+    """(mtime in ns, size) of the run's bcorch.toml, None when there is none: a change
+    between two stamps means it was written again."""
+    try:
+        st = (Path(run_path) / RUN_FILE).stat()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return (-1, -1)
+    return (st.st_mtime_ns, st.st_size)
+
+
 def settings_for(run: RunDir, facility: FacilityConfig) -> RunSettings:
     """The run's settings: config defaults, then matching rules in order, then its bcorch.toml."""
     settings: dict[str, Any] = {}

@@ -304,3 +304,51 @@ def test_a_run_whose_pod5_folder_is_a_symlink_is_quarantined_not_silently_empty(
         fac.close()
     counts = reads_in(root)
     assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_bcorch_toml_written_after_the_run_was_found_is_used_until_its_first_batch(
+        tmp_path, caplog):
+    """MinKNOW makes the run directory, the operator drops bcorch.toml in a little later.
+    Before the run's first batch it is read again (the whole run gets the model asked for:
+    it used to be basecalled with the default, silently). After that, a change is not
+    applied (the run is basecalled with one model, never a mix) and not ignored silently:
+    one warning naming the model kept; a new priority is taken."""
+    root = tmp_path / "root"
+    make_run(root, "run1", 3, 1)
+    toml = root / GROUP / SAMPLE / "run1" / "bcorch.toml"
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        toml.write_text('[run]\nmodel = "sup"\n')
+        fac.scan_tick()
+        first = take(fac)
+        assert first["model"] == "sup", first
+        finish(fac, first)
+
+        toml.write_text('[run]\nmodel = "fast"\npriority = 3\n')
+        os.utime(toml, ns=(1, 1))   # a change even on a coarse-grained clock
+        with caplog.at_level(logging.WARNING, logger="bcmanager.facility"):
+            fac.scan_tick()
+            fac.scan_tick()
+        assert [b["model"] for b in (take(fac), take(fac))] == ["sup", "sup"]
+        said = [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.WARNING and "bcorch.toml" in r.getMessage()]
+        assert len(said) == 1 and "sup" in said[0], said
+        assert runs(fac)["run1"]["model"] == "sup" and runs(fac)["run1"]["priority"] == 3.0
+    finally:
+        fac.close()
+
+
+def test_a_bcorch_toml_broken_before_the_first_batch_quarantines_the_run(tmp_path):
+    root = tmp_path / "root"
+    make_run(root, "run1", 1, 1)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        (root / GROUP / SAMPLE / "run1" / "bcorch.toml").write_text('[run]\nmodel = "-x"\n')
+        fac.scan_tick()
+        view = runs(fac)["run1"]
+        assert view["state"] == "QUARANTINED" and "run.model" in view["reason"], view
+        assert take(fac)["batch_size"] == 0
+    finally:
+        fac.close()
