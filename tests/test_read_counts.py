@@ -315,3 +315,54 @@ def test_a_facility_runs_summary_and_runs_route_have_its_reads(procs, tmp_path):
     lines = {line.split()[0]: line for line in shown.stdout.splitlines()[1:]}
     assert " 9 " in lines[counted[:24]] and " ? " in lines[unknown[:24]], shown.stdout
     assert "at least 9 (9 pass, 0 fail): counted for" in _cli_status(fac.url)
+
+
+# -- what the output check counts -------------------------------------------------------------
+
+def _job(tmp_path: Path, reads_per_file: int = 4) -> tuple[Path, Path, list[str], list[str]]:
+    """A job's input dir of symlinks to real POD5 files and its empty output dir."""
+    written = write_dataset(tmp_path / "run", 2, reads_per_file=reads_per_file,
+                            samples_per_read=500)
+    job_in, job_out = tmp_path / "ASSIGNED_j1_e1", tmp_path / "TMPOUTPUT_j1_e1"
+    job_in.mkdir()
+    names = []
+    for rel in sorted(written):
+        (job_in / Path(rel).name).symlink_to(tmp_path / "run" / rel)
+        names.append(Path(rel).name)
+    for sub in ("pass", "fail"):
+        (job_out / sub).mkdir(parents=True)
+    return job_in, job_out, names, [r for rel in sorted(written) for r in written[rel]]
+
+
+def _fastq(path: Path, headers: list[str]) -> None:
+    path.write_text("".join(f"@{h}\nACGT\n+\n!!!!\n" for h in headers))
+
+
+def test_the_output_check_counts_the_records_in_pass_and_fail(tmp_path):
+    from bcorch.protocol import JobState as WireState
+    from bcorch.workers.output_check import OutputChecker, ReadsWritten
+    from bcorch.workers.runners.base import RunResult
+
+    job_in, job_out, names, ids = _job(tmp_path)
+    _fastq(job_out / "pass" / "calls.fastq", ids[:5])
+    # the last read was split in two: both children are records of the output
+    _fastq(job_out / "fail" / "calls.fastq",
+           ids[5:7] + [f"child{i} pi:Z:{ids[7]}" for i in (1, 2)])
+    _fastq(job_out / "stray.fastq", ids[:1])   # not in pass/ or fail/: not merged, not counted
+    checked = OutputChecker().checked(RunResult(WireState.DONE, 0), job_in, job_out, names)
+    assert checked.result.state is WireState.DONE and not checked.result.failed_files
+    assert checked.reads == ReadsWritten(passed=5, failed=4)
+    assert checked.reads.fields() == {"reads_pass": 5, "reads_fail": 4}
+
+
+def test_no_count_when_the_outputs_cannot_be_read_or_the_batch_failed(tmp_path):
+    from bcorch.protocol import JobState as WireState
+    from bcorch.workers.output_check import OutputChecker
+    from bcorch.workers.runners.base import RunResult
+
+    job_in, job_out, names, ids = _job(tmp_path)
+    (job_out / "pass" / "calls.sam").write_text("@HD\tVN:1.6\n")   # read ids cannot be read
+    checked = OutputChecker().checked(RunResult(WireState.DONE, 0), job_in, job_out, names)
+    assert checked.result.state is WireState.DONE and checked.reads is None
+    failed = OutputChecker().checked(RunResult(WireState.FAILED, 1), job_in, job_out, names)
+    assert failed.reads is None
