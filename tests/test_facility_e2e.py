@@ -127,6 +127,9 @@ def test_three_runs_share_the_gpus_each_basecalled_with_its_own_model(procs, tmp
         assert models == {model}, run_id
         summary = json.loads((out / "bcorch_summary.json").read_text())
         assert summary["files_done"] == len(list((out.parent / "pod5").glob("*.pod5")))
+        reads = summary["reads"]   # as the engines counted them: every record merged
+        assert reads["total"] == sum(written.values()), (run_id, reads)
+        assert reads["jobs_counted"] == reads["jobs_done"] > 0, (run_id, reads)
     assert st["complete"] is True and sum(st["facility"]["model_switches"].values()) >= 1
 
 
