@@ -8,10 +8,13 @@ the engine (reads through the batch's run directories, writes FASTQ, completes t
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import random
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from bcorch.manager.facility import Facility
 from bcorch.manager.facility_states import RunEvent, RunState
 from bcorch.orchestrator.pod5_dataset import write_pod5
 from bcorch.protocol import JobState
-from test_facility import basecall
+from test_facility import basecall, started, wait_runs
 
 GROUP, SAMPLE = "proto", "sample"
 
@@ -352,3 +355,63 @@ def test_a_bcorch_toml_broken_before_the_first_batch_quarantines_the_run(tmp_pat
         assert take(fac)["batch_size"] == 0
     finally:
         fac.close()
+
+
+def _kill(fac) -> None:
+    fac.proc.send_signal(signal.SIGKILL)
+    fac.proc.wait(timeout=30)
+
+
+def _answers(fac, route: str, **params) -> dict | None:
+    """The manager's answer, or None when it was killed meanwhile."""
+    try:
+        code, body = fac.get(route, **params) if route != "/completed" else \
+            fac.post(route, params)
+    except OSError:
+        return None
+    return body if code == 200 else None
+
+
+@pytest.mark.slow
+def test_kill_9_just_after_discovery_and_while_runs_settle_keeps_every_read_once(procs, tmp_path):
+    """A real `bcmanager --watch-root`, killed with SIGKILL a random few milliseconds after
+    a run appears (while it is being recorded and its part opened) and after a run is
+    closed (while its summary is written and the run retired), then restarted on the same
+    databases, eight times: every run is found once, completes once with a summary that
+    counts all its files, and every read is in its run's output exactly once."""
+    root = tmp_path / "root"
+    root.mkdir()
+    rng = random.Random(13)
+    fac = started(procs, tmp_path, root, manager={"report_back_interval": 60})
+    expected: dict[str, set[str]] = {}
+    staged = tmp_path / "staged"
+    (root / GROUP / SAMPLE).mkdir(parents=True)
+    for n in range(1, 9):
+        name = f"20261126_1{n:03d}_P2S-0{n}-A_FLOW{n:03d}_abcd{n:04d}"
+        expected[name] = make_run(staged, name, 3, n)
+        os.rename(staged / GROUP / SAMPLE / name, root / GROUP / SAMPLE / name)   # appears whole
+        time.sleep(rng.uniform(0, 0.25))   # not a wait: the kill lands at a random point of discovery
+        _kill(fac)
+        fac = fac.start()
+        wait_runs(fac, lambda r, name=name: r.get(name, {}).get("files", {}).get("PENDING")
+                  == 3, f"{name} found with its 3 files")
+        for _ in range(3):
+            batch = _answers(fac, "/assignwork", engineid="gpu0", batchsize=1)
+            assert batch and batch["batch_size"] == 1, batch
+            basecall(None, batch)
+            assert _answers(fac, "/completed", job_id=batch["jobid"], job_state="DONE")
+        assert fac.post("/runs/close", {"run": name})[0] == 200
+        time.sleep(rng.uniform(0, 0.25))   # ... and of its settling and retirement
+        _kill(fac)
+        fac = fac.start()
+        wait_runs(fac, lambda r, name=name: r[name]["state"] == "COMPLETE", f"{name} COMPLETE")
+
+    view = fac.runs()
+    assert set(view) == set(expected), view
+    for name, run in view.items():
+        assert run["state"] == "COMPLETE" and run["files"]["DONE"] == 3, run
+        summary = json.loads((root / GROUP / SAMPLE / name / "basecalls" /
+                              "bcorch_summary.json").read_text())
+        assert summary["files_done"] == 3 and summary["state"] == "COMPLETE", summary
+        counts = reads_in(root / GROUP / SAMPLE / name)
+        assert set(counts) == expected[name] and set(counts.values()) == {1}, (name, counts)
