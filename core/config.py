@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
@@ -31,6 +32,9 @@ from .protocol import DEFAULT_PORT, EXIT_CONFIG, MAX_BATCH_SIZE, is_valid_id
 
 TOKEN_ENV = "BCORCH_TOKEN"
 URL_SCHEMES = ("http://", "https://")
+MAX_SECONDS = 365 * 24 * 3600.0   # a duration above a year is a typo for "never"; timers overflow
+MAX_INT = 2 ** 31 - 1             # the default ceiling of an integer key (SQLite, C timers)
+TOKEN_RE = re.compile(r"[\x21-\x7e]*")  # printable ASCII, no spaces: it travels in a header
 
 
 class ConfigError(ValueError):
@@ -254,8 +258,17 @@ class Config:
 
     @property
     def token(self) -> str:
-        """The bearer token: config, else the environment (flags are applied into the config)."""
-        return self.manager.token or os.environ.get(TOKEN_ENV, "")
+        """The bearer token: config, else the environment (flags are applied into the config).
+
+        A token from the environment is checked here, where it is read (ConfigError naming it).
+        """
+        if self.manager.token:
+            return self.manager.token
+        token = os.environ.get(TOKEN_ENV, "")
+        problem = token_problem(token)
+        if problem:
+            raise ConfigError(f"{TOKEN_ENV} (environment): {problem}")
+        return token
 
     def override(self, section: str, **values: Any) -> None:
         """Apply command-line flags (None means 'not given') with the same checks as the file."""
@@ -338,20 +351,67 @@ _MAXIMUMS: dict[str, float] = {
     "manager.batch_size": MAX_BATCH_SIZE, "engine.optimal_request_size": MAX_BATCH_SIZE,
     "manager.startup_share": 0.5,
     "runner.fail_fraction": 1, "runner.min_read_fraction": 1,
+    "manager.threads": 1024, "runner.num_clients": 256, "engine.request_retries": 1000,
+    "runner.samples_per_s": 1e12,
 }
+
+
+def _maximum(key: str) -> float:
+    """The ceiling of a numeric key: its own, else MAX_INT for integers and MAX_SECONDS for
+    durations (every other float key is a duration)."""
+    if key in _MAXIMUMS:
+        return _MAXIMUMS[key]
+    section, name = key.split(".")
+    return MAX_INT if typing.get_type_hints(SECTIONS[section])[name] is int else MAX_SECONDS
+
+
+def token_problem(token: str) -> str:
+    """Why a bearer token cannot be sent in an Authorization header; "" when it can."""
+    if not TOKEN_RE.fullmatch(token):
+        return ("expected printable ASCII without spaces or line breaks (it is sent in an "
+                "HTTP header)")
+    return ""
+
+
+def url_problem(url: str) -> str:
+    """Why manager.url cannot be called; "" when it can."""
+    example = f"as in http://HOST:{DEFAULT_PORT}"
+    if not url.startswith(URL_SCHEMES):
+        return f"needs http:// or https:// ({example}), got {url!r}"[:300]
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a valid URL ({exc}; {example}), got {url!r}"[:300]
+    if not parts.hostname or any(c.isspace() for c in url):
+        return f"needs a host name without spaces ({example}), got {url!r}"[:300]
+    if port == 0:
+        return f"needs a port from 1 to 65535 ({example}), got {url!r}"[:300]
+    return ""
 
 
 def _check_ranges(config: Config) -> None:
     for key, low in _MINIMUMS.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        high = _MAXIMUMS.get(key)
-        if value < low or (high is not None and value > high):
-            bound = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
-            raise ConfigError(f"{key}: expected a value {bound}, got {value!r}")
-    if not config.manager.url.startswith(URL_SCHEMES):
-        raise ConfigError(f"manager.url: needs http:// or https:// (as in "
-                          f"http://HOST:{DEFAULT_PORT}), got {config.manager.url!r}"[:300])
+        high = _maximum(key)
+        if not low <= value <= high:  # also refuses NaN
+            raise ConfigError(f"{key}: expected a value from {low:g} to {high:g}, "
+                              f"got {value!r}"[:300])
+    problem = url_problem(config.manager.url)
+    if problem:
+        raise ConfigError(f"manager.url: {problem}")
+    for key in ("manager.host", "orchestrator.metrics_host"):
+        section, name = key.split(".")
+        host = getattr(getattr(config, section), name)
+        if not host.strip() or host != host.strip():
+            raise ConfigError(f"{key}: expected an address to bind such as 127.0.0.1 (0.0.0.0 "
+                              f"for every interface), got {host!r}"[:300])
+    problem = token_problem(config.manager.token)
+    if problem:
+        raise ConfigError(f"manager.token: {problem}")
+    if not config.engine.model.strip():
+        raise ConfigError("engine.model: expected a dorado model such as 'hac', got ''")
     if config.engine.engine_id and not is_valid_id(config.engine.engine_id):
         raise ConfigError(f"engine.engine_id: expected [A-Za-z0-9._-]{{1,64}}, "
                           f"got {config.engine.engine_id!r}")
@@ -442,8 +502,13 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError(f"--config: no such file {str(p)!r}") from None
     except IsADirectoryError:
         raise ConfigError(f"--config: {str(p)!r} is a directory") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+        raise ConfigError(" ".join(f"{p}: not valid TOML ({exc})".split())) from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {str(p)!r} "
+                          f"({exc.strerror or type(exc).__name__})") from None
     return from_mapping(data, str(p))
 
 

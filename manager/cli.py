@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import bcorch
+import http.client
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -22,10 +24,22 @@ from .read_counts import ReadTotals, describe as describe_reads
 
 COMMANDS = ("status", "close-input", "runs", "run")
 RUN_ACTIONS = ("pause", "resume", "cancel", "close")
+MAX_WATCH_S = 86400.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line and exit 78, like every configuration error (not usage + exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+class _NotAManager(Exception):
+    """The URL answered, but not as a bcmanager does (another service, a proxy's page)."""
 
 
 def _serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bcmanager",
         description="Serve batches of POD5 files to basecalling engines (HTTP, SQLite).",
         epilog="commands (each has its own --help):\n"
@@ -70,7 +84,7 @@ CLIENT_HELP = {"status": "Show progress, throughput, time left and engines of a 
 
 
 def _client_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"bcmanager {command}", description=CLIENT_HELP[command])
+    p = _Parser(prog=f"bcmanager {command}", description=CLIENT_HELP[command])
     p.add_argument("--config", help="config.toml (for manager.url and the token)")
     p.add_argument("--url", help="the manager's URL (default manager.url)")
     p.add_argument("--token", help="bearer token (or env BCORCH_TOKEN)")
@@ -94,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
+    except SystemExit as exc:  # _request ends a command with its code; --help, --version
+        return exc.code if isinstance(exc.code, int) else 1
     except BrokenPipeError:  # `bcmanager status --json | head`: the reader went away
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -107,11 +123,20 @@ def _main(argv: list[str]) -> int:
             args = _client_parser(argv[0]).parse_args(argv[1:])
             cfg = _load(args.config)
             cfg.override("manager", token=args.token, url=args.url)
-            return {"status": _status, "close-input": lambda c, a: _close_input(c),
-                    "runs": _runs, "run": _run_command}[argv[0]](cfg, args)
+            command = {"status": _status, "close-input": lambda c, a: _close_input(c),
+                       "runs": _runs, "run": _run_command}[argv[0]]
+            try:
+                return command(cfg, args)
+            except (_NotAManager, KeyError, TypeError, AttributeError) as exc:
+                return _fail(f"{cfg.manager.url}: the answer is not a bcmanager's "
+                             f"({type(exc).__name__}: {exc}) (--url)"[:400], EXIT_PROTOCOL)
+        if argv and not argv[0].startswith("-"):
+            raise ConfigError(f"unknown command {argv[0]!r} (expected one of "
+                              f"{', '.join(COMMANDS)}, or flags to serve; see --help)")
         return _serve(_serve_parser().parse_args(argv))
     except ConfigError as exc:
-        print(f"bcmanager: {exc}", file=sys.stderr)
+        text = " ".join(str(exc).split())
+        print(text if text.startswith("bcmanager") else f"bcmanager: {text}", file=sys.stderr)
         return EXIT_CONFIG
 
 
@@ -124,6 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
     cfg.override("manager", input_dir=args.input_dir, output_dir=args.output_dir, db=args.db,
                  host=args.host, port=args.port, token=args.token,
                  input_closed=args.input_closed, watch_root=args.watch_root)
+    _ = cfg.token  # a bad BCORCH_TOKEN is refused before the lock is taken
     if cfg.manager.watch_root:
         return _serve_facility(cfg, args)
     config_mod.require(cfg, "manager.input_dir", "or --input-dir")
@@ -184,17 +210,19 @@ def _run_service(cfg: Config, args: argparse.Namespace, lock_dir: str,
 
 
 def _request(cfg: Config, route: str, method: str = "GET", body: dict | None = None) -> Any:
+    """The JSON object the manager answers; anything else ends the command with one line."""
     url = cfg.manager.url.rstrip("/") + route
     data = json.dumps(body or {}).encode() if method == "POST" else None
-    req = urllib.request.Request(url, method=method, data=data)
-    req.add_header("Content-Type", "application/json")
-    if cfg.token:
-        req.add_header("Authorization", f"Bearer {cfg.token}")
+    token = cfg.token
     try:
+        req = urllib.request.Request(url, method=method, data=data)
+        req.add_header("Content-Type", "application/json")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
         with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
+            answer = json.loads(resp.read())
     except urllib.error.HTTPError as err:
-        detail = err.read().decode(errors="replace")[:200]
+        detail = " ".join(err.read().decode(errors="replace")[:200].split())
         if err.code == 401:
             raise SystemExit(_fail(f"{url}: the manager refused the token (manager.token, --token "
                                    f"or BCORCH_TOKEN): HTTP 401", EXIT_CONFIG)) from None
@@ -204,8 +232,16 @@ def _request(cfg: Config, route: str, method: str = "GET", body: dict | None = N
             raise SystemExit(_fail(f"{url}: this manager serves one run, not a facility "
                                    f"(start it with --watch-root)", 1)) from None
         raise SystemExit(_fail(f"{url}: HTTP {err.code} {detail}", EXIT_PROTOCOL)) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise SystemExit(_fail(f"{url}: manager unreachable ({exc}) (--url)", EXIT_PROTOCOL)) from None
+    except json.JSONDecodeError as exc:
+        raise SystemExit(_fail(f"{url}: the answer is not JSON, so not a bcmanager's ({exc}) "
+                               f"(--url)", EXIT_PROTOCOL)) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise SystemExit(_fail(f"{url}: manager unreachable ({reason}) (--url)",
+                               EXIT_PROTOCOL)) from None
+    if not isinstance(answer, dict):
+        raise _NotAManager(f"expected a JSON object, got {type(answer).__name__}")
+    return answer
 
 
 def _fail(message: str, code: int) -> int:
@@ -218,8 +254,9 @@ def _status(cfg: Config, args: argparse.Namespace) -> int:
         answer = _request(cfg, "/status")
         print(json.dumps(answer, indent=2) if args.json else format_status(answer), flush=True)
         return 0
-    if args.watch < 0.1:
-        raise ConfigError(f"--watch: must be at least 0.1 seconds, got {args.watch}")
+    if not (math.isfinite(args.watch) and 0.1 <= args.watch <= MAX_WATCH_S):
+        raise ConfigError(f"--watch: must be from 0.1 to {MAX_WATCH_S:g} seconds, "
+                          f"got {args.watch}")
 
     def render() -> str:
         answer = _request(cfg, "/status")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,11 +25,13 @@ from typing import Any, Callable
 
 from bcorch import logs
 from bcorch.protocol import EXIT_CONFIG
-from bcorch.config import Config, ConfigError, load
+from bcorch.config import Config, ConfigError, load, url_problem
 
 from .commands import COMMANDS, GpuArg, usage_line
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_WAIT_S = 86400.0     # --timeout and --watch: a day at most
+DEMO_MAX_FILES = 10_000
 COMMANDS_HELP = "\n".join([
     "commands (each has its own --help):",
     "  bcorch [flags]                  supervise one engine per GPU (this page)",
@@ -84,7 +87,8 @@ def _dispatch(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int
             return cmd_socket(argv[1:])
         return cmd_run(argv, target)
     except ConfigError as exc:
-        print(f"bcorch: {exc}", file=sys.stderr)
+        text = str(exc)
+        print(text if text.startswith("bcorch") else f"bcorch: {text}", file=sys.stderr)
         return EXIT_CONFIG
 
 
@@ -93,9 +97,16 @@ def _load(path: str | None) -> Config:
 
 
 def _check_url(url: str | None) -> None:
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise UsageError(f"--manager-url: manager.url needs http:// or https:// "
-                         f"(as in http://HOST:40765), got {url!r}")
+    problem = url_problem(url) if url is not None else ""
+    if problem:
+        raise UsageError(f"--manager-url: manager.url {problem}")
+
+
+def _seconds(prog: str, flag: str, value: float | None, low: float) -> None:
+    """A wait given on the command line: finite, from `low` to MAX_WAIT_S (None: not given)."""
+    if value is not None and not (math.isfinite(value) and low <= value <= MAX_WAIT_S):
+        raise UsageError(f"{prog}: {flag} must be from {low:g} to {MAX_WAIT_S:g} seconds, "
+                         f"got {value}")
 
 
 def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
@@ -153,8 +164,8 @@ def cmd_control(cmd: str, argv: list[str]) -> int:
                        help="redraw every S seconds (default 2) until Ctrl-C; plain "
                             "repeated tables when the output is not a terminal")
     args = p.parse_args(argv)
-    if getattr(args, "watch", None) is not None and args.watch < 0.1:
-        raise UsageError(f"bcorch status: --watch must be at least 0.1 seconds, got {args.watch}")
+    _seconds(f"bcorch {cmd}", "--watch", getattr(args, "watch", None), 0.1)
+    _seconds(f"bcorch {cmd}", "--timeout", args.timeout, 0.01)
     if getattr(args, "gpu", None) is not None and args.gpu < 0:
         raise UsageError(f"bcorch {cmd}: --gpu must be a GPU index (0 or more), got {args.gpu}")
     path = _client_socket(args.socket, args.config)
@@ -165,6 +176,10 @@ def cmd_control(cmd: str, argv: list[str]) -> int:
         return _watch_status(path, args)
     reply = _ask(cmd, path, message, args.timeout)
     if reply is None:
+        return 1
+    if cmd == "status" and not isinstance(reply.get("slots"), list):
+        print(f"bcorch status: the answer from {path} is not a bcorch status (no slots)",
+              file=sys.stderr)
         return 1
     if cmd == "status":
         print(json.dumps(reply, indent=2) if args.json else render_status(reply))
@@ -225,7 +240,30 @@ def cmd_demo(argv: list[str]) -> int:
 
     p = _Parser(prog="bcorch demo", description="The whole job on this machine, no GPU needed.")
     demo.add_arguments(p)
-    return demo.run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    _check_demo(args)
+    return demo.run(args)
+
+
+def _check_demo(args: argparse.Namespace) -> None:
+    """The demo's flags, before it writes anything (its own checks cover --files/--gpus < 1)."""
+    from .gpus import MAX_VIRTUAL_GPUS
+
+    if args.files > DEMO_MAX_FILES:
+        raise UsageError(f"bcorch demo: --files must be at most {DEMO_MAX_FILES}, got {args.files}")
+    if args.gpus > MAX_VIRTUAL_GPUS:
+        raise UsageError(f"bcorch demo: --gpus must be at most {MAX_VIRTUAL_GPUS} (virtual GPUs), "
+                         f"got {args.gpus}")
+    if args.runs is not None and args.runs > max(1, args.files):
+        raise UsageError(f"bcorch demo: --runs must be at most --files ({args.files}): each run "
+                         f"gets at least one file, got {args.runs}")
+    if args.workdir:
+        workdir = Path(args.workdir)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"bcorch demo: --workdir: cannot create {str(workdir)!r} "
+                             f"({exc.strerror or type(exc).__name__})") from None
 
 
 def cmd_gpus(argv: list[str]) -> int:

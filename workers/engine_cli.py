@@ -13,8 +13,15 @@ from bcorch.protocol import EXIT_CONFIG
 from bcorch.config import ConfigError
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line and exit 78, like every configuration error (not usage + exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bcorch engine",
+    parser = _Parser(prog="bcorch engine",
                                      description="Run one basecalling engine on one GPU.")
     parser.add_argument("--gpu", type=int, required=True, metavar="N",
                         help="GPU index (CUDA_VISIBLE_DEVICES is left as it is)")
@@ -30,10 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as exc:
+        print(f"bcorch engine: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.gpu < 0:
-        print("bcorch engine: --gpu: expected a GPU index >= 0", file=sys.stderr)
-        return 2
+        print(f"bcorch engine: --gpu: expected a GPU index >= 0, got {args.gpu}", file=sys.stderr)
+        return EXIT_CONFIG
     logs.configure(args.log_level)
     from .engine import BCEngine
 

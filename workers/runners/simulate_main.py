@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -125,8 +126,15 @@ def simulate_file(path: Path, out: Path, samples_per_s: float, fail_fraction: fl
     return len(records), len(passed), samples
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit 2 (not the usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="simulate_main", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="simulate_main", description=__doc__.splitlines()[0])
     parser.add_argument("--input-dir", required=True, type=Path)
     parser.add_argument("--output-dir", required=True, type=Path)
     parser.add_argument("--model", default="hac")
@@ -138,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--started-at", type=float, default=None,
                         help="time.monotonic() of the spawn; the budget counts from it")
     args = parser.parse_args(argv)
+    numbers = (args.samples_per_s, args.startup_s, args.fail_fraction,
+               0.0 if args.started_at is None else args.started_at)
+    if not all(math.isfinite(n) for n in numbers):
+        parser.error("--samples-per-s, --startup-s, --fail-fraction and --started-at must be "
+                     "finite numbers")
     origin = time.monotonic() if args.started_at is None else min(args.started_at, time.monotonic())
     try:
         os.nice(SIMULATE_NICE)
@@ -153,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"SIMULATION: cannot list input dir: {exc}", flush=True)
         return 2
-    for sub in ("pass", "fail"):
-        (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
+    try:
+        for sub in ("pass", "fail"):
+            (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"simulate_main: --output-dir: cannot create {str(args.output_dir / sub)!r} "
+              f"({exc.strerror or type(exc).__name__})", file=sys.stderr, flush=True)
+        return 2
     due = origin + args.startup_s
     time.sleep(max(0.0, due - time.monotonic()))
     failed: dict[str, str] = {}

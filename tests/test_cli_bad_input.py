@@ -1,0 +1,260 @@
+"""A careless user at every command line: bad flags, bad config files, bad environment, a
+"manager" or "bcorch" that is something else. Each gets one line on stderr naming what is
+wrong and a non-zero exit (78 for configuration), never a traceback, and nothing is served
+or written. Most cases call main(argv) in this process; the config fuzz cases that need a
+real process per command are in test_fuzz_config.py, the control pipe's in test_fuzz_control.py.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from bcorch import config
+from bcorch.config import ConfigError
+from bcorch.manager import cli as manager_cli
+from bcorch.orchestrator import cli as bcorch_cli
+from bcorch.workers import engine_cli
+from support import REPO
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# --- config files and values ---------------------------------------------------------------
+
+@pytest.mark.parametrize("data, key", [
+    ({"manager": {"report_back_interval": float("nan")}}, "manager.report_back_interval"),
+    ({"manager": {"settle_s": float("nan")}}, "manager.settle_s"),
+    ({"orchestrator": {"hang_timeout_s": float("inf")}}, "orchestrator.hang_timeout_s"),
+    ({"engine": {"polling_interval": float("nan")}}, "engine.polling_interval"),
+    ({"runner": {"fail_fraction": float("nan")}}, "runner.fail_fraction"),
+    ({"runner": {"samples_per_s": float("inf")}}, "runner.samples_per_s"),
+    ({"manager": {"lock_refresh_s": 1e300}}, "manager.lock_refresh_s"),  # timer overflow
+    ({"manager": {"request_timeout_s": 1e300}}, "manager.request_timeout_s"),
+    ({"manager": {"threads": 10 ** 13}}, "manager.threads"),
+    ({"manager": {"max_attempts": 10 ** 20}}, "manager.max_attempts"),  # past SQLite's integer
+    ({"engine": {"request_retries": 10 ** 15}}, "engine.request_retries"),
+    ({"manager": {"url": "http://"}}, "manager.url"),
+    ({"manager": {"url": "http://[::1"}}, "manager.url"),
+    ({"manager": {"url": "http://127.0.0.1:70000"}}, "manager.url"),
+    ({"manager": {"url": "http://127.0.0.1:x"}}, "manager.url"),
+    ({"manager": {"url": "http:// spaces /"}}, "manager.url"),
+    ({"manager": {"host": ""}}, "manager.host"),  # "" would bind every interface
+    ({"orchestrator": {"metrics_host": " "}}, "orchestrator.metrics_host"),
+    ({"manager": {"token": "a\nb"}}, "manager.token"),
+    ({"manager": {"token": "two words"}}, "manager.token"),
+    ({"engine": {"model": ""}}, "engine.model"),
+])
+def test_unusable_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping(data)
+    assert str(err.value).startswith(key + ":"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_config_file_that_is_not_utf8_or_cannot_be_read(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[manager]\nhost = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(latin1)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="--config: cannot read"):  # a path through a file
+        config.load(tmp_path / "afile" / "config.toml")
+
+
+def test_token_from_the_environment_that_cannot_be_sent(monkeypatch):
+    monkeypatch.setenv("BCORCH_TOKEN", "s3cret\r\nX-Injected: 1")
+    with pytest.raises(ConfigError, match="BCORCH_TOKEN"):
+        config.from_mapping({}).token
+    monkeypatch.setenv("BCORCH_TOKEN", "s3cret")
+    assert config.from_mapping({}).token == "s3cret"
+
+
+# --- bcorch --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, names", [
+    (["status", "--timeout", "-1"], "--timeout"),
+    (["status", "--timeout", "nan"], "--timeout"),
+    (["drain", "--timeout", "inf"], "--timeout"),
+    (["stop", "--timeout", "1e308"], "--timeout"),
+    (["status", "--watch", "nan"], "--watch"),
+    (["status", "--watch", "inf"], "--watch"),
+    # each case also carries a flag the old code refused, so it never started anything
+    (["--manager-url", "http://[::1", "--gpus", "virtual:0"], "--manager-url"),
+    (["--manager-url", "http://", "--gpus", "virtual:0"], "--manager-url"),
+    (["demo", "--gpus", "100000", "--runs", "0"], "--gpus"),
+    (["demo", "--files", "999999999", "--runs", "0"], "--files"),
+    (["demo", "--files", "2", "--runs", "5", "--gpus", "0"], "--runs"),
+    (["--gpus"], "--gpus"),
+])
+def test_bcorch_bad_flags(argv, names, tmp_path, capsys):
+    if argv[0] in ("status", "drain", "stop"):
+        argv += ["--socket", str(tmp_path / "none" / "s.sock")]
+    assert bcorch_cli.main(argv) == 78
+    line = one_line(capsys.readouterr().err)
+    assert names in line and not line.startswith("bcorch: bcorch"), line
+
+
+def test_bcorch_config_that_is_not_utf8_and_demo_workdir_that_is_a_file(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    assert bcorch_cli.main(["--config", str(bad), "--gpus", "virtual:1"]) == 78
+    assert "not UTF-8" in one_line(capsys.readouterr().err)
+    assert bcorch_cli.main(["status", "--config", str(bad)]) == 78
+    assert "not UTF-8" in one_line(capsys.readouterr().err)
+    afile = tmp_path / "afile"
+    afile.write_text("precious")
+    assert bcorch_cli.main(["demo", "--workdir", str(afile)]) == 78
+    assert "--workdir" in one_line(capsys.readouterr().err)
+    assert afile.read_text() == "precious"
+
+
+def _unix_server(path: Path, answer: bytes) -> socket.socket:
+    """A control socket that is not bcorch's: it answers every request with `answer`."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_bcorch_status_from_a_socket_that_is_not_bcorch(tmp_path, capsys):
+    server = _unix_server(tmp_path / "other.sock", b'{"ok": true}\n')
+    try:
+        assert bcorch_cli.main(["status", "--socket", str(tmp_path / "other.sock")]) == 1
+    finally:
+        server.close()
+    assert "not a bcorch status" in one_line(capsys.readouterr().err)
+
+
+# --- bcmanager -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, names", [
+    (["--port", "abc"], "--port"),
+    (["--port"], "--port"),
+    (["--log-level", "bogus"], "--log-level"),
+    (["--bogus"], "--bogus"),
+    (["files"], "'files'"),
+    (["run", "bogus", "r1"], "action"),
+    (["run", "pause"], "run"),
+    (["close-input", "--json"], "--json"),
+    (["status", "--watch", "nan", "--url", "http://127.0.0.1:9"], "--watch"),
+    (["status", "--watch", "inf", "--url", "http://127.0.0.1:9"], "--watch"),
+    (["status", "--url", "http://[::1"], "manager.url"),
+    (["runs", "--url", "http://127.0.0.1:70000"], "manager.url"),
+    (["status", "--url", "http://127.0.0.1:9", "--token", "a\nb"], "manager.token"),
+])
+def test_bcmanager_bad_flags_are_one_line_and_78(argv, names, capsys):
+    assert manager_cli.main(argv) == 78
+    line = one_line(capsys.readouterr().err)
+    assert names in line and not line.startswith("bcmanager: bcmanager"), line
+
+
+def _http_server(answer: bytes) -> tuple[socket.socket, int]:
+    """A TCP server on loopback that reads a request and sends `answer` as it is."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def _http(status: str, body: bytes) -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            .encode() + body)
+
+
+@pytest.mark.parametrize("answer", [
+    b"NOT HTTP AT ALL\r\n\r\n",                         # not an HTTP server
+    _http("200 OK", b'{"hello": 1}'),                    # JSON, but not a bcmanager's
+    _http("200 OK", b"[1, 2]"),
+    _http("200 OK", b"<html>a login page</html>"),
+    _http("500 Oops", b"boom\nsecond line\n"),           # multi-line error page
+], ids=["not-http", "other-json", "json-list", "html", "500-multiline"])
+def test_bcmanager_client_against_something_else_is_one_line_75(answer, capsys):
+    server, port = _http_server(answer)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for argv in (["status"], ["runs"], ["run", "pause", "r1"]):
+            assert manager_cli.main(argv + ["--url", url]) == 75, argv
+            assert url in one_line(capsys.readouterr().err)
+    finally:
+        server.close()
+
+
+def test_bcmanager_refuses_a_token_it_cannot_send_before_taking_the_lock(tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.setenv("BCORCH_TOKEN", "line\nbreak")
+    assert manager_cli.main(["status", "--url", "http://127.0.0.1:9"]) == 78
+    assert "BCORCH_TOKEN" in one_line(capsys.readouterr().err)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    # a real process: the old code served with a token no engine can send
+    out = subprocess.run([sys.executable, "-m", "bcorch.manager", "--input-dir",
+                          str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"), "--db",
+                          str(tmp_path / "db.sqlite"), "--port", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 78
+    assert "BCORCH_TOKEN" in one_line(out.stderr)
+    assert os.listdir(tmp_path / "out") == [] and not (tmp_path / "db.sqlite").exists()
+
+
+# --- bcorch engine and the simulated basecaller ---------------------------------------------
+
+@pytest.mark.parametrize("argv, names", [
+    ([], "--gpu"),
+    (["--gpu", "abc"], "--gpu"),
+    (["--gpu", "-1"], "--gpu"),
+    (["--gpu", "0", "--log-level", "x"], "--log-level"),
+    (["--gpu", "0", "--manager-url", "http://[::1"], "manager.url"),
+])
+def test_engine_bad_flags_are_one_line_and_78(argv, names, capsys):
+    assert engine_cli.main(argv) == 78
+    assert names in one_line(capsys.readouterr().err)
+
+
+def test_simulated_basecaller_bad_numbers_and_output_dir(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "afile").write_text("precious")
+    base = [sys.executable, "-m", "bcorch.workers.runners.simulate_main",
+            "--input-dir", str(tmp_path / "in")]
+    for extra, names in ((["--output-dir", str(tmp_path / "afile" / "out")], "--output-dir"),
+                         (["--output-dir", str(tmp_path / "o"), "--samples-per-s", "nan"],
+                          "--samples-per-s"),
+                         (["--output-dir", str(tmp_path / "o"), "--startup-s", "inf"],
+                          "--startup-s")):
+        out = subprocess.run(base + extra, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, (extra, out.stdout, out.stderr)
+        assert names in one_line(out.stderr), out.stderr
+    assert (tmp_path / "afile").read_text() == "precious"
+    assert not (tmp_path / "o").exists()
