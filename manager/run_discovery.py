@@ -55,10 +55,11 @@ def propose_run_id(name: str) -> str:
     """The run directory's name if it is a valid short id, else a sanitised, shortened one.
 
     The Facility makes it unique (adding "-2", "-3", ...) and records it, so it is stable.
+    It never starts with "-", so that `bcmanager run pause ID` does not read it as an option.
     """
-    if is_valid_id(name):
+    if is_valid_id(name) and not name.startswith("-"):
         return name
-    cleaned = _NOT_ID_CHARS.sub("_", name).strip("._") or "run"
+    cleaned = _NOT_ID_CHARS.sub("_", name).strip("._-") or "run"
     return cleaned[:RUN_ID_MAX].rstrip(".") or "run"
 
 

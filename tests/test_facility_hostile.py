@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bcorch.config import FacilityConfig, ManagerConfig
+from bcorch.config import FacilityConfig, FacilityRule, ManagerConfig
 from bcorch.manager.facility import Facility
 from bcorch.manager.facility_states import RunEvent, RunState
 from bcorch.orchestrator.pod5_dataset import write_pod5
@@ -415,3 +415,46 @@ def test_kill_9_just_after_discovery_and_while_runs_settle_keeps_every_read_once
         assert summary["files_done"] == 3 and summary["state"] == "COMPLETE", summary
         counts = reads_in(root / GROUP / SAMPLE / name)
         assert set(counts) == expected[name] and set(counts.values()) == {1}, (name, counts)
+
+
+def test_a_rule_changed_between_restarts_applies_to_new_runs_only(tmp_path):
+    """The operator edits [[facility.rules]] and restarts: a run found before keeps the model
+    it started with (recorded in the facility database); a run found after gets the rule."""
+    root = tmp_path / "root"
+    make_run(root, "run_old", 2, 1)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+    finally:
+        fac.close()
+    make_run(root, "run_new", 1, 2)
+    again = facility(tmp_path, root, rules=(FacilityRule(sample=SAMPLE, model="sup"),))
+    try:
+        again.scan_tick()
+        models = {}
+        for _ in range(2):
+            batch = take(again)
+            models[batch["run_id"]] = batch["model"]
+            finish(again, batch)
+        assert models == {"run_old": "hac", "run_new": "sup"}, models
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("name,run_id", [("-rf", "rf"), ("--help", "help"), ("- x", "x"),
+                                         ("a b", "a_b"), ("ünï run", "n_run")])
+def test_a_run_id_never_reads_as_a_command_line_option(tmp_path, name, run_id):
+    """A run directory named "-rf" or "--help" got that id, which `bcmanager run pause ID`
+    read as an option (a usage error, or help instead of the pause)."""
+    from bcorch.manager.run_discovery import propose_run_id
+    assert propose_run_id(name) == run_id
+    root = tmp_path / "root"
+    make_run(root, name, 1, 1)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        assert set(runs(fac)) == {run_id}
+        assert fac.command(run_id, RunEvent.PAUSE)["state"] == "PAUSED"
+    finally:
+        fac.close()
