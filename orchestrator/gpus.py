@@ -115,7 +115,7 @@ def parse_virtual(spec: str) -> int | None:
     if not spec.startswith(VIRTUAL_PREFIX):
         return None
     raw = spec[len(VIRTUAL_PREFIX):]
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_VIRTUAL_GPUS:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_VIRTUAL_GPUS:
         raise GpuSelectionError(f"--gpus: virtual:N needs N from 1 to {MAX_VIRTUAL_GPUS}, "
                                 f"got {spec!r}")
     return int(raw)
@@ -135,7 +135,7 @@ def choose(spec: str, found: list[Gpu]) -> list[Gpu]:
     for item in (part.strip() for part in spec.split(",")):
         if not item:
             raise GpuSelectionError(f"--gpus: empty entry in {spec!r}")
-        if item.isdigit():
+        if item.isascii() and item.isdigit():
             gpu = by_index.get(int(item))
             if gpu is None:
                 raise GpuSelectionError(f"--gpus: no GPU with index {item} "

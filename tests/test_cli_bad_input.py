@@ -96,6 +96,8 @@ def test_token_from_the_environment_that_cannot_be_sent(monkeypatch):
     (["demo", "--files", "999999999", "--runs", "0"], "--files"),
     (["demo", "--files", "2", "--runs", "5", "--gpus", "0"], "--runs"),
     (["--gpus"], "--gpus"),
+    (["--gpus", "virtual:\u00b2"], "--gpus"),   # a superscript two: isdigit() but not int()
+    (["gpus", "--gpus", "virtual:\u00b2"], "--gpus"),
 ])
 def test_bcorch_bad_flags(argv, names, tmp_path, capsys):
     if argv[0] in ("status", "drain", "stop"):
@@ -117,6 +119,15 @@ def test_bcorch_config_that_is_not_utf8_and_demo_workdir_that_is_a_file(tmp_path
     assert bcorch_cli.main(["demo", "--workdir", str(afile)]) == 78
     assert "--workdir" in one_line(capsys.readouterr().err)
     assert afile.read_text() == "precious"
+
+
+def test_gpu_indices_that_are_digits_to_python_but_not_numbers():
+    from bcorch.orchestrator.gpus import Gpu, GpuSelectionError, choose
+
+    found = [Gpu(index=i, uuid=f"GPU-{i}", name="H100", memory_total=0, virtual=False)
+             for i in range(2)]
+    with pytest.raises(GpuSelectionError, match="--gpus"):
+        choose("0,\u00b2", found)
 
 
 def _unix_server(path: Path, answer: bytes) -> socket.socket:
