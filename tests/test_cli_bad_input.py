@@ -254,6 +254,13 @@ def test_engine_bad_flags_are_one_line_and_78(argv, names, capsys):
     assert names in one_line(capsys.readouterr().err)
 
 
+def test_engine_config_that_cannot_be_read(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for name in ("config.toml", "config.json"):  # config.toml, and the original JSON format
+        assert engine_cli.main(["--gpu", "0", "--config", str(tmp_path / "afile" / name)]) == 78
+        assert "cannot read" in one_line(capsys.readouterr().err)
+
+
 def test_simulated_basecaller_bad_numbers_and_output_dir(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "afile").write_text("precious")

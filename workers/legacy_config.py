@@ -39,6 +39,9 @@ def load_legacy(path: str | Path, node_index: int) -> Config:
         raise ConfigError(f"--config: {str(p)!r} is a directory") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid JSON ({exc})".splitlines()[0]) from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {str(p)!r} "
+                          f"({exc.strerror or type(exc).__name__})") from None
     return from_legacy_mapping(data, node_index, str(p))
 
 
