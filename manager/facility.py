@@ -478,9 +478,12 @@ class Facility:
         return True
 
     def _moved_from(self, where: RunDir) -> Run | None:
-        """The known run that `where` is, moved within the root: a run directory's name
-        (start, device, flow cell, run id) is unique, so a known run of the same name whose
-        own directory is gone has been moved (its sample or group renamed, say)."""
+        """The known run that `where` is, moved within the root: a MinKNOW run directory's
+        name (start, device, flow cell, run id) is unique, so a known run of the same name
+        whose own directory is gone has been moved (its sample or group renamed, say).
+        Other names (`run1`) may well be used twice: such a directory is a new run."""
+        if not where.start:
+            return None
         for run in self._runs.values():
             if run.where.name == where.name and run.row.rel != where.rel \
                     and not os.path.lexists(run.where.path):

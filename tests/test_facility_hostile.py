@@ -458,3 +458,60 @@ def test_a_run_id_never_reads_as_a_command_line_option(tmp_path, name, run_id):
         assert fac.command(run_id, RunEvent.PAUSE)["state"] == "PAUSED"
     finally:
         fac.close()
+
+
+def test_a_new_run_named_like_a_deleted_one_is_not_taken_for_it_unless_minknow_named(tmp_path):
+    """Moves are recognised by MinKNOW's unique run directory names only: a run called
+    `run1` in another sample, after a `run1` was deleted, is a run of its own (its own id,
+    store, settings and output), not the deleted one moved."""
+    root = tmp_path / "root"
+    make_run(root, "run1", 2, 1)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        shutil.rmtree(root / GROUP / SAMPLE / "run1")
+        fac.scan_tick()
+        ids = make_run(root, "run1", 2, 2, sample="other_sample")
+        fac.scan_tick()
+        view = runs(fac)
+        assert set(view) == {"run1", "run1-2"}, view
+        assert view["run1-2"]["rel"] == f"{GROUP}/other_sample/run1"
+        assert drain(fac) == ["run1-2", "run1-2"]
+    finally:
+        fac.close()
+    counts = reads_in(root / GROUP / "other_sample" / "run1")
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_complete_run_moved_within_the_root_is_not_basecalled_again(tmp_path):
+    """Finished runs reorganised under the root (a sample folder renamed): a COMPLETE run
+    found at its new place is the same run, still COMPLETE (mirror output used to
+    basecall all of it again as a new run)."""
+    root = tmp_path / "root"
+    out = tmp_path / "out"
+    name = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
+    ids = make_run(root, name, 2, 1)
+    fac = facility(tmp_path, root, output="mirror", output_root=str(out))
+    try:
+        fac.scan_tick()
+        drain(fac)
+        fac.command(name, RunEvent.CLOSE)
+        fac.scan_tick()
+        assert fac._runs[name].state is RunState.COMPLETE
+        (root / GROUP / SAMPLE).rename(root / GROUP / "archived")
+        fac.scan_tick()
+        view = runs(fac)
+        assert set(view) == {name} and view[name]["state"] == "COMPLETE", view
+        assert view[name]["rel"] == f"{GROUP}/archived/{name}"
+        assert take(fac)["batch_size"] == 0
+    finally:
+        fac.close()
+    again = facility(tmp_path, root, output="mirror", output_root=str(out))
+    try:
+        again.scan_tick()
+        assert set(runs(again)) == {name} and take(again)["batch_size"] == 0
+    finally:
+        again.close()
+    counts = reads_in(out)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
