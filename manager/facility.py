@@ -743,6 +743,11 @@ class Facility:
             log.info("job %s: %s for a job no run knows: late", short_job_id(job_id),
                      state.value)
             return late
+        if state is WireState.FAILED and not os.path.isdir(run.where.path):
+            log.warning("job %s of run %s: FAILED while the run's directory is missing: taken "
+                        "as STOPPED, no attempt counted against its files (%s)",
+                        short_job_id(job_id), run.row.run_id, reason[:200])
+            state, failed = WireState.STOPPED, {}
         with _retired_is_late(part, job_id, late) as answer:
             answer.value = part.manager.complete(job_id, state, failed, reason,
                                                  engine_id=engine_id, simulated=simulated,

@@ -515,3 +515,32 @@ def test_a_complete_run_moved_within_the_root_is_not_basecalled_again(tmp_path):
         again.close()
     counts = reads_in(out)
     assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_batches_failed_while_their_run_directory_is_missing_count_no_attempt(tmp_path):
+    """A flapping mount: each time a batch of the run is out its directory vanishes and the
+    engine reports FAILED (it cannot read the files). That says nothing about the files: no
+    attempt is counted (three such failures used to QUARANTINE them, for good: once back,
+    unchanged, they were never looked at again)."""
+    root = tmp_path / "root"
+    ids = make_run(root, "run1", 1, 1)
+    run_path = root / GROUP / SAMPLE / "run1"
+    away = tmp_path / "away"
+    fac = facility(tmp_path, root)
+    try:
+        for _ in range(4):
+            fac.scan_tick()
+            batch = take(fac)
+            assert batch["batch_size"] == 1, runs(fac)
+            os.rename(run_path, away)
+            answer = fac.complete(batch["jobid"], JobState.FAILED, {},
+                                  "cannot open the POD5 files", engine_id="gpu0")
+            assert answer.status == 200, answer.body
+            os.rename(away, run_path)
+        fac.scan_tick()
+        assert runs(fac)["run1"]["files"]["QUARANTINED"] == 0
+        assert drain(fac) == ["run1"]
+    finally:
+        fac.close()
+    counts = reads_in(root)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
