@@ -244,6 +244,23 @@ class Facility:
             self._jobs.setdefault(job.job_id, Issued(row.run_id, self._clock()))
             self.fair.started(job.job_id, row.run_id, job.engine_id, self._model(run),
                               DEFAULT_ESTIMATE_S)
+        if part.manager.input_closed and not row.input_closed:
+            self._closed_by_its_journal(run)
+
+    def _closed_by_its_journal(self, run: Run) -> None:
+        """The run's store, rebuilt from its journal (a new state directory: another host,
+        or the old one lost), says its input was closed: so is the run, else it would stay
+        ACTIVE for ever and the facility never finish."""
+        run.row.input_closed = True
+        try:
+            after = transition(run.state, RunEvent.CLOSE, True)
+        except TransitionRefused:
+            after = run.state
+        if after is not run.state:
+            log.info("run %s: %s -> %s (its journal says its input was closed)",
+                     run.row.run_id, run.state.value, after.value)
+        run.row.state = after
+        self.db.save(run.row)
 
     def _quarantine(self, run: Run, reason: str) -> None:
         run.row.state = transition(run.state, RunEvent.QUARANTINE, run.row.input_closed)

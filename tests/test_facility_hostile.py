@@ -544,3 +544,40 @@ def test_batches_failed_while_their_run_directory_is_missing_count_no_attempt(tm
         fac.close()
     counts = reads_in(root)
     assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_new_state_directory_redoes_nothing_and_finishes_closed_runs(tmp_path):
+    """The manager moves to another host (or its state directory is lost): a new facility
+    database and new run stores. Each run is rebuilt from its journal beside its output, so
+    nothing is basecalled again; a run that was closed is closed again (its journal says
+    so) and completes, rather than staying ACTIVE for ever with its input closed, so the
+    facility can finish."""
+    root = tmp_path / "root"
+    closed = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
+    open_run = "20261126_1300_P2S-02-A_FLOW002_abcd0002"
+    ids = make_run(root, closed, 2, 1) | make_run(root, open_run, 2, 2)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        drain(fac)
+        fac.command(closed, RunEvent.CLOSE)
+        fac.scan_tick()
+        assert fac._runs[closed].state is RunState.COMPLETE
+    finally:
+        fac.close()
+    elsewhere = facility(tmp_path / "other_host", root)
+    try:
+        elsewhere.scan_tick()
+        elsewhere.scan_tick()
+        assert take(elsewhere)["batch_size"] == 0
+        view = runs(elsewhere)
+        assert view[closed]["state"] == "COMPLETE", view[closed]
+        assert view[open_run]["state"] == "ACTIVE" and view[open_run]["files"]["DONE"] == 2
+        elsewhere.command(open_run, RunEvent.CLOSE)
+        elsewhere.close_input("test")
+        elsewhere.scan_tick()
+        assert elsewhere.nothing_left()
+    finally:
+        elsewhere.close()
+    counts = reads_in(root)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
