@@ -384,7 +384,7 @@ def url_problem(url: str) -> str:
     except ValueError as exc:
         return f"not a valid URL ({exc}; {example}), got {url!r}"[:300]
     if not parts.hostname or any(c.isspace() for c in url):
-        return f"needs a host name without spaces ({example}), got {url!r}"[:300]
+        return f"needs a host name, and no spaces ({example}), got {url!r}"[:300]
     if port == 0:
         return f"needs a port from 1 to 65535 ({example}), got {url!r}"[:300]
     return ""
