@@ -130,6 +130,7 @@ KIT_RE = re.compile(r"[A-Za-z0-9._-]{0,64}")
 RULE_MATCH_KEYS = ("protocol_group", "sample", "flow_cell")
 RUN_SETTING_KEYS = ("model", "kit", "emit", "priority")
 EMIT_FORMATS = ("fastq", "bam")
+MIN_PRIORITY, MAX_PRIORITY = 0.001, 1000.0  # a million to one; past it the fair share's sums overflow
 
 
 def setting_problem(key: str, value: Any) -> str:
@@ -159,6 +160,8 @@ def setting_problem(key: str, value: Any) -> str:
             return f"expected a number above 0, got {value!r}"[:300]
         if not (math.isfinite(value) and value > 0):
             return f"expected a number above 0, got {value!r}"[:300]
+        if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+            return f"expected a number from {MIN_PRIORITY:g} to {MAX_PRIORITY:g}, got {value!r}"
     else:
         return "unknown key"
     return ""

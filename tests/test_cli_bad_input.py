@@ -62,6 +62,16 @@ def test_unusable_values_name_the_key(data, key):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("priority", [1e-320, 1e-9, 1e300])
+def test_run_priority_far_from_one_is_refused_wherever_it_is_written(priority):
+    """1e-320 made a run's virtual time inf (and inf - inf = nan in the fair share)."""
+    with pytest.raises(ConfigError, match=r"^facility.priority: expected a number from 0.001 to 1000"):
+        config.from_mapping({"facility": {"priority": priority}})
+    with pytest.raises(ConfigError, match=r"^facility.rules\[1\].priority: expected"):
+        config.from_mapping({"facility": {"rules": [{"sample": "a", "priority": priority}]}})
+    assert config.setting_problem("priority", priority)  # a run's own bcorch.toml
+
+
 def test_config_file_that_is_not_utf8_or_cannot_be_read(tmp_path):
     latin1 = tmp_path / "latin1.toml"
     latin1.write_bytes(b'[manager]\nhost = "caf\xe9"\n')
