@@ -12,6 +12,9 @@ Facility quarantines that run with it as the reason and the other runs go on.
 """
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +72,22 @@ def _apply(settings: dict[str, Any], values: Mapping[str, Any], where: str) -> N
         settings[key] = float(value) if key == "priority" else value
 
 
+def _read_regular(path: Path, limit: int) -> bytes:
+    """Up to limit bytes of a regular file. Opened without blocking, so that a named pipe
+    (or a device) in its place is refused instead of waiting for a writer for ever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(limit)
+    finally:
+        os.close(fd)
+
+
 def read_run_file(run_path: Path) -> dict[str, Any]:
     """The [run] table of run_path/bcorch.toml ({} when there is no such file).
 
@@ -77,8 +96,7 @@ def read_run_file(run_path: Path) -> dict[str, Any]:
     """
     path = Path(run_path) / RUN_FILE
     try:
-        with path.open("rb") as fh:
-            raw = fh.read(RUN_FILE_MAX_BYTES + 1)
+        raw = _read_regular(path, RUN_FILE_MAX_BYTES + 1)
     except FileNotFoundError:
         return {}
     except IsADirectoryError:

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -581,3 +582,29 @@ def test_a_new_state_directory_redoes_nothing_and_finishes_closed_runs(tmp_path)
         elsewhere.close()
     counts = reads_in(root)
     assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_bcorch_toml_that_is_a_fifo_quarantines_the_run_and_blocks_nothing(tmp_path):
+    """A named pipe called bcorch.toml: opening it waits for a writer, and the scan held the
+    facility's lock while it read run settings, so discovery, scans and every /assignwork
+    stopped for good. The run is QUARANTINED naming the file; the other runs go on."""
+    root = tmp_path / "root"
+    make_run(root, "run_ok", 1, 1)
+    fifo = root / GROUP / SAMPLE / "run_pipe" / "bcorch.toml"
+    make_run(root, "run_pipe", 1, 2)
+    os.mkfifo(fifo)
+    fac = facility(tmp_path, root)
+    tick = threading.Thread(target=fac.scan_tick, daemon=True)
+    try:
+        tick.start()
+        tick.join(timeout=20)
+        assert not tick.is_alive(), "the scan tick hangs on the pipe"
+        view = runs(fac)
+        assert view["run_pipe"]["state"] == "QUARANTINED", view["run_pipe"]
+        assert "bcorch.toml" in view["run_pipe"]["reason"]
+        assert drain(fac) == ["run_ok"]
+    finally:
+        if tick.is_alive():   # let the stuck reader go: a writer opens and closes the pipe
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            tick.join(timeout=20)
+        fac.close()
