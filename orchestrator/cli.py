@@ -147,8 +147,6 @@ def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
 
 
 def cmd_control(cmd: str, argv: list[str]) -> int:
-    from .status_view import render_status
-
     command = COMMANDS[cmd]
     p = _Parser(prog=f"bcorch {cmd}", description=command.help)
     p.add_argument("--socket", help="control socket path")
@@ -177,18 +175,28 @@ def cmd_control(cmd: str, argv: list[str]) -> int:
     reply = _ask(cmd, path, message, args.timeout)
     if reply is None:
         return 1
-    if cmd == "status" and not isinstance(reply.get("slots"), list):
-        print(f"bcorch status: the answer from {path} is not a bcorch status (no slots)",
-              file=sys.stderr)
+    try:
+        text = _render_reply(cmd, reply, args)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        print(f"bcorch {cmd}: the answer from {path} is not bcorch's "
+              f"({type(exc).__name__}: {exc})"[:400], file=sys.stderr)
         return 1
-    if cmd == "status":
-        print(json.dumps(reply, indent=2) if args.json else render_status(reply))
-    else:
-        for slot in reply.get("slots", []):
-            print(f"gpu{slot['gpu']}: {slot['state']} ({slot['reason']})")
-        if "slots" not in reply:
-            print(f"bcorch: {reply.get('state', 'ok')}")
+    print(text)
     return 0
+
+
+def _render_reply(cmd: str, reply: dict, args: argparse.Namespace) -> str:
+    """What a control command prints; KeyError/TypeError when the reply is not bcorch's."""
+    from .status_view import render_status
+
+    if cmd == "status":
+        if not isinstance(reply["slots"], list):
+            raise TypeError("slots is not a list")
+        return json.dumps(reply, indent=2) if args.json else render_status(reply)
+    if "slots" in reply:
+        return "\n".join(f"gpu{slot['gpu']}: {slot['state']} ({slot['reason']})"
+                         for slot in reply["slots"])
+    return f"bcorch: {reply['state']}"
 
 
 def _client_socket(flag: str | None, config_path: str | None) -> Path:

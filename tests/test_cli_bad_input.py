@@ -159,13 +159,15 @@ def _unix_server(path: Path, answer: bytes) -> socket.socket:
     return server
 
 
-def test_bcorch_status_from_a_socket_that_is_not_bcorch(tmp_path, capsys):
-    server = _unix_server(tmp_path / "other.sock", b'{"ok": true}\n')
+@pytest.mark.parametrize("answer", [b'{"ok": true}\n', b'{"ok": true, "slots": [{"gpu": 0}]}\n'])
+def test_bcorch_commands_answered_by_a_socket_that_is_not_bcorch(answer, tmp_path, capsys):
+    server = _unix_server(tmp_path / "other.sock", answer)
     try:
-        assert bcorch_cli.main(["status", "--socket", str(tmp_path / "other.sock")]) == 1
+        for cmd in ("status", "drain", "stop"):
+            assert bcorch_cli.main([cmd, "--socket", str(tmp_path / "other.sock")]) == 1, cmd
+            assert "not bcorch's" in one_line(capsys.readouterr().err), cmd
     finally:
         server.close()
-    assert "not a bcorch status" in one_line(capsys.readouterr().err)
 
 
 # --- bcmanager -----------------------------------------------------------------------------
