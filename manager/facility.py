@@ -88,6 +88,7 @@ class Run:
     part: RunPart | None = None
     unavailable: str = ""   # why its batches cannot be handed out now (its directory gone)
     run_file: tuple[int, int] | None = None   # its bcorch.toml when last read (run_file_stamp)
+    moved_under: set[str] = dataclasses.field(default_factory=set)   # jobs out when it moved
 
     @property
     def state(self) -> RunState:
@@ -507,6 +508,14 @@ class Facility:
                 return run
         return None
 
+    @staticmethod
+    def _close_for_move(run: Run, part: RunPart) -> None:
+        try:
+            part.close()
+        except Exception:  # noqa: BLE001 - reopened from what was recorded
+            log.exception("run %s: closing its database before the move failed",
+                          run.row.run_id)
+
     def _move(self, run: Run, where: RunDir) -> None:
         """The run follows its directory: same id, store, journal and output (beside the
         pod5 folder, the output moved with it; its database file is renamed to match)."""
@@ -514,10 +523,9 @@ class Facility:
         part, run.part = run.part, None
         if part is not None:
             try:
-                part.close()
-            except Exception:  # noqa: BLE001 - reopened below from what was recorded
-                log.exception("run %s: closing its database before the move failed",
-                              run.row.run_id)
+                run.moved_under |= {job.job_id for job in part.store.live_jobs()}
+            finally:
+                self._close_for_move(run, part)
         self._by_real = {real: rid for real, rid in self._by_real.items()
                          if rid != run.row.run_id}
         run.where = dataclasses.replace(where, run_id=run.row.run_id)
@@ -760,11 +768,15 @@ class Facility:
             log.info("job %s: %s for a job no run knows: late", short_job_id(job_id),
                      state.value)
             return late
-        if state is WireState.FAILED and not os.path.isdir(run.where.path):
-            log.warning("job %s of run %s: FAILED while the run's directory is missing: taken "
-                        "as STOPPED, no attempt counted against its files (%s)",
-                        short_job_id(job_id), run.row.run_id, reason[:200])
+        moved = job_id in run.moved_under
+        if state is WireState.FAILED and (moved or not os.path.isdir(run.where.path)):
+            log.warning("job %s of run %s: FAILED while the run's directory %s: taken as "
+                        "STOPPED, no attempt counted against its files (%s)",
+                        short_job_id(job_id), run.row.run_id,
+                        "moved under it" if moved else "is missing", reason[:200])
             state, failed = WireState.STOPPED, {}
+        if state.final:
+            run.moved_under.discard(job_id)
         with _retired_is_late(part, job_id, late) as answer:
             answer.value = part.manager.complete(job_id, state, failed, reason,
                                                  engine_id=engine_id, simulated=simulated,

@@ -608,3 +608,26 @@ def test_a_bcorch_toml_that_is_a_fifo_quarantines_the_run_and_blocks_nothing(tmp
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
             tick.join(timeout=20)
         fac.close()
+
+
+def test_a_batch_failed_because_its_run_moved_meanwhile_counts_no_attempt(tmp_path):
+    """The engine had the run's old path: its batch FAILED only because the run moved under
+    it. No attempt is counted, and the file is handed out again at once."""
+    root = tmp_path / "root"
+    name = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
+    ids = make_run(root, name, 1, 1)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        batch = take(fac)
+        (root / GROUP / SAMPLE).rename(root / GROUP / "renamed")
+        fac.scan_tick()
+        answer = fac.complete(batch["jobid"], JobState.FAILED, {}, "cannot open the files",
+                              engine_id="gpu0")
+        assert answer.status == 200, answer.body
+        assert drain(fac) == [name]
+        assert fac._runs[name].part.store.job(batch["jobid"]).state.value == "STOPPED"
+    finally:
+        fac.close()
+    counts = reads_in(root)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
