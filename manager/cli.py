@@ -267,6 +267,8 @@ def _status(cfg: Config, args: argparse.Namespace) -> int:
 
 def _close_input(cfg: Config) -> int:
     answer = _request(cfg, "/close-input", "POST")
+    if answer.get("input_closed") is not True:
+        raise _NotAManager("no input_closed in the answer")
     if answer.get("facility"):
         print("facility closed: no new runs; each run still closes by its final summary or "
               "`bcmanager run close`")
