@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 W = Path(tempfile.mkdtemp(prefix="bcorch-cli-sweep-"))
 TIMEOUT = 12.0
-(W / "in").mkdir(); (W / "out").mkdir(); (W / "root").mkdir()
+(W / "xdg").mkdir(mode=0o700); (W / "in").mkdir(); (W / "out").mkdir(); (W / "root").mkdir()
 (W / "afile").write_text("precious data\n")
 (W / "dbfile").write_text("not a database, precious\n")
 (W / "sockfile").write_text("a regular file, precious\n")

@@ -276,12 +276,15 @@ def test_engine_config_that_cannot_be_read(tmp_path, capsys):
 def test_simulated_basecaller_bad_numbers_and_output_dir(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "afile").write_text("precious")
-    base = [sys.executable, "-m", "bcorch.workers.runners.simulate_main",
-            "--input-dir", str(tmp_path / "in")]
-    for extra, names in ((["--output-dir", str(tmp_path / "afile" / "out")], "--output-dir"),
-                         (["--output-dir", str(tmp_path / "o"), "--samples-per-s", "nan"],
-                          "--samples-per-s"),
-                         (["--output-dir", str(tmp_path / "o"), "--startup-s", "inf"],
+    base = [sys.executable, "-m", "bcorch.workers.runners.simulate_main"]
+    within = ["--input-dir", str(tmp_path / "in")]
+    for extra, names in ((["--input-dir", str(tmp_path / "nope"), "--output-dir",
+                           str(tmp_path / "o")], "--input-dir"),
+                         (within + ["--output-dir", str(tmp_path / "afile" / "out")],
+                          "--output-dir"),
+                         (within + ["--output-dir", str(tmp_path / "o"), "--samples-per-s",
+                                    "nan"], "--samples-per-s"),
+                         (within + ["--output-dir", str(tmp_path / "o"), "--startup-s", "inf"],
                           "--startup-s")):
         out = subprocess.run(base + extra, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2, (extra, out.stdout, out.stderr)

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = sorted(os.listdir(args.input_dir))
     except OSError as exc:
-        print(f"SIMULATION: cannot list input dir: {exc}", flush=True)
+        print(f"SIMULATION: --input-dir: cannot list it: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
         for sub in ("pass", "fail"):
