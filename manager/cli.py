@@ -156,7 +156,14 @@ def _serve(args: argparse.Namespace) -> int:
     config_mod.require(cfg, "manager.output_dir", "or --output-dir")
     if not os.path.isdir(cfg.manager.input_dir):
         raise ConfigError(f"manager.input_dir: no such directory {cfg.manager.input_dir!r}")
+    _not_a_file("manager.output_dir", cfg.manager.output_dir)
     return _run_service(cfg, args, cfg.manager.output_dir)
+
+
+def _not_a_file(key: str, path: str) -> None:
+    """An output directory may be created later, but a file in its place is refused by name."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{key}: {path!r} is a file, not a directory")
 
 
 def _serve_facility(cfg: Config, args: argparse.Namespace) -> int:
@@ -173,6 +180,8 @@ def _serve_facility(cfg: Config, args: argparse.Namespace) -> int:
     if not os.path.isdir(cfg.manager.watch_root):
         raise ConfigError(f"manager.watch_root: no such directory {cfg.manager.watch_root!r}")
     fcfg = cfg.facility
+    if fcfg.output == "mirror":
+        _not_a_file("facility.output_root", fcfg.output_root)
     return _run_service(cfg, args,
                         fcfg.output_root if fcfg.output == "mirror" else cfg.manager.watch_root,
                         facility=fcfg)

@@ -252,6 +252,22 @@ def test_bcmanager_refuses_a_token_it_cannot_send_before_taking_the_lock(tmp_pat
     assert os.listdir(tmp_path / "out") == [] and not (tmp_path / "db.sqlite").exists()
 
 
+def test_bcmanager_output_directory_that_is_a_file_names_its_key(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "root").mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("precious")
+    assert manager_cli.main(["--input-dir", str(tmp_path / "in"), "--output-dir", str(afile),
+                             "--port", "0"]) == 78
+    assert "manager.output_dir: " in one_line(capsys.readouterr().err)
+    mirror = tmp_path / "mirror.toml"
+    mirror.write_text(f'[manager]\nwatch_root = "{tmp_path / "root"}"\n'
+                      f'[facility]\noutput = "mirror"\noutput_root = "{afile}"\n')
+    assert manager_cli.main(["--config", str(mirror), "--port", "0"]) == 78
+    assert "facility.output_root: " in one_line(capsys.readouterr().err)
+    assert afile.read_text() == "precious"
+
+
 # --- bcorch engine and the simulated basecaller ---------------------------------------------
 
 @pytest.mark.parametrize("argv, names", [
