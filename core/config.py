@@ -34,7 +34,7 @@ TOKEN_ENV = "BCORCH_TOKEN"
 URL_SCHEMES = ("http://", "https://")
 MAX_SECONDS = 365 * 24 * 3600.0   # a duration above a year is a typo for "never"; timers overflow
 MAX_INT = 2 ** 31 - 1             # the default ceiling of an integer key (SQLite, C timers)
-TOKEN_RE = re.compile(r"[\x21-\x7e]*")  # printable ASCII, no spaces: it travels in a header
+TOKEN_RE = re.compile(r"([\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?)?")  # header-safe ASCII
 
 
 class ConfigError(ValueError):
@@ -371,8 +371,8 @@ def _maximum(key: str) -> float:
 def token_problem(token: str) -> str:
     """Why a bearer token cannot be sent in an Authorization header; "" when it can."""
     if not TOKEN_RE.fullmatch(token):
-        return ("expected printable ASCII without spaces or line breaks (it is sent in an "
-                "HTTP header)")
+        return ("expected printable ASCII, no line breaks, no space at either end (it is "
+                "sent in an HTTP header)")
     return ""
 
 

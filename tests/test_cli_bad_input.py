@@ -52,7 +52,8 @@ def one_line(err: str) -> str:
     ({"manager": {"host": ""}}, "manager.host"),  # "" would bind every interface
     ({"orchestrator": {"metrics_host": " "}}, "orchestrator.metrics_host"),
     ({"manager": {"token": "a\nb"}}, "manager.token"),
-    ({"manager": {"token": "two words"}}, "manager.token"),
+    ({"manager": {"token": "s3cret "}}, "manager.token"),  # the header would drop the space
+    ({"manager": {"token": "caf\u00e9"}}, "manager.token"),
     ({"engine": {"model": ""}}, "engine.model"),
 ])
 def test_unusable_values_name_the_key(data, key):
