@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -52,7 +53,8 @@ from .facility_states import RunEvent, RunState, TransitionRefused, transition
 from .facility_view import NO_PROGRESS, FacilityView, RunCounts
 from .late_files import LateFiles
 from .fair_share import Demand, FairShare
-from .run_discovery import RunDir, discover_runs, linked_pod5_problem, run_dir
+from .facility_record import RECORD_NAME, read_record, read_summary, write_record
+from .run_discovery import RunDir, discover_runs, linked_pod5_problem, propose_run_id, run_dir
 from .run_part import RunPart, RunPlace
 from .run_settings import (RUN_FILE, RunSettings, RunSettingsError, run_file_stamp,
                            settings_for)
@@ -198,14 +200,25 @@ class Facility:
             n += 1
 
     def _add(self, where: RunDir) -> Run:
-        run_id = self._unique_id(where.run_id)
+        """A run the facility database does not know. Its output may tell of an earlier
+        life (a new state directory, manager.facility_record): then it keeps its id and
+        settings, stays cancelled, and a settled one is not opened at all."""
+        output_dir = self._output_dir(where.rel)
+        summary = read_summary(output_dir)
+        if summary is not None and summary.get("state") in (RunState.COMPLETE.value,
+                                                              RunState.CANCELLED.value):
+            return self._add_settled(where, output_dir, summary)
+        record = read_record(output_dir) or {}
+        run_id = self._unique_id(_recorded_id(record) or where.run_id)
         where = dataclasses.replace(where, run_id=run_id)
-        row = RunRow(run_id, where.rel, RunState.ACTIVE, output_dir=self._output_dir(where.rel),
+        row = RunRow(run_id, where.rel, RunState.ACTIVE, output_dir=output_dir,
                      found_at=time.time())
         run = Run(row, where)
-        problem = self._read_settings(run)
+        problem = self._read_settings(run, record.get("settings"))
         if problem:
             row.state, row.reason = RunState.QUARANTINED, problem
+        elif record.get("cancelled") is True:
+            row.state, row.reason = RunState.CANCELLED, f"cancelled by command ({RECORD_NAME})"
         self.db.add(row)
         self._runs[run_id] = run
         self._by_rel[where.rel] = run_id
@@ -219,6 +232,36 @@ class Facility:
                      run.settings.emit, run.settings.priority, row.output_dir)
             self._open_part(run)
         return run
+
+    def _add_settled(self, where: RunDir, output_dir: str, summary: dict[str, Any]) -> Run:
+        """Found again with its summary written: shown from it, never opened or summarised
+        again (which would lose its GPU time and batch times)."""
+        run_id = self._unique_id(_recorded_id(summary) or where.run_id)
+        where = dataclasses.replace(where, run_id=run_id)
+        settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+        row = RunRow(run_id, where.rel, RunState(summary["state"]), input_closed=True,
+                     settings=settings, output_dir=output_dir, found_at=time.time(),
+                     first_batch_at=_number(summary.get("first_batch_at")),
+                     last_batch_at=_number(summary.get("last_batch_at")),
+                     served_s=_number(summary.get("gpu_s")) or 0.0, summary=summary)
+        run = Run(row, where)
+        try:
+            run.settings = RunSettings.from_dict(settings, SUMMARY_NAME)
+        except RunSettingsError:
+            run.settings = None
+        self.db.add(row)
+        self._runs[run_id] = run
+        self._by_rel[where.rel] = run_id
+        self._by_real.setdefault(os.path.realpath(where.path), run_id)
+        log.info("run %s (%s): found %s, its %s in %s: not opened", run_id, where.rel,
+                 row.state.value, SUMMARY_NAME, output_dir)
+        self._watch_late(run)
+        return run
+
+    def _write_record(self, run: Run) -> None:
+        if run.settings is not None:
+            write_record(run.row.output_dir, run.row.run_id, run.row.settings,
+                         run.state is RunState.CANCELLED)
 
     def _open_part(self, run: Run) -> None:
         """Open the run's part, unless its directory is missing (an unmounted root at a
@@ -247,6 +290,7 @@ class Facility:
                               DEFAULT_ESTIMATE_S)
         if part.manager.input_closed and not row.input_closed:
             self._closed_by_its_journal(run)
+        self._write_record(run)
 
     def _closed_by_its_journal(self, run: Run) -> None:
         """The run's store, rebuilt from its journal (a new state directory: another host,
@@ -310,25 +354,41 @@ class Facility:
                          event.value)
             if after is RunState.CANCELLED:
                 self.fair.forget_run(run.row.run_id)
+                if before is not after:
+                    self._write_record(run)
             self._check_settled(run)
             answer = self.view.run_view(run)
         self.work_may_be_ready()
         return answer
 
-    def _read_settings(self, run: Run) -> str:
-        """Check the run's path and read its settings into it; the reason it cannot serve,
-        else ""."""
+    def _read_settings(self, run: Run, recorded: Any = None) -> str:
+        """Check the run's path and read its settings into it (those recorded beside its
+        output, when given and valid); the reason it cannot serve, else ""."""
         try:
             validate_rel_path(run.where.rel, "the run's path under the watch root")
             linked = linked_pod5_problem(run.where.path)
             if linked:
                 return linked
             run.run_file = run_file_stamp(run.where.path)
-            run.settings = settings_for(run.where, self.fcfg)
+            run.settings = self._recorded_settings(run, recorded) or \
+                settings_for(run.where, self.fcfg)
         except (RunSettingsError, ProtocolError) as exc:
             return str(exc)
         run.row.settings = run.settings.to_dict()
         return ""
+
+    @staticmethod
+    def _recorded_settings(run: Run, recorded: Any) -> RunSettings | None:
+        if not isinstance(recorded, dict):
+            return None
+        try:
+            settings = RunSettings.from_dict(recorded, f"{run.row.output_dir}/{RECORD_NAME}")
+        except RunSettingsError as exc:
+            log.warning("run %s: %s; its settings are read afresh", run.row.run_id, exc)
+            return None
+        log.info("run %s: settings recorded beside its output (%s) are kept",
+                 run.row.run_id, RECORD_NAME)
+        return settings
 
     def _requalify(self, run: Run) -> None:
         """A QUARANTINED run asked to resume: read its settings again, open its part."""
@@ -429,12 +489,13 @@ class Facility:
             return
         before = run.settings
         where = f"{run.where.path / RUN_FILE}"
-        if run.row.first_batch_at is None:
+        if not self._started(run):
             problem = self._read_settings(run)
             if problem:
                 self._quarantine(run, problem)
             elif run.settings != before:
                 self.db.save(run.row)
+                self._write_record(run)
                 log.info("run %s: %s changed before its first batch; now model %s, kit %s, "
                          "emit %s, priority %g", run.row.run_id, where, run.settings.model,
                          run.settings.kit or "none", run.settings.emit, run.settings.priority)
@@ -450,6 +511,7 @@ class Facility:
             run.settings = dataclasses.replace(before, priority=wanted.priority)
             run.row.settings = run.settings.to_dict()
             self.db.save(run.row)
+            self._write_record(run)
             log.info("run %s: priority %g (from %s)", run.row.run_id, wanted.priority, where)
         if (wanted.model, wanted.kit, wanted.emit) != (before.model, before.kit, before.emit):
             log.warning("run %s: %s changed after its first batch: NOT applied, the run keeps "
@@ -457,6 +519,16 @@ class Facility:
                         "other settings, cancel it and copy its POD5 files to a new run "
                         "directory)", run.row.run_id, where, before.model, before.kit or "none",
                         before.emit)
+
+    @staticmethod
+    def _started(run: Run) -> bool:
+        """A batch of it was handed out (also before a new state directory: its store,
+        rebuilt from its journal, has files settled)."""
+        if run.row.first_batch_at is not None or run.part is None:
+            return True
+        files = run.part.store.snapshot().files
+        return any(files[s.value] for s in (FileState.ASSIGNED, FileState.DONE,
+                                            FileState.QUARANTINED))
 
     def _needs_part(self, run: Run) -> bool:
         """Its part was not opened (its directory was missing) and it is still served."""
@@ -826,6 +898,17 @@ class Facility:
                     except Exception:  # noqa: BLE001
                         log.exception("run %s: closing its database failed", run.row.run_id)
             self.db.close()
+
+
+def _recorded_id(found: dict[str, Any]) -> str:
+    """The run id recorded beside a run's output, when it is one we would give."""
+    value = found.get("run_id")
+    return value if isinstance(value, str) and propose_run_id(value) == value else ""
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok and math.isfinite(value) else None
 
 
 def _real_paths_first(found: list[RunDir]) -> list[RunDir]:

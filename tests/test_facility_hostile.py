@@ -550,38 +550,83 @@ def test_batches_failed_while_their_run_directory_is_missing_count_no_attempt(tm
 def test_a_new_state_directory_redoes_nothing_and_finishes_closed_runs(tmp_path):
     """The manager moves to another host (or its state directory is lost): a new facility
     database and new run stores. Each run is rebuilt from its journal beside its output, so
-    nothing is basecalled again; a run that was closed is closed again (its journal says
-    so) and completes, rather than staying ACTIVE for ever with its input closed, so the
-    facility can finish."""
+    nothing is basecalled again. A COMPLETE run is taken from its summary, not summarised
+    again (that lost its GPU time and batch times); a run that was closed is closed again
+    (its journal says so) and completes, rather than staying ACTIVE for ever with its input
+    closed, so the facility can finish."""
     root = tmp_path / "root"
-    closed = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
-    open_run = "20261126_1300_P2S-02-A_FLOW002_abcd0002"
-    ids = make_run(root, closed, 2, 1) | make_run(root, open_run, 2, 2)
+    settled = "20261126_1100_P2S-01-A_FLOW001_abcd0001"
+    closed = "20261126_1200_P2S-02-A_FLOW002_abcd0002"
+    open_run = "20261126_1300_P2S-03-A_FLOW003_abcd0003"
+    ids = make_run(root, settled, 2, 1) | make_run(root, closed, 2, 2) | \
+        make_run(root, open_run, 2, 3)
     fac = facility(tmp_path, root)
     try:
         fac.scan_tick()
+        fac.command(closed, RunEvent.PAUSE)
         drain(fac)
+        fac.command(settled, RunEvent.CLOSE)
         fac.command(closed, RunEvent.CLOSE)
         fac.scan_tick()
-        assert fac._runs[closed].state is RunState.COMPLETE
+        assert fac._runs[settled].state is RunState.COMPLETE
+        summary_path = Path(fac._runs[settled].row.output_dir) / "bcorch_summary.json"
+        summary = summary_path.read_text()
+        assert json.loads(summary)["gpu_s"] > 0
     finally:
         fac.close()
     elsewhere = facility(tmp_path / "other_host", root)
     try:
         elsewhere.scan_tick()
         elsewhere.scan_tick()
-        assert take(elsewhere)["batch_size"] == 0
         view = runs(elsewhere)
-        assert view[closed]["state"] == "COMPLETE", view[closed]
+        assert view[settled]["state"] == "COMPLETE" and elsewhere._runs[settled].part is None
+        assert view[settled]["served_s"] == json.loads(summary)["gpu_s"]
+        assert summary_path.read_text() == summary
+        assert view[closed]["state"] == "CLOSED", view[closed]
         assert view[open_run]["state"] == "ACTIVE" and view[open_run]["files"]["DONE"] == 2
+        assert drain(elsewhere) == [closed, closed]
         elsewhere.command(open_run, RunEvent.CLOSE)
         elsewhere.close_input("test")
         elsewhere.scan_tick()
         assert elsewhere.nothing_left()
+        assert {r["state"] for r in runs(elsewhere).values()} == {"COMPLETE"}
     finally:
         elsewhere.close()
     counts = reads_in(root)
     assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_new_state_directory_keeps_each_runs_model_and_its_cancel(tmp_path):
+    """Settings and a cancel are recorded beside the run's output (bcorch_run.json): on a
+    new state directory with the rules changed meanwhile, a half-done run keeps its model
+    (it used to take the new rule's: a run basecalled with two models), and a cancelled
+    run stays cancelled (its files used to be basecalled after all)."""
+    root = tmp_path / "root"
+    half = "20261126_1100_P2S-01-A_FLOW001_abcd0001"
+    cancelled = "20261126_1200_P2S-02-A_FLOW002_abcd0002"
+    make_run(root, half, 2, 1)
+    make_run(root, cancelled, 2, 2)
+    fac = facility(tmp_path, root, rules=(FacilityRule(sample=SAMPLE, model="sup"),))
+    try:
+        fac.scan_tick()
+        fac.command(cancelled, RunEvent.CANCEL)
+        batch = take(fac)
+        assert (batch["run_id"], batch["model"]) == (half, "sup")
+        finish(fac, batch)
+    finally:
+        fac.close()
+    elsewhere = facility(tmp_path / "other_host", root)   # no rule: the default is hac
+    try:
+        elsewhere.scan_tick()
+        batch = take(elsewhere)
+        assert (batch["run_id"], batch["model"]) == (half, "sup"), batch
+        finish(elsewhere, batch)
+        assert take(elsewhere)["batch_size"] == 0
+        view = runs(elsewhere)
+        assert view[cancelled]["state"] == "CANCELLED", view[cancelled]
+        assert view[cancelled]["files_not_basecalled"] == 2
+    finally:
+        elsewhere.close()
 
 
 def test_a_bcorch_toml_that_is_a_fifo_quarantines_the_run_and_blocks_nothing(tmp_path):
