@@ -31,6 +31,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from .protocol import DEFAULT_PORT, EXIT_CONFIG, MAX_BATCH_SIZE, is_valid_id
 
 TOKEN_ENV = "BCORCH_TOKEN"
+MAX_CONFIG_BYTES = 1 << 20          # config.toml is a few kB; `--config /dev/zero` must not hang
 URL_SCHEMES = ("http://", "https://")
 MAX_SECONDS = 365 * 24 * 3600.0   # a duration above a year is a typo for "never"; timers overflow
 MAX_INT = 2 ** 31 - 1             # the default ceiling of an integer key (SQLite, C timers)
@@ -500,7 +501,11 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     p = Path(path)
     try:
         with p.open("rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"--config: {str(p)!r} is larger than {MAX_CONFIG_BYTES} bytes, "
+                              f"not a config file")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"--config: no such file {str(p)!r}") from None
     except IsADirectoryError:

@@ -83,6 +83,14 @@ def test_config_file_that_is_not_utf8_or_cannot_be_read(tmp_path):
         config.load(tmp_path / "afile" / "config.toml")
 
 
+def test_config_file_far_larger_than_a_config_is_refused_before_it_is_parsed(tmp_path):
+    """`--config /dev/zero` read forever; a size cap also bounds a huge file by mistake."""
+    big = tmp_path / "big.toml"
+    big.write_text("# a comment line of a config file, repeated\n" * 50_000)  # about 2 MB
+    with pytest.raises(ConfigError, match="larger than"):
+        config.load(big)
+
+
 def test_token_from_the_environment_that_cannot_be_sent(monkeypatch):
     monkeypatch.setenv("BCORCH_TOKEN", "s3cret\r\nX-Injected: 1")
     with pytest.raises(ConfigError, match="BCORCH_TOKEN"):
