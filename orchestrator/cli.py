@@ -267,6 +267,10 @@ def _check_demo(args: argparse.Namespace) -> None:
                          f"gets at least one file, got {args.runs}")
     if args.workdir:
         workdir = Path(args.workdir)
+        if workdir.is_dir() and any(workdir.iterdir()):
+            raise UsageError(f"bcorch demo: --workdir: {str(workdir)!r} is not empty; give a new "
+                             f"or empty directory (the demo removes its workspace when done, "
+                             f"unless --keep)")
         try:
             workdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -149,6 +149,17 @@ def test_gpu_indices_that_are_digits_to_python_but_not_numbers():
         choose("0,\u00b2", found)
 
 
+def test_bcorch_demo_refuses_a_workdir_with_files_in_it(tmp_path, capsys):
+    """The demo removes its workspace when it succeeds: a --workdir of the user's files
+    would have gone with it. (--runs 0: the old code stopped there, before any work.)"""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    assert bcorch_cli.main(["demo", "--workdir", str(mine), "--runs", "0"]) == 78
+    assert "--workdir" in one_line(capsys.readouterr().err)
+    assert (mine / "notes.txt").read_text() == "precious"
+
+
 def _unix_server(path: Path, answer: bytes) -> socket.socket:
     """A control socket that is not bcorch's: it answers every request with `answer`."""
     server = socket.socket(socket.AF_UNIX)
