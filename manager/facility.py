@@ -29,6 +29,13 @@ manager.facility_view; the Facility's reading methods delegate to it.
 
 Engines are told that nothing is left only when the facility is closed (`bcmanager
 close-input`: no new runs) and every run is COMPLETE, CANCELLED or QUARANTINED.
+
+Run directories misbehave (docs/facility.md, tests/test_facility_hostile.py): one whose
+directory is missing gets no batches until it is back (the others go on); one moved within
+the root (its MinKNOW name unique) stays the same run; one reached through a symlink is
+not a second run; a bcorch.toml is read until the run's first batch, never after (one run,
+one model); bcorch_run.json and bcorch_summary.json beside a run's output carry its id,
+settings, cancel and settling over to a new state directory (manager.facility_record).
 """
 from __future__ import annotations
 
