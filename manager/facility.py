@@ -77,6 +77,7 @@ OUTPUT_BESIDE = "basecalls"
 DEFAULT_ESTIMATE_S = 60.0   # a batch's GPU seconds before the engine's pace is known
 CLOSED_FLAG = "closed"
 MISSING = "its directory is missing"
+COPY_OF = "a copy of run "
 
 
 class UnknownRun(LookupError):
@@ -221,7 +222,7 @@ class Facility:
         row = RunRow(run_id, where.rel, RunState.ACTIVE, output_dir=output_dir,
                      found_at=time.time())
         run = Run(row, where)
-        problem = self._read_settings(run, record.get("settings"))
+        problem = self._copy_problem(where) or self._read_settings(run, record.get("settings"))
         if problem:
             row.state, row.reason = RunState.QUARANTINED, problem
         elif record.get("cancelled") is True:
@@ -458,6 +459,8 @@ class Facility:
                         self._move(moved, where)
                     else:
                         self._add(where)
+            with self._lock:
+                self._adopt_copies()
         for run in list(self._runs.values()):
             if self._stop():
                 return
@@ -594,6 +597,40 @@ class Facility:
         except Exception:  # noqa: BLE001 - reopened from what was recorded
             log.exception("run %s: closing its database before the move failed",
                           run.row.run_id)
+
+    def _copy_problem(self, where: RunDir) -> str:
+        """Why a new directory is not served: a second live directory with a known run's
+        MinKNOW name (unique) is a copy of it, whose reads would be basecalled twice."""
+        if not where.start:
+            return ""
+        for run in self._runs.values():
+            if run.where.name == where.name and run.row.rel != where.rel \
+                    and os.path.lexists(run.where.path):
+                return (f"{COPY_OF}{run.row.run_id} ({run.row.rel}): the same MinKNOW "
+                        f"run name; not basecalled again (`run resume` it if it is wanted)")
+        return ""
+
+    @staticmethod
+    def _is_copy(run: Run) -> bool:
+        return run.state is RunState.QUARANTINED and run.row.reason.startswith(COPY_OF)
+
+    def _adopt_copies(self) -> None:
+        """A run quarantined as a copy whose original's directory is now gone was the first
+        half of a move (`mv` between filesystems copies, then deletes): the original moves
+        to it, and the copy's own row goes."""
+        for copy in [r for r in self._runs.values() if self._is_copy(r)]:
+            original = next((r for r in self._runs.values() if r is not copy
+                             and r.where.name == copy.where.name and not self._is_copy(r)),
+                            None)
+            if original is None or os.path.lexists(original.where.path) \
+                    or not os.path.isdir(copy.where.path):
+                continue
+            self.db.delete(copy.row.run_id)
+            del self._runs[copy.row.run_id]
+            del self._by_rel[copy.row.rel]
+            self._by_real = {real: rid for real, rid in self._by_real.items()
+                             if rid != copy.row.run_id}
+            self._move(original, copy.where)
 
     def _move(self, run: Run, where: RunDir) -> None:
         """The run follows its directory: same id, store, journal and output (beside the

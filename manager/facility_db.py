@@ -113,6 +113,10 @@ class FacilityDB:
                         row.last_batch_at, row.served_s,
                         json.dumps(row.summary) if row.summary else "", row.run_id))
 
+    def delete(self, run_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
     def get_flag(self, key: str) -> str:
         with self._lock:
             found = self._db.execute("SELECT value FROM facility WHERE key = ?", (key,)).fetchone()

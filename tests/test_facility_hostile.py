@@ -676,3 +676,54 @@ def test_a_batch_failed_because_its_run_moved_meanwhile_counts_no_attempt(tmp_pa
         fac.close()
     counts = reads_in(root)
     assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_copy_of_a_run_under_another_sample_is_not_basecalled_again(tmp_path):
+    """`cp -r` of a run directory into another sample (a backup, or sorting runs by hand):
+    MinKNOW run names are unique, so a second live directory with a known run's name is a
+    copy. It is QUARANTINED naming the run it copies (it used to be a new run: every read
+    basecalled twice); `run resume` basecalls it if that is really wanted."""
+    root = tmp_path / "root"
+    name = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
+    ids = make_run(root, name, 2, 1)
+    fac = facility(tmp_path, root, output="mirror", output_root=str(tmp_path / "out"))
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        shutil.copytree(root / GROUP / SAMPLE / name, root / GROUP / "backup" / name)
+        fac.scan_tick()
+        view = runs(fac)
+        copy = next(r for r in view.values() if r["rel"] == f"{GROUP}/backup/{name}")
+        assert copy["state"] == "QUARANTINED" and "copy" in copy["reason"], copy
+        assert name in copy["reason"]
+        assert drain(fac) == [name]
+    finally:
+        fac.close()
+    counts = reads_in(tmp_path / "out")
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_run_copied_then_deleted_is_a_move(tmp_path):
+    """`mv` between two filesystems copies, then deletes: for a moment there are two
+    directories of the run (the new one quarantined as a copy), then only the new one. It
+    is then the run, moved: served from its new place, nothing redone."""
+    root = tmp_path / "root"
+    name = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
+    ids = make_run(root, name, 3, 1)
+    fac = facility(tmp_path, root, output="mirror", output_root=str(tmp_path / "out"))
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        shutil.copytree(root / GROUP / SAMPLE / name, root / GROUP / "moved" / name)
+        fac.scan_tick()
+        shutil.rmtree(root / GROUP / SAMPLE / name)
+        fac.scan_tick()
+        fac.scan_tick()
+        view = runs(fac)
+        assert set(view) == {name}, view
+        assert view[name]["rel"] == f"{GROUP}/moved/{name}" and view[name]["reason"] == ""
+        assert drain(fac) == [name, name]
+    finally:
+        fac.close()
+    counts = reads_in(tmp_path / "out")
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
