@@ -391,7 +391,7 @@ def test_kill_9_just_after_discovery_and_while_runs_settle_keeps_every_read_once
         name = f"20261126_1{n:03d}_P2S-0{n}-A_FLOW{n:03d}_abcd{n:04d}"
         expected[name] = make_run(staged, name, 3, n)
         os.rename(staged / GROUP / SAMPLE / name, root / GROUP / SAMPLE / name)   # appears whole
-        time.sleep(rng.uniform(0, 0.25))   # not a wait: the kill lands at a random point of discovery
+        time.sleep(rng.uniform(0, 0.25))   # not a wait: the kill's random point in discovery
         _kill(fac)
         fac = fac.start()
         wait_runs(fac, lambda r, name=name: r.get(name, {}).get("files", {}).get("PENDING")
