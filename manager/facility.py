@@ -551,8 +551,9 @@ class Facility:
         here = os.path.isdir(run.where.path)
         with self._lock:
             if here and run.unavailable:
-                log.info("run %s (%s): its directory is back; serving it again",
-                         run.row.run_id, run.row.rel)
+                log.info("run %s (%s): %s; serving it again", run.row.run_id, run.row.rel,
+                         "its directory is back" if run.unavailable.startswith(MISSING)
+                         else "its directory is there")
                 run.unavailable = ""
                 self.work_may_be_ready()
             elif not here and not run.unavailable.startswith(MISSING):
