@@ -258,9 +258,17 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _status_answer(cfg: Config) -> dict:
+    """GET /status; one without progress is not a bcmanager's, also with --json."""
+    answer = _request(cfg, "/status")
+    if not isinstance(answer.get("progress"), dict):
+        raise _NotAManager("no progress in the answer to /status")
+    return answer
+
+
 def _status(cfg: Config, args: argparse.Namespace) -> int:
     if args.watch is None:
-        answer = _request(cfg, "/status")
+        answer = _status_answer(cfg)
         print(json.dumps(answer, indent=2) if args.json else format_status(answer), flush=True)
         return 0
     if not (math.isfinite(args.watch) and 0.1 <= args.watch <= MAX_WATCH_S):
@@ -268,7 +276,7 @@ def _status(cfg: Config, args: argparse.Namespace) -> int:
                           f"got {args.watch}")
 
     def render() -> str:
-        answer = _request(cfg, "/status")
+        answer = _status_answer(cfg)
         return json.dumps(answer) if args.json else format_status(answer)
 
     return watch(render, args.watch, stamped=not args.json)
@@ -295,6 +303,8 @@ def _error_of(detail: str) -> str:
 
 def _runs(cfg: Config, args: argparse.Namespace) -> int:
     answer = _request(cfg, "/runs")
+    if not isinstance(answer.get("runs"), list):
+        raise _NotAManager("no runs in the answer to /runs")
     print(json.dumps(answer, indent=2) if args.json else format_runs(answer["runs"]), flush=True)
     return 0
 

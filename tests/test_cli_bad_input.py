@@ -248,7 +248,8 @@ def test_bcmanager_client_against_something_else_is_one_line_75(answer, capsys):
     server, port = _http_server(answer)
     url = f"http://127.0.0.1:{port}"
     try:
-        for argv in (["status"], ["runs"], ["run", "pause", "r1"], ["close-input"]):
+        for argv in (["status"], ["status", "--json"], ["runs"], ["runs", "--json"],
+                     ["run", "pause", "r1"], ["close-input"]):
             assert manager_cli.main(argv + ["--url", url]) == 75, argv
             assert url in one_line(capsys.readouterr().err)
     finally:
