@@ -160,12 +160,8 @@ def test_bcorch_demo_refuses_a_workdir_with_files_in_it(tmp_path, capsys):
     assert (mine / "notes.txt").read_text() == "precious"
 
 
-def _unix_server(path: Path, answer: bytes) -> socket.socket:
-    """A control socket that is not bcorch's: it answers every request with `answer`."""
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen(8)
-
+def _answer_every_request(server: socket.socket, answer: bytes) -> None:
+    """Serve `answer` as it is to each connection, after reading its request, until closed."""
     def serve():
         while True:
             try:
@@ -176,6 +172,14 @@ def _unix_server(path: Path, answer: bytes) -> socket.socket:
                 conn.recv(65536)
                 conn.sendall(answer)
     threading.Thread(target=serve, daemon=True).start()
+
+
+def _unix_server(path: Path, answer: bytes) -> socket.socket:
+    """A control socket that is not bcorch's: it answers every request with `answer`."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(8)
+    _answer_every_request(server, answer)
     return server
 
 
@@ -218,17 +222,7 @@ def _http_server(answer: bytes) -> tuple[socket.socket, int]:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
-
-    def serve():
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(answer)
-    threading.Thread(target=serve, daemon=True).start()
+    _answer_every_request(server, answer)
     return server, server.getsockname()[1]
 
 
