@@ -19,7 +19,7 @@ from bcorch.config_writer import write_config
 from support import REPO, ManagedProcess, ManagerProcess, http_json, wait_until
 from bcorch.orchestrator.local_cluster import LocalCluster
 from bcorch.orchestrator.pod5_dataset import write_dataset
-from bcorch.logs import JobIdFilter, redact_job_ids
+from bcorch.logs import SafeLineFilter, redact_job_ids
 from bcorch.protocol import new_job_id, short_job_id
 
 TOKEN = "s3cret-T0ken-9d2e77a1"
@@ -285,7 +285,27 @@ def test_the_log_filter_cuts_every_whole_job_id_to_its_prefix():
     whole = new_job_id(7)
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "job %s in TMPOUTPUT_%s_e-gpu0/x",
                                (whole, whole), None)
-    assert JobIdFilter().filter(record)
+    assert SafeLineFilter().filter(record)
     assert record.getMessage() == (f"job {short_job_id(whole)} in "
                                    f"TMPOUTPUT_{short_job_id(whole)}_e-gpu0/x")
     assert redact_job_ids("j000001-abcd engine") == "j000001-abcd engine"  # already short
+
+
+def test_a_name_with_line_breaks_cannot_forge_a_log_line(tmp_path):
+    """A run directory or file name is the user's: one with a newline or a carriage return in
+    it, logged as it is, would start a line that looks like the manager's own."""
+    forged = "run1\n2026-11-26 12:00:00,000 INFO bcmanager: run run1: COMPLETE\rx\x1b[2J"
+    code = ("import logging, sys\n"
+            "from bcorch.logs import configure\n"
+            "configure('INFO')\n"
+            "logging.getLogger('bcmanager').warning('found %s', sys.argv[1])\n"
+            "try:\n    raise ValueError('boom')\n"
+            "except ValueError:\n    logging.getLogger('bcmanager').exception('failed')\n")
+    result = subprocess.run([sys.executable, "-c", code, forged], capture_output=True, text=True,
+                            timeout=60)
+    lines = result.stderr.splitlines()
+    found = [line for line in lines if "found" in line]
+    assert len(found) == 1 and "COMPLETE" in found[0], result.stderr
+    assert "run1\\n2026" in found[0] and "\\r" in found[0] and "\x1b" not in found[0]
+    assert not any(line.startswith("2026-11-26 12:00:00") for line in lines)
+    assert "Traceback (most recent call last):" in result.stderr  # tracebacks keep their lines
