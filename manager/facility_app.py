@@ -19,8 +19,12 @@ def run_routes(facility: Facility, http_error: type) -> dict[str, tuple]:
 
     def command(event: RunEvent) -> Callable[[Any], Answer]:
         def handle(params: Any) -> Answer:
+            run = params.one("run", required=False)
+            if run is not None and not isinstance(run, str):
+                raise http_error(400, f"parameter run must be a string (a run id from GET "
+                                      f"/runs), got {type(run).__name__}")
             try:
-                view = facility.command(params.one("run", required=False), event)
+                view = facility.command(run, event)
             except UnknownRun as exc:
                 raise http_error(400, str(exc)) from None
             except TransitionRefused as exc:

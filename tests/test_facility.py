@@ -319,6 +319,13 @@ def test_bad_route_input_is_a_400_of_one_line_naming_the_parameter(procs, tmp_pa
     assert code == status and names in body["error"], body
 
 
+def test_a_run_that_is_not_a_string_is_named_as_such(procs, tmp_path, root):
+    fac = started(procs, tmp_path, root)
+    for run in (5, ["a"], {"a": 1}, True):
+        code, body = fac.post("/runs/pause", {"run": run})
+        assert code == 400 and "parameter run must be a string" in body["error"], (run, body)
+
+
 def test_watch_root_and_input_dir_together_is_a_config_error(tmp_path, root):
     cfg = write_config(tmp_path / "c.toml", manager={})
     proc = subprocess.run(manager_argv(cfg, "--watch-root", str(root), "--input-dir",
