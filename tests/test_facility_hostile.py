@@ -678,19 +678,31 @@ def test_a_batch_failed_because_its_run_moved_meanwhile_counts_no_attempt(tmp_pa
     assert set(counts) == ids and set(counts.values()) == {1}, counts
 
 
+def _one_batch_done_then_copied(tmp_path: Path, files: int, sample: str
+                                ) -> tuple[Path, str, set[str], Facility]:
+    """A run of `files` files (mirror output) with one batch done, then `cp -r` of its
+    directory into `sample`: (root, run name, read ids, the facility, not yet rescanned)."""
+    root = tmp_path / "root"
+    name = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
+    ids = make_run(root, name, files, 1)
+    fac = facility(tmp_path, root, output="mirror", output_root=str(tmp_path / "out"))
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        shutil.copytree(root / GROUP / SAMPLE / name, root / GROUP / sample / name)
+    except BaseException:
+        fac.close()
+        raise
+    return root, name, ids, fac
+
+
 def test_a_copy_of_a_run_under_another_sample_is_not_basecalled_again(tmp_path):
     """`cp -r` of a run directory into another sample (a backup, or sorting runs by hand):
     MinKNOW run names are unique, so a second live directory with a known run's name is a
     copy. It is QUARANTINED naming the run it copies (it used to be a new run: every read
     basecalled twice); `run resume` basecalls it if that is really wanted."""
-    root = tmp_path / "root"
-    name = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
-    ids = make_run(root, name, 2, 1)
-    fac = facility(tmp_path, root, output="mirror", output_root=str(tmp_path / "out"))
+    root, name, ids, fac = _one_batch_done_then_copied(tmp_path, 2, "backup")
     try:
-        fac.scan_tick()
-        finish(fac, take(fac))
-        shutil.copytree(root / GROUP / SAMPLE / name, root / GROUP / "backup" / name)
         fac.scan_tick()
         view = runs(fac)
         copy = next(r for r in view.values() if r["rel"] == f"{GROUP}/backup/{name}")
@@ -707,14 +719,8 @@ def test_a_run_copied_then_deleted_is_a_move(tmp_path):
     """`mv` between two filesystems copies, then deletes: for a moment there are two
     directories of the run (the new one quarantined as a copy), then only the new one. It
     is then the run, moved: served from its new place, nothing redone."""
-    root = tmp_path / "root"
-    name = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
-    ids = make_run(root, name, 3, 1)
-    fac = facility(tmp_path, root, output="mirror", output_root=str(tmp_path / "out"))
+    root, name, ids, fac = _one_batch_done_then_copied(tmp_path, 3, "moved")
     try:
-        fac.scan_tick()
-        finish(fac, take(fac))
-        shutil.copytree(root / GROUP / SAMPLE / name, root / GROUP / "moved" / name)
         fac.scan_tick()
         shutil.rmtree(root / GROUP / SAMPLE / name)
         fac.scan_tick()
