@@ -164,12 +164,17 @@ class ControlServer:
         prepare_directory(self.path)
         self._refuse_if_in_use()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        staging = self._staging_path()
         try:
-            listener.bind(str(self.path))
-            os.chmod(self.path, 0o600)
+            staging.unlink(missing_ok=True)
+            listener.bind(str(staging))
+            os.chmod(staging, 0o600)
             listener.listen(socket.SOMAXCONN)
+            os.replace(staging, self.path)
         except OSError as exc:
             listener.close()
+            if staging != self.path:
+                staging.unlink(missing_ok=True)
             raise ConfigError(f"orchestrator.control_socket: cannot listen on "
                               f"{str(self.path)!r} ({exc.strerror})") from None
         listener.setblocking(False)
@@ -179,6 +184,18 @@ class ControlServer:
         self._thread = threading.Thread(target=self._serve, name="bcorch-control", daemon=True)
         self._thread.start()
         log.info("control pipe listening on %s", self.path)
+
+    def _staging_path(self) -> Path:
+        """Where the socket is bound and made private before it is renamed into place.
+
+        A client that sees the real path can connect at once: between bind() and listen()
+        it would be refused and read the socket as stale. Only a path already at the
+        UNIX length limit is bound in place.
+        """
+        staging = self.path.with_name(f".{os.getpid()}.binding")
+        if len(os.fsencode(str(staging))) > MAX_SOCKET_PATH:
+            return self.path
+        return staging
 
     def _refuse_if_in_use(self) -> None:
         if not self.path.exists() and not self.path.is_symlink():

@@ -189,6 +189,33 @@ def test_a_stale_socket_is_replaced(tmp_path):
     assert not path.exists(), "close() removes the socket"
 
 
+@pytest.mark.parametrize("name", ["s.sock", "x" * 40])
+def test_the_socket_path_appears_only_once_it_listens(tmp_path, monkeypatch, name):
+    """A client that waits for the path (as ops scripts and tests do) must never be refused.
+
+    CI once caught the window: the path existed after bind() and before listen(), and
+    the first `status` read 'stale control socket'.
+    """
+    path = tmp_path / "ctl" / name
+    before_listen: list[bool] = []
+
+    class Watched(socket.socket):
+        def listen(self, *args):
+            before_listen.append(path.exists())
+            return super().listen(*args)
+
+    monkeypatch.setattr(control.socket, "socket", Watched)
+    srv = ControlServer(path, lambda r, reply: reply({"ok": True}))
+    srv.start()
+    try:
+        assert before_listen == [False]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert request(path, {"cmd": "status"})["ok"]
+        assert sorted(p.name for p in path.parent.iterdir()) == [name], "no temporary name left"
+    finally:
+        srv.close()
+
+
 def test_a_regular_file_in_the_way_is_not_replaced(tmp_path):
     path = tmp_path / "ctl" / "s.sock"
     path.parent.mkdir(mode=0o700)
