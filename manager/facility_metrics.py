@@ -1,5 +1,6 @@
 """Prometheus metrics of a facility: the single-run families, summed over runs, plus the
-per-run file gauges with a `run` label, each run's state and the model switches.
+per-run file gauges, done counters and read counts with a `run` label, each run's state
+and the model switches.
 
 Like manager.metrics, everything is read at scrape time from what the runs keep: a run
 being served from its store, a settled run (its part closed) from its summary, so its
@@ -13,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .facility import Facility
 from .facility_states import RunState
-from .metrics import CollectorMetrics, jobs_finished
+from .metrics import CollectorMetrics, jobs_finished, read_families
 
 
 class FacilityCollector:
@@ -62,6 +63,7 @@ class FacilityCollector:
                                   "Jobs whose lease expired, all runs",
                                   value=jobs.get("EXPIRED", 0))
         yield jobs_finished(jobs)
+        yield from read_families([((run.run_id,), run.reads) for run in runs], ("run",))
         in_flight = GaugeMetricFamily("bcmanager_engine_jobs_in_flight",
                                       "Live leases per engine", labels=["engine"])
         for engine, n in sorted(leases.items()):

@@ -42,6 +42,7 @@ class RunCounts:
     bytes: dict[str, int]
     jobs: dict[str, int]
     leases: dict[str, int] = field(default_factory=dict)   # engine -> live jobs
+    reads: ReadTotals = field(default_factory=ReadTotals)
 
 
 def _from_part(part: RunPart | None, read: Callable[[RunPart], T]) -> T | None:
@@ -227,7 +228,8 @@ class FacilityView:
             if counts is None and run.row.summary:
                 counters = _summary_counters(run.row.summary)
                 counts = RunCounts("", counters.files, counters.bytes,
-                                   dict(run.row.summary.get("jobs") or {}))
+                                   dict(run.row.summary.get("jobs") or {}),
+                                   reads=_reads_of(run.row.summary))
             if counts is not None:
                 counts.run_id = run.row.run_id
                 out.append(counts)
@@ -251,4 +253,5 @@ class FacilityView:
 def _part_counts(part: RunPart) -> RunCounts:
     counters = part.store.snapshot()
     leases = {engine: len(ids) for engine, ids in part.manager.leases.by_engine().items()}
-    return RunCounts("", counters.files, counters.bytes, part.store.job_counts(), leases)
+    return RunCounts("", counters.files, counters.bytes, part.store.job_counts(), leases,
+                     part.store.read_totals())

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .read_counts import ReadTotals
 from .service import Manager
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -58,6 +59,7 @@ class ManagerCollector:
                                   "Jobs whose lease expired (no keep-alive for an interval)",
                                   value=jobs.get("EXPIRED", 0))
         yield jobs_finished(jobs)
+        yield from read_families([((), self.manager.store.read_totals())])
 
         per_engine = self.manager.leases.by_engine()
         in_flight = GaugeMetricFamily("bcmanager_engine_jobs_in_flight",
@@ -79,6 +81,28 @@ def jobs_finished(jobs: dict[str, int]) -> CounterMetricFamily:
         if state != "LIVE":
             finished.add_metric([state], n)
     return finished
+
+
+READS_HELP = ("Reads written into pass/ and fail/ by DONE batches whose engine reported "
+              "them, since the database began")
+READ_JOBS_HELP = ("DONE jobs whose engine reported their reads (known) or did not (unknown: "
+                  "an engine that does not count, or a database rebuilt from the journal)")
+
+
+def read_families(rows: Iterable[tuple[tuple[str, ...], ReadTotals]],
+                  labels: tuple[str, ...] = ()) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+    """bcmanager_reads_total{kind} and bcmanager_read_jobs_total{reads}, one sample set per
+    (label values, totals) row. Reads of jobs that did not report theirs are in neither
+    kind: a dashboard tells "0 reads" (some known, none written) from "not reported" (only
+    unknown) by the second family."""
+    reads = CounterMetricFamily("bcmanager_reads", READS_HELP, labels=[*labels, "kind"])
+    jobs = CounterMetricFamily("bcmanager_read_jobs", READ_JOBS_HELP, labels=[*labels, "reads"])
+    for values, totals in rows:
+        reads.add_metric([*values, "pass"], totals.passed)
+        reads.add_metric([*values, "fail"], totals.failed)
+        jobs.add_metric([*values, "known"], totals.jobs_counted)
+        jobs.add_metric([*values, "unknown"], totals.jobs_done - totals.jobs_counted)
+    return reads, jobs
 
 
 class CollectorMetrics:

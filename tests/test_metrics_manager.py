@@ -101,3 +101,39 @@ def test_lease_expiry_is_counted(procs, tmp_path):
     m = scrape(manager)
     assert m[("bcmanager_files", (("state", "PENDING"),))] == 1
     assert m[("bcmanager_jobs_in_flight", ())] == 0
+
+
+def test_reads_are_counted_and_unknown_reads_are_told_apart_from_zero(procs, tmp_path):
+    """bcmanager_reads_total{kind} sums what engines reported; bcmanager_read_jobs_total
+    {reads} counts the DONE jobs that reported (known) and those that did not (unknown, an
+    original engine): "0 reads" and "not reported" differ, and a FAILED job is in neither."""
+    manager = start_manager(procs, tmp_path, token=TOKEN, batch_size=1, max_attempts=1)
+    write_files(tmp_path / "in", [f"f{i}.pod5" for i in range(4)])
+    wait_counts(manager, PENDING=4)
+    m = scrape(manager)
+    assert [m[("bcmanager_reads_total", (("kind", k),))] for k in ("pass", "fail")] == [0, 0]
+    assert [m[("bcmanager_read_jobs_total", (("reads", k),))] for k in ("known", "unknown")] \
+        == [0, 0]
+
+    original = assign(manager, "gpu0")
+    assert complete(manager, original["jobid"], "DONE")[0] == 200   # no counts: unknown
+    m = scrape(manager)
+    assert m[("bcmanager_reads_total", (("kind", "pass"),))] == 0
+    assert m[("bcmanager_read_jobs_total", (("reads", "known"),))] == 0
+    assert m[("bcmanager_read_jobs_total", (("reads", "unknown"),))] == 1
+
+    for passed, failed in ((30, 4), (0, 0)):
+        batch = assign(manager, "gpu1")
+        assert complete(manager, batch["jobid"], "DONE", reads_pass=passed,
+                        reads_fail=failed)[0] == 200
+    failed_job = assign(manager, "gpu1")
+    assert complete(manager, failed_job["jobid"], "FAILED", reason="bad", reads_pass=9,
+                    reads_fail=9)[0] == 200
+    m = scrape(manager)
+    assert m[("bcmanager_reads_total", (("kind", "pass"),))] == 30
+    assert m[("bcmanager_reads_total", (("kind", "fail"),))] == 4
+    assert m[("bcmanager_read_jobs_total", (("reads", "known"),))] == 2
+    assert m[("bcmanager_read_jobs_total", (("reads", "unknown"),))] == 1
+    reads = http_json(manager.url + "/status", TOKEN)[1]["reads"]
+    assert (reads["pass"], reads["fail"], reads["jobs_counted"], reads["jobs_done"]) == \
+        (30, 4, 2, 3)
