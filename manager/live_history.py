@@ -3,46 +3,62 @@ from __future__ import annotations
 
 import bisect
 import collections
-from typing import Any
+from typing import Any, NamedTuple
 
 SAMPLE_EVERY_S = 5.0
 MINUTE_S = 60
 HISTORY_MINUTES = 60
 
 
+class Sample(NamedTuple):
+    """Cumulative counts of one run at one time; reads None while they are unknown (no DONE
+    batch of the run reported its reads)."""
+
+    t: float
+    files: float
+    bytes: float
+    reads: float | None
+
+
 class ThroughputHistory:
-    """Cumulative (files, bytes) DONE of one run, sampled over time, read as per-minute amounts.
+    """Cumulative files, bytes and reads DONE of one run, sampled over time, read as
+    per-minute amounts.
 
     Samples closer than SAMPLE_EVERY_S / 2 are thinned (the newest moves on), so at most
     one in 2 s or so is kept, for HISTORY_MINUTES + 1 minutes;
     the amount of a minute is the change of the cumulative counts, linearly interpolated
     between samples, over that minute (from the first sample in the minute sampling began;
-    None for the minutes before)."""
+    None for the minutes before, and for reads where either end's reads are unknown)."""
 
     def __init__(self) -> None:
-        self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._samples: collections.deque[Sample] = collections.deque()
 
-    def record(self, now: float, files_done: int, bytes_done: int) -> None:
+    def record(self, now: float, files_done: int, bytes_done: int,
+               reads: int | None = None) -> None:
         samples = self._samples
-        if len(samples) >= 2 and now - samples[-2][0] < SAMPLE_EVERY_S / 2:
-            samples[-1] = (now, files_done, bytes_done)   # the newest moves on: thinned
+        sample = Sample(now, files_done, bytes_done, reads)
+        if len(samples) >= 2 and now - samples[-2].t < SAMPLE_EVERY_S / 2:
+            samples[-1] = sample   # the newest moves on: thinned
         else:
-            self._samples.append((now, files_done, bytes_done))
-        while self._samples and self._samples[0][0] < now - (HISTORY_MINUTES + 1) * MINUTE_S:
-            self._samples.popleft()
+            samples.append(sample)
+        while samples and samples[0].t < now - (HISTORY_MINUTES + 1) * MINUTE_S:
+            samples.popleft()
 
-    def _at(self, t: float) -> tuple[float, float] | None:
+    def _at(self, t: float) -> Sample | None:
         samples = self._samples
-        if not samples or t <= samples[0][0] - MINUTE_S:
+        if not samples or t <= samples[0].t - MINUTE_S:
             return None
-        if t < samples[0][0]:    # the minute sampling began in counts from its first sample
-            return float(samples[0][1]), float(samples[0][2])
-        i = bisect.bisect_right(samples, t, key=lambda s: s[0])
+        if t < samples[0].t:    # the minute sampling began in counts from its first sample
+            return samples[0]
+        i = bisect.bisect_right(samples, t, key=lambda s: s.t)
         if i >= len(samples):
-            return float(samples[-1][1]), float(samples[-1][2])
-        (t0, f0, b0), (t1, f1, b1) = samples[i - 1], samples[i]
-        share = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
-        return f0 + (f1 - f0) * share, b0 + (b1 - b0) * share
+            return samples[-1]
+        a, b = samples[i - 1], samples[i]
+        share = (t - a.t) / (b.t - a.t) if b.t > a.t else 1.0
+        reads = None if a.reads is None or b.reads is None else \
+            a.reads + (b.reads - a.reads) * share
+        return Sample(t, a.files + (b.files - a.files) * share,
+                      a.bytes + (b.bytes - a.bytes) * share, reads)
 
     def per_minute(self, now: float) -> dict[str, Any]:
         """The last HISTORY_MINUTES whole minutes and the current one (its amount so far)."""
@@ -51,11 +67,16 @@ class ThroughputHistory:
         values = [self._at(t) for t in edges]
         files: list[float | None] = []
         size: list[float | None] = []
+        reads: list[float | None] = []
         for a, b in zip(values, values[1:]):
             if a is None or b is None:
                 files.append(None)
                 size.append(None)
-            else:
-                files.append(round(max(0.0, b[0] - a[0]), 2))
-                size.append(round(max(0.0, b[1] - a[1])))
-        return {"start": first, "minute_s": MINUTE_S, "files": files, "bytes": size}
+                reads.append(None)
+                continue
+            files.append(round(max(0.0, b.files - a.files), 2))
+            size.append(round(max(0.0, b.bytes - a.bytes)))
+            reads.append(None if a.reads is None or b.reads is None
+                         else round(max(0.0, b.reads - a.reads), 1))
+        return {"start": first, "minute_s": MINUTE_S, "files": files, "bytes": size,
+                "reads": reads}

@@ -7,8 +7,8 @@ Logging in without a header: with a token set, `/?token=T` once answers 303 to `
 HttpOnly, SameSite=Strict cookie (its value, and what it authorises, are manager.auth's:
 the one owner of the token check). Nothing here logs a query string.
 
-/live adds what /status does not say: a per-minute throughput history per run (the last
-hour, kept in memory, sampled from /status at most every SAMPLE_EVERY_S seconds whenever
+/live adds what /status does not say: a per-minute throughput history per run (files,
+bytes and reads; the last hour, kept in memory, sampled from /status at most every SAMPLE_EVERY_S seconds whenever
 any request arrives) and, per engine, its host and GPU, a state and the age of its job.
 Engines send neither host nor GPU: both come from the engine id, which bcorch forms as
 `<engine.engine_id or hostname>-gpu<index>` (bcorch.ids.engine_id_for).
@@ -165,10 +165,10 @@ class LivePage:
             self._sampled_at = self._monotonic()
             runs = _runs_progress(status)
             self._history = {key: self._history.get(key) or ThroughputHistory()
-                             for key, _ in runs}   # a run no longer in /status is forgotten
-            for key, progress in runs:
+                             for key, _, _ in runs}   # a run no longer in /status is forgotten
+            for key, progress, reads in runs:
                 self._history[key].record(now, int(progress.get("files_done", 0)),
-                                          int(progress.get("bytes_done", 0)))
+                                          int(progress.get("bytes_done", 0)), reads)
             live = {j for jobs in (status.get("jobs") or {}).values() for j in jobs}
             self._job_seen = {j: self._job_seen.get(j, now) for j in live}
 
@@ -197,10 +197,16 @@ class LivePage:
                             "engines": engines})
 
 
-def _runs_progress(status: dict) -> list[tuple[str, dict]]:
-    """(history key, progress) of each run: status["runs"] in facility mode, else the one."""
+def _runs_progress(status: dict) -> list[tuple[str, dict, int | None]]:
+    """(history key, progress, reads) of each run: status["runs"] in facility mode, else the
+    one; reads is the run's known total (None while unknown, or from an older manager)."""
     runs = status.get("runs")
     if isinstance(runs, list):
-        return [(str(r.get("run_id")), r.get("progress") or {}) for r in runs
-                if isinstance(r, dict)]
-    return [(SINGLE_RUN, status.get("progress") or {})]
+        return [(str(r.get("run_id")), r.get("progress") or {}, _reads_total(r))
+                for r in runs if isinstance(r, dict)]
+    return [(SINGLE_RUN, status.get("progress") or {}, _reads_total(status))]
+
+
+def _reads_total(counts: dict) -> int | None:
+    total = (counts.get("reads") or {}).get("total")
+    return total if isinstance(total, int) and not isinstance(total, bool) else None

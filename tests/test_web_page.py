@@ -209,3 +209,60 @@ def test_requests_sample_status_in_the_background_at_most_every_few_seconds():
     wait_until(lambda: len(calls) == 2, 10, what="the next sample")
     assert len(calls) == 2
     assert set(page.live().body["history"]) == {"run-a", "run-b"}
+
+
+def test_throughput_history_has_reads_per_minute_and_none_while_unknown():
+    h = ThroughputHistory()
+    start = 1_000_000 * MINUTE_S
+    for second in range(0, 5 * MINUTE_S + 1, 5):   # 2 files and 300 reads a minute
+        h.record(start + second, second // 30, 0, second * 5)
+    minutes = h.per_minute(start + 5 * MINUTE_S + 10)
+    assert minutes["reads"][55:60] == [300.0] * 5 and len(minutes["reads"]) == 61
+    assert minutes["reads"][:55] == [None] * 55
+    unknown = ThroughputHistory()             # an engine that does not count: no reads line
+    for second in range(0, 3 * MINUTE_S + 1, 5):
+        unknown.record(start + second, second // 30, 0, None)
+    counted = unknown.per_minute(start + 3 * MINUTE_S + 10)
+    assert counted["files"][57:60] == [2.0] * 3
+    assert counted["reads"] == [None] * 61
+
+
+class _CountingFacility(_Facility):
+    """A facility whose run-a reports its reads and run-b does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = {"run-a": 0, "run-b": None}
+
+    def status(self) -> dict:
+        status = super().status()
+        for run in status["runs"]:
+            run["reads"] = {"total": self.reads[run["run_id"]]}
+        return status
+
+
+def test_live_has_reads_per_minute_of_each_run_that_reports_them():
+    facility, clock = _CountingFacility(), [60_000.0 * MINUTE_S + 10]
+    page = LivePage(facility, clock=lambda: clock[0], monotonic=lambda: clock[0])
+    page.live()
+    facility.done, facility.reads = {"run-a": 2, "run-b": 1}, {"run-a": 40, "run-b": None}
+    clock[0] += 30
+    history = page.live().body["history"]
+    assert history["run-a"]["reads"][-1] == 40
+    assert history["run-b"]["reads"][-1] is None and history["run-b"]["files"][-1] == 1
+
+
+def test_live_has_reads_of_a_single_run_manager(procs, tmp_path):
+    m = start_manager(procs, tmp_path)
+    write_files(tmp_path / "in", ["a.pod5", "b.pod5"])
+    wait_counts(m, PENDING=2)
+    code, live = m.get("/live")
+    reads = [r for r in live["history"][""]["reads"] if r is not None]
+    assert code == 200 and reads and sum(reads) == 0     # 0 reads, known: nothing done yet
+    batch = assign(m, "h-gpu0", 2)
+    code, _ = m.get("/completed", job_id=batch["jobid"], job_state="DONE", reads_pass=7,
+                    reads_fail=1)
+    assert code == 200
+    code, live = m.get("/live")
+    assert code == 200   # a minute's edge may split them in two minutes (each rounded)
+    assert abs(sum(r for r in live["history"][""]["reads"] if r is not None) - 8) <= 0.15
