@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from manager_helpers import assign, complete, start_manager, wait_counts, write_files
 from support import REPO, ManagedProcess, free_port, http_json, kill_tree, wait_until
 from bcorch.config_writer import write_config
 from bcorch.logs import WHOLE_JOB_ID
@@ -152,6 +153,11 @@ class Browser:
         self._log.close()
 
 
+def _shown_reads(reads: dict) -> list[str]:
+    """/status reads as the page's data attributes hold them ("" while unknown)."""
+    return ["" if reads[k] is None else str(reads[k]) for k in ("pass", "fail", "total")]
+
+
 def _page_numbers(browser: Browser) -> dict:
     return browser.js("""(() => {
         const run = document.querySelector('.run');
@@ -160,7 +166,9 @@ def _page_numbers(browser: Browser) -> dict:
                 runs: [...document.querySelectorAll('.run')].map(r => ({
                     id: r.dataset.runId, done: Number(r.dataset.filesDone),
                     total: Number(r.dataset.filesTotal),
-                    state: r.querySelector('.state').textContent})),
+                    state: r.querySelector('.state').textContent,
+                    reads: [r.dataset.readsPass, r.dataset.readsFail, r.dataset.readsTotal],
+                    readsText: r.querySelector('.reads').textContent})),
                 done: run && Number(run.dataset.filesDone),
                 total: run && Number(run.dataset.filesTotal),
                 eta: run && run.dataset.etaS,
@@ -175,6 +183,14 @@ def _page_numbers(browser: Browser) -> dict:
                     let n = 0;
                     for (let i = 0; i < d.length; i += 4)
                         if (d[i] === 47 && d[i + 1] === 111 && d[i + 2] === 219) n++;
+                    return n; })(),
+                readsPixels: (() => {   // pixels in the reads line's colour (#d9480f)
+                    const c = document.querySelector('.run canvas');
+                    if (!c || !c.width) return 0;
+                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                    let n = 0;
+                    for (let i = 0; i < d.length; i += 4)
+                        if (d[i] === 217 && d[i + 1] === 72 && d[i + 2] === 15) n++;
                     return n; })()};
     })()""")
 
@@ -256,6 +272,7 @@ def test_the_live_page_follows_a_run_in_a_real_browser(cluster, browser, tmp_pat
     moving, then = mid_run["page"], mid_run["status"]
     assert moving["total"] == then["progress"]["files_total"]
     assert moving["done"] <= then["progress"]["files_done"]   # the page shows a poll ago
+    assert int(moving["runs"][0]["reads"][2] or 0) <= then["reads"]["total"]
     engines = moving["engines"]
     assert sorted(e[2] for e in engines) == ["0", "1", "2"]          # GPU from the engine id
     assert all(e[1] == e[0].rsplit("-gpu", 1)[0] for e in engines)  # host from the engine id
@@ -269,7 +286,8 @@ def test_the_live_page_follows_a_run_in_a_real_browser(cluster, browser, tmp_pat
         now = _page_numbers(browser)
         return (now["done"], now["total"]) == (final["progress"]["files_done"],
                                                final["progress"]["files_total"]) \
-            and len(now["quarantined"]) == final["files"]["QUARANTINED"] == 1
+            and len(now["quarantined"]) == final["files"]["QUARANTINED"] == 1 \
+            and now["runs"][0]["reads"] == _shown_reads(final["reads"])
     wait_until(page_agrees, 30, interval=0.5, what="the page to agree with /status")
     shown = _page_numbers(browser)
     assert shown["done"] == 24 and "broken.pod5" in shown["quarantined"][0][0]
@@ -277,6 +295,11 @@ def test_the_live_page_follows_a_run_in_a_real_browser(cluster, browser, tmp_pat
     assert reason.strip(), "the reason of the quarantined file is shown"
     assert not WHOLE_JOB_ID.search(reason), "with the job id cut as /status shows it"
     assert shown["barPixels"] > 50, "the throughput chart shows this minute's files"
+    reads = final["reads"]
+    assert reads["total"] == 24 * 20 and reads["jobs_counted"] == reads["jobs_done"], reads
+    assert shown["runs"][0]["readsText"] == \
+        f"{reads['total']:,} ({reads['pass']:,} pass, {reads['fail']:,} fail)"
+    assert shown["readsPixels"] > 10, "the chart has a reads line (a dot per minute)"
 
     assert browser.js("document.cookie") == ""                      # HttpOnly
     cookies = browser.call("Network.getCookies", urls=[cluster.url + "/"])["cookies"]
@@ -346,12 +369,13 @@ def test_the_live_page_shows_each_run_of_a_facility(procs, browser, tmp_path):
         wait_until(finished, 180, interval=0.5, what="both runs basecalled")
         runs = {r["run_id"]: r for r in status()["runs"]}
         assert set(runs) == {first, second}
+        assert (runs[first]["reads"]["total"], runs[second]["reads"]["total"]) == (30, 20)
 
         def page_agrees() -> bool:
-            shown = {r["id"]: (r["done"], r["total"], r["state"])
+            shown = {r["id"]: (r["done"], r["total"], r["state"], r["reads"])
                      for r in _page_numbers(browser)["runs"]}
             return shown == {i: (r["progress"]["files_done"], r["progress"]["files_total"],
-                                 r["state"]) for i, r in runs.items()}
+                                 r["state"], _shown_reads(r["reads"])) for i, r in runs.items()}
         wait_until(page_agrees, 30, interval=0.5, what="the page to agree with /status runs")
         shown = _page_numbers(browser)
         assert shown["problem"] == ""
@@ -362,3 +386,48 @@ def test_the_live_page_shows_each_run_of_a_facility(procs, browser, tmp_path):
         assert {e["gpu"] for e in live["engines"]} == {"0", "1"}
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_page_tells_reads_not_reported_from_zero_and_a_lower_bound(procs, browser,
+                                                                      tmp_path):
+    """The test plays the engines: nothing done is 0 reads; an original engine's batch (no
+    counts) is "not reported", never 0; with one batch counted of two, "at least". Each
+    time the page's numbers are /status's."""
+    m = start_manager(procs, tmp_path, token=TOKEN, batch_size=1)
+    write_files(tmp_path / "in", ["a.pod5", "b.pod5", "c.pod5"])
+    wait_counts(m, PENDING=3)
+    browser.open_page()
+    browser.navigate(f"{m.url}/?token={TOKEN}")
+
+    def shown_after_a_poll() -> dict:
+        """The run as the page shows it after a poll that began after this call."""
+        polls = browser.settled_js("Number(document.body.dataset.polls || 0)") or 0
+        wait_until(lambda: (browser.settled_js("Number(document.body.dataset.polls || 0)")
+                            or 0) >= polls + 2, 30, what="two more polls of the page")
+        page = _page_numbers(browser)
+        assert page["problem"] == "", page["problem"]
+        (run,) = page["runs"]
+        return run
+
+    def status_reads() -> dict:
+        code, body = http_json(m.url + "/status", TOKEN)
+        assert code == 200, body
+        return body["reads"]
+
+    run = shown_after_a_poll()
+    assert run["reads"] == _shown_reads(status_reads()) == ["0", "0", "0"]
+    assert run["readsText"] == "0 (0 pass, 0 fail)"
+
+    original = assign(m, "h-gpu0", 1)
+    assert complete(m, original["jobid"], "DONE")[0] == 200     # no counts: unknown
+    run = shown_after_a_poll()
+    assert run["reads"] == _shown_reads(status_reads()) == ["", "", ""]
+    assert run["readsText"] == "not reported (none of 1 done batches reported its reads)"
+
+    counted = assign(m, "h-gpu1", 1)
+    assert complete(m, counted["jobid"], "DONE", reads_pass=1234, reads_fail=5)[0] == 200
+    run = shown_after_a_poll()
+    assert run["reads"] == _shown_reads(status_reads()) == ["1234", "5", "1239"]
+    assert run["readsText"] == "at least 1,239 (1,234 pass, 5 fail): counted for 1 of 2 " \
+                              "done batches"
