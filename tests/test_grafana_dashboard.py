@@ -183,16 +183,27 @@ def test_dashboard_imports_with_a_prometheus_input():
                 assert t["datasource"]["uid"] == "${DS_PROMETHEUS}", p["title"]
     for v in d["templating"]["list"]:
         assert v["datasource"]["uid"] == "${DS_PROMETHEUS}"
+    required = {r["id"] for r in d["__requires"] if r["type"] == "panel"}
+    assert {p["type"] for p in panels} - {"row"} <= required
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels:
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = p["title"]
 
 
 def test_dashboard_covers_what_operators_watch():
     """Throughput, the queue by state, lease expiries, restarts, GPU temperature and memory,
-    quarantined files: each has a query."""
+    quarantined files, reads (and whether they were reported), the model on each GPU: each
+    has a query."""
     queried = set().union(*dashboard_queries(load_dashboard()).values())
     for metric in ("bcmanager_files_done_total", "bcmanager_bytes_done_total", "bcmanager_files",
                    "bcmanager_lease_expiries_total", "bcorch_slot_restarts_total",
                    "bcorch_gpu_temperature_celsius", "bcorch_gpu_memory_used_bytes",
-                   "bcmanager_files_quarantined"):
+                   "bcmanager_files_quarantined", "bcmanager_reads_total",
+                   "bcmanager_read_jobs_total", "bcorch_slot_model"):
         assert metric in queried, metric
 
 
@@ -251,3 +262,6 @@ def test_every_dashboard_metric_is_served_by_a_live_manager_and_bcorch(tmp_path)
     assert sample(manager_text, "bcmanager_files", state="DONE") == n_files
     done_bytes = sum(p.stat().st_size for p in cluster.input_dir.rglob("*.pod5"))
     assert sample(manager_text, "bcmanager_bytes_done_total") == done_bytes
+    assert sample(manager_text, "bcmanager_reads_total") == n_files * 5   # the engines count
+    assert sample(manager_text, "bcmanager_read_jobs_total", reads="unknown") == 0
+    assert sample(manager_text, "bcmanager_read_jobs_total", reads="known") >= n_files / 2
