@@ -221,17 +221,16 @@ def lease_lying_proxy(site: Site) -> tuple[ScriptedServer, list[float]]:
 
 def test_lease_lost_mid_batch_stops_basecaller_and_exits_75(tmp_path, procs):
     site = Site(tmp_path, procs, n_files=2, reads=20, batch_size=2, report_back_interval=1)
-    proxy, late_at = lease_lying_proxy(site)
+    proxy, _ = lease_lying_proxy(site)
     with proxy:
         # 2 files x 20 reads x 4000 samples at 4000/s: a 40 s batch, far longer than the lease
         engine = site.engine(site.config(proxy.url, runner={"samples_per_s": 4_000}))
         caller = wait_until(lambda: basecaller_of(engine.pid), 30, what="basecaller")
         assert engine.wait(30) == 75, engine.log()
-        # On a loaded machine the engine may give up on a slow keep-alive before the proxy
-        # passes the manager's `late` on; the manager still answered late.
-        wait_until(lambda: late_at, 15, what="the manager's late answer")
         wait_until(lambda: gone(caller.pid), 5, what="basecaller gone")
     log = engine.log()
+    # On a loaded machine the engine may give up on slow keep-alives before any `late`
+    # answer reaches it (CI saw none pass the proxy): either way the lease is lost.
     assert "lease lost" in log and ("answered late" in log or "no keep-alive succeeded" in log)
     # the basecaller's own log ends early: it was stopped, not finished
     assert "done in" not in next(site.output_dir.rglob("basecaller.log")).read_text()
@@ -247,9 +246,12 @@ def test_lease_loss_kills_basecaller_within_two_seconds(tmp_path, procs):
         # seconds of the late answer was stopped, not finished
         engine = site.engine(site.config(proxy.url, runner={"samples_per_s": 2_000}))
         caller = wait_until(lambda: basecaller_of(engine.pid), 30, what="basecaller")
-        wait_until(lambda: late_at, 20, what="a late keep-alive answer")
+        # the manager's late answer, or the engine giving up first on slow keep-alives
+        lost_at = wait_until(lambda: late_at[0] if late_at else
+                             "lease lost" in engine.log() and time.monotonic(),
+                             20, what="a late keep-alive answer or the engine's lease lost")
         wait_until(lambda: gone(caller.pid), 15, what="basecaller gone")
-        assert time.monotonic() - late_at[0] < 10.0   # stop_grace_s 2, on a loaded machine
+        assert time.monotonic() - lost_at < 10.0   # stop_grace_s 2, on a loaded machine
         assert engine.wait(10) == 75
 
 
