@@ -7,8 +7,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from manager_helpers import assign, complete, start_manager, wait_counts, write_files
-from support import http_json, wait_until
+from bcorch.orchestrator.pod5_dataset import write_dataset
+from manager_helpers import assign, basecall, complete, start_manager, wait_counts, write_files
+from support import ManagerProcess, http_json, wait_until
 
 TOKEN = "s3cret-token"
 
@@ -137,3 +138,41 @@ def test_reads_are_counted_and_unknown_reads_are_told_apart_from_zero(procs, tmp
     reads = http_json(manager.url + "/status", TOKEN)[1]["reads"]
     assert (reads["pass"], reads["fail"], reads["jobs_counted"], reads["jobs_done"]) == \
         (30, 4, 2, 3)
+
+
+def _reads_metrics(manager) -> tuple[float, float, float, float]:
+    m = scrape(manager)
+    return (m[("bcmanager_reads_total", (("kind", "pass"),))],
+            m[("bcmanager_reads_total", (("kind", "fail"),))],
+            m[("bcmanager_read_jobs_total", (("reads", "known"),))],
+            m[("bcmanager_read_jobs_total", (("reads", "unknown"),))])
+
+
+def _status_reads(manager) -> tuple[float, float, float, float]:
+    r = http_json(manager.url + "/status", TOKEN)[1]["reads"]
+    return (r["pass"] or 0, r["fail"] or 0, r["jobs_counted"],
+            r["jobs_done"] - r["jobs_counted"])
+
+
+def test_reads_metrics_agree_with_status_after_a_rebuild_from_the_journal(procs, tmp_path):
+    """A new database (another host) is rebuilt from the journal beside the outputs: its
+    DONE jobs are counted in bcmanager_read_jobs_total whether their reads came back or
+    not, and the metrics say what /status says."""
+    write_dataset(tmp_path / "in", 3, reads_per_file=4, samples_per_read=400)
+    manager = start_manager(procs, tmp_path, token=TOKEN, batch_size=1)
+    wait_counts(manager, PENDING=3)
+    for _ in range(3):
+        batch = assign(manager, "h-gpu0")
+        ids = basecall(batch, tmp_path)
+        assert complete(manager, batch["jobid"], "DONE", reads_pass=len(ids) - 1,
+                        reads_fail=1)[0] == 200
+    assert _reads_metrics(manager) == _status_reads(manager) == (9, 3, 3, 0)
+    manager.close()
+    again = ManagerProcess(tmp_path, tmp_path / "in", tmp_path / "out", port=manager.port,
+                           token=TOKEN, extra=["--db", str(tmp_path / "other-host.sqlite")])
+    procs.append(again)
+    again.start()
+    assert again.status()["files"]["DONE"] == 3
+    rebuilt = _reads_metrics(again)
+    assert rebuilt == _status_reads(again)
+    assert rebuilt[2] + rebuilt[3] == 3, rebuilt   # every DONE job: known or unknown
