@@ -8,8 +8,9 @@ HttpOnly, SameSite=Strict cookie (its value, and what it authorises, are manager
 the one owner of the token check). Nothing here logs a query string.
 
 /live adds what /status does not say: a per-minute throughput history per run (files,
-bytes and reads; the last hour, kept in memory, sampled from /status at most every SAMPLE_EVERY_S seconds whenever
-any request arrives) and, per engine, its host and GPU, a state and the age of its job.
+bytes and reads; the last hour, kept in memory, sampled from /status at most every
+SAMPLE_EVERY_S seconds whenever any request arrives) and, per engine, its host and GPU, a
+state and the age of its job.
 Engines send neither host nor GPU: both come from the engine id, which bcorch forms as
 `<engine.engine_id or hostname>-gpu<index>` (bcorch.ids.engine_id_for).
 """
