@@ -378,6 +378,8 @@ class Manager:
             self._in_flight.pop(job_id, None)
             if result.files_done:
                 self._done_log.append((self._clock(), result.files_done, result.bytes_done))
+                while self._done_log[0][0] < self._clock() - THROUGHPUT_WINDOW_S:
+                    self._done_log.popleft()
             if not self._journal_done(job):
                 return self._unjournalled_answer(job)
             self._settle_quietly(job)

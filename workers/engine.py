@@ -54,6 +54,7 @@ AFTER_OUTAGE_ENV = "BCORCH_AFTER_OUTAGE"
 AFTER_OUTAGE_CAP_S = 30.0
 ABANDON_REQUEST_S = 2.0      # a stop waits this long at most for an /assignwork in flight
 PARENT_GONE_GRACE_S = 2.0    # the orchestrator died: TERM -> KILL of the basecaller at most this
+BATCH_TIMINGS_KEPT = 1000    # the newest batches' timings (a 72-hour run has tens of thousands)
 
 TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     EngineState.STARTING: frozenset({EngineState.REQUESTING, EngineState.WAITING,
@@ -193,7 +194,7 @@ class BCEngine:
         self.files_done = 0
         self.files_failed = 0
         self.last_error = ""
-        self.batch_timings: list[BatchTiming] = []
+        self.batch_timings: list[BatchTiming] = []   # the newest BATCH_TIMINGS_KEPT
         self._idle_s = 0.0         # waiting for work since the last batch was received
 
     @property
@@ -562,6 +563,7 @@ class BCEngine:
             self.last_error = f"job {batch.jobid}: {result.reason}"
         if timing.runner_started and timing.basecaller_ended:
             self.batch_timings.append(timing)
+            del self.batch_timings[:-BATCH_TIMINGS_KEPT]
             self.log.debug("job %s: engine overhead %.1f ms", batch.jobid, timing.overhead_s * 1000)
         self.log.info("job %s %s (%d file(s), %d failed) in %.2fs", batch.jobid,
                       result.state.value, batch.batch_size, failed,
