@@ -1,7 +1,6 @@
 """BCKeepAlive against a scripted loopback HTTP server (the client itself: test_client.py)."""
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 
@@ -53,21 +52,32 @@ def start_keepalive(url, interval=1.0, on_lost=None) -> BCKeepAlive:
                                         on_lease_lost=on_lost)
 
 
-def test_keepalives_go_out_at_half_the_interval_and_terminate_at_once():
+def test_keepalives_go_out_at_half_the_interval():
+    """A loaded machine only makes gaps longer: on average they are never shorter than half
+    the interval, and at least one is clearly shorter than the whole interval."""
     mgr = Manager()
     with ScriptedServer(mgr) as srv:
         ka = start_keepalive(srv.url, interval=0.6)
-        wait_until(lambda: len(srv.routes("/keepalive")) >= 4, 10, what="4 keep-alives")
-        started = time.monotonic()
+        wait_until(lambda: len(srv.routes("/keepalive")) >= 6, 30, what="6 keep-alives")
         outcome = ka.terminate_keepalive(JobState.DONE, {"a.pod5": "unreadable"})
-        assert time.monotonic() - started < 0.5
     times = [t for t, route, _, _ in srv.requests if route == "/keepalive"]
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert all(0.2 <= g < 1.0 for g in gaps) and 0.25 <= statistics.median(gaps) <= 0.45, gaps
+    assert times[-1] - times[0] >= 0.25 * len(gaps) and min(gaps) < 0.5, gaps
     assert srv.routes("/keepalive")[0] == {"job_id": "j1", "job_state": "PROCESSING"}
     assert outcome is ReportOutcome.OK and not ka.BCManager_PB
     assert srv.routes("/completed") == [{"job_id": "j1", "job_state": "DONE",
                                           "failed_files": {"a.pod5": "unreadable"}}]
+
+
+def test_terminate_wakes_the_thread_at_once():
+    """The next keep-alive is 30 s away: terminating does not wait for it."""
+    mgr = Manager()
+    with ScriptedServer(mgr) as srv:
+        ka = start_keepalive(srv.url, interval=60.0)
+        started = time.monotonic()
+        assert ka.terminate_keepalive(JobState.DONE) is ReportOutcome.OK
+        assert time.monotonic() - started < 15.0
+    assert srv.routes("/keepalive") == [] and len(srv.routes("/completed")) == 1
 
 
 def test_late_answer_loses_the_lease_and_calls_back():
@@ -105,10 +115,10 @@ def test_no_successful_keepalive_for_an_interval_loses_the_lease():
         mgr.down = True
         started = time.monotonic()
         ka = start_keepalive(srv.url, interval=1.0, on_lost=lambda r: lost.set())
-        assert lost.wait(5)
+        assert lost.wait(15)
         elapsed = time.monotonic() - started
         ka.join(5)
-    assert 0.9 <= elapsed < 2.5
+    assert 0.9 <= elapsed < 6.0   # lost at the 1 s lease; the upper bound is a backstop
     assert ka.BCManager_PB and "no keep-alive succeeded" in ka.lost_reason
     assert len(srv.routes("/keepalive")) >= 2  # it retried while the lease could be alive
 
@@ -140,5 +150,5 @@ def test_unreachable_final_report_gives_up_when_the_lease_is_over():
         ka = start_keepalive(srv.url, interval=1.0)
         started = time.monotonic()
         assert ka.terminate_keepalive(JobState.DONE) is ReportOutcome.UNREACHABLE
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 6.0   # gives up at the 1 s lease; a backstop
     assert ka.BCManager_PB
