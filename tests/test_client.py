@@ -69,7 +69,7 @@ def test_no_answer_times_out():
         started = time.monotonic()
         with pytest.raises(ManagerUnreachable, match="no answer"):
             client(srv.url, read_timeout=0.3, retries=0).heartbeat()
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 8   # a backstop below the server's 10 s hang
         hang.set()
 
 

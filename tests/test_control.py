@@ -275,7 +275,7 @@ def test_client_times_out_on_a_server_that_never_answers(server):
     t0 = time.monotonic()
     with pytest.raises(ControlError, match="no answer from bcorch within 0.5 s"):
         request(srv.path, {"cmd": "status"}, timeout=0.5)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 10   # a backstop: the held loop would never answer
     loop.release()
 
 

@@ -431,7 +431,8 @@ def test_stop_from_parent_reports_stopped_quickly(tmp_path, procs, children):
     child.conn.send({"cmd": "stop"})
     assert child.wait_for("job_end")["state"] == "STOPPED"
     child.proc.join(10)
-    assert child.proc.exitcode == 0 and time.monotonic() - stopped_at < 1.0 + 2.0
+    # a backstop well below the 16 s batch (20 reads x 4000 samples at 5000/s)
+    assert child.proc.exitcode == 0 and time.monotonic() - stopped_at < 10.0
     assert gone(beat["basecaller_pid"])
     assert site.files()["PENDING"] == 1  # given back at once, no attempt counted
     assert "STOPPED" in site.manager.log()

@@ -85,7 +85,7 @@ def test_lease_expiry_and_late_answers(procs, tmp_path):
     assert keepalive(m, job) == {"late": False}
     last = time.monotonic()
     wait_counts(m, PENDING=2, ASSIGNED=0)
-    assert time.monotonic() - last < 1 + 2.0  # interval + one reaper tick + polling slack
+    assert time.monotonic() - last < 1 + 9.0  # interval + a tick; a backstop on a loaded machine
     assert keepalive(m, job) == {"late": True}
     (tmp_path / "out" / batch["job_output_dir"] / "pass").mkdir(parents=True, exist_ok=True)
     (tmp_path / "out" / batch["job_output_dir"] / "pass" / "late.fastq").write_text("@x\n")
