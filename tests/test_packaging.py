@@ -150,7 +150,7 @@ def test_sbatch_script_forwards_sigterm_so_bcorch_drains(tmp_path, procs):
         f'kill -TERM "$(cat {pid})"; exit 0; fi\n'
         f"trap 'sleep 0.5; echo drained > {marker}; exit 0' TERM\n"
         f"echo $$ > {pid}\n"
-        f"echo \"$@\" > {tmp_path / 'args'}\n"
+        f"echo \"$@\" > {tmp_path / 'args.tmp'}; mv {tmp_path / 'args.tmp'} {tmp_path / 'args'}\n"
         "while true; do sleep 0.1; done\n")
     for f in fake.iterdir():
         f.chmod(0o755)
