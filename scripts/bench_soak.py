@@ -34,6 +34,7 @@ as a steady slope that does not flatten when the pass is run twice as long.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -323,6 +324,76 @@ def soak_pass(root: Path, args: argparse.Namespace, facility: bool) -> dict:
     return result
 
 
+def manager_in_process(root: Path, batches: int, seconds_per_batch: float,
+                       every: int = 1000) -> dict:
+    """The single-run Manager class alone, in this process, far past what the passes reach:
+    one-file batches assigned and completed DONE back to back (real SQLite, journal and
+    layout moves). Every `every` batches: this process's RSS, the Python heap (tracemalloc)
+    and the length of every container the Manager keeps. Tells a leak (the heap grows) from
+    caches that fill up (RSS grows, the heap does not). The Manager's clock is a fake one that
+    moves seconds_per_batch per batch (the horizon's pace), so what it keeps for a time window
+    holds what a real run's window would."""
+    import gc
+    import logging
+    import tracemalloc
+
+    import psutil
+
+    from bcorch.manager.journal import Journal
+    from bcorch.manager.layout import Layout
+    from bcorch.manager.service import Manager
+    from bcorch.manager.store import Store
+    from bcorch.protocol import JobState as WireState
+
+    work = root / "in-process"
+    inp, out = work / "in", work / "out"
+    inp.mkdir(parents=True)
+    out.mkdir()
+    names = [f"f{i:07d}.pod5" for i in range(batches)]
+    for name in names:
+        os.close(os.open(inp / name, os.O_CREAT | os.O_WRONLY, 0o644))
+    store = Store(str(work / "db.sqlite"), max_attempts=3)
+    now = [1000.0]
+    store.add_files((name, 1000) for name in names)
+    manager = Manager(store, Layout(inp, out), batch_size=1, report_back_interval=60,
+                      input_closed=True, journal=Journal(out), clock=lambda: now[0])
+    logging.disable(logging.INFO)
+    me = psutil.Process()
+    rows = []
+    tracemalloc.start()
+    try:
+        manager.recover()
+        for i in range(1, batches + 1):
+            job_id = manager.assign("gpu0", 1).body["jobid"]
+            manager.complete(job_id, WireState.DONE, {}, "", rate=1e6, startup_s=0.1)
+            now[0] += seconds_per_batch
+            if i % 50 == 0:
+                manager.flush_moved()   # the reaper's tick
+            if i % every == 0:
+                manager.flush_moved()
+                gc.collect()
+                containers = {k: len(v) for k, v in vars(manager).items()
+                              if isinstance(v, (dict, set, list, collections.deque))}
+                containers["leases"] = len(manager.leases)
+                rows.append({"batches_done": i, "rss_mb": me.memory_info().rss / 2**20,
+                             "heap_mb": tracemalloc.get_traced_memory()[0] / 2**20,
+                             "fds": len(os.listdir("/proc/self/fd")),
+                             "wal_mb": os.path.getsize(f"{work / 'db.sqlite'}-wal") / 2**20,
+                             "sqlite_mb": os.path.getsize(work / "db.sqlite") / 2**20,
+                             "journal_mb": os.path.getsize(out / "bcmanager.journal") / 2**20,
+                             **{f"containers.{k}": v for k, v in containers.items()}})
+                r = rows[-1]
+                print(f"  in-process batches={i:7d} rss={r['rss_mb']:.1f}MB heap="
+                      f"{r['heap_mb']:.2f}MB fds={r['fds']} wal={r['wal_mb']:.1f}MB "
+                      f"db={r['sqlite_mb']:.1f}MB journal={r['journal_mb']:.1f}MB "
+                      f"largest container={max(containers.values(), default=0)}", flush=True)
+    finally:
+        tracemalloc.stop()
+        logging.disable(logging.NOTSET)
+        manager.close()
+    return {"name": "in-process manager", "batches_done": batches, "samples": rows}
+
+
 HEADLINE = ["manager.rss_mb", "manager.fds", "manager.threads", "bcorch.rss_mb", "bcorch.fds",
             "bcorch.threads", "engines.rss_mb.max", "engines.fds.max", "engines.threads.max",
             "sqlite_mb", "wal_mb", "manager.log_mb", "bcorch.log_mb", "job_log_dirs",
@@ -360,6 +431,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=float, default=0.2,
                    help="share of a pass's samples left out of the slopes")
     p.add_argument("--horizon-batches", type=int, default=100_000)
+    p.add_argument("--in-process-batches", type=int, default=20_000,
+                   help="batches through the Manager class alone, in this process (0 = skip)")
     p.add_argument("--keep", action="store_true", help="keep the work folders")
     p.add_argument("--out", default="bench-out/soak.json")
     args = p.parse_args(argv)
@@ -378,6 +451,20 @@ def main(argv: list[str]) -> int:
                 result = soak_pass(root, args, facility)
                 results["passes"].append(result)
                 print_table(result, args.horizon_batches)
+        if args.in_process_batches > 0:
+            result = manager_in_process(root, args.in_process_batches,
+                                        72 * 3600 / args.horizon_batches)
+            rows = result["samples"]
+            keys = sorted(k for k in rows[0] if k != "batches_done")
+            result["growth"] = {k: {"first": rows[0][k], "last": rows[-1][k],
+                                    "per_1000": slope_per_1000(rows[len(rows) // 5:], k)}
+                                for k in keys}
+            results["passes"].append(result)
+            print(f"\nin-process manager: {args.in_process_batches} batches")
+            for k in keys:
+                g = result["growth"][k]
+                print(f"  {k:<32}{g['first']:>10.2f}{g['last']:>10.2f}"
+                      f"{(g['per_1000'] or 0):>11.3f}")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
