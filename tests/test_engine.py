@@ -512,9 +512,9 @@ def test_sigterm_on_lone_engine_drains_and_second_one_stops(tmp_path, procs):
     engine2 = site.engine(site.config(runner={"samples_per_s": 2_000}), log="engine2.log")
     caller = wait_until(lambda: basecaller_of(engine2.pid), 30, what="basecaller")
     engine2.signal(signal.SIGINT)
-    wait_until(lambda: "send it again to stop now" in engine2.log(), 10, what="first signal seen")
+    wait_until(lambda: "send it again to stop now" in engine2.log(), 30, what="first signal seen")
     engine2.signal(signal.SIGINT)
-    assert engine2.wait(10) == 0
+    assert engine2.wait(30) == 0
     assert gone(caller.pid)
     assert "STOPPED" in site.manager.log() and site.files()["DONE"] == 1
 

@@ -100,8 +100,11 @@ def _record_environment() -> None:
     """What the engine sees itself (a forked engine's /proc/PID/environ is its zygote's)."""
     where = os.environ.get("FAKE_ENV_DIR")
     if where:
-        Path(where, f"{os.getpid()}.json").write_text(json.dumps(
+        record = Path(where, f"{os.getpid()}.json")
+        staging = record.with_suffix(".tmp")   # whole or absent: the test reads it once it exists
+        staging.write_text(json.dumps(
             {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "ppid": os.getppid()}))
+        os.replace(staging, record)
 
 
 def _wait_for_parent_death(conn) -> None:
@@ -161,14 +164,14 @@ class FakeBcorch(ManagedProcess):
     def slot(self, gpu: int) -> dict:
         return self.slots()[gpu]
 
-    def wait_state(self, gpu: int, state: str, timeout: float = 20) -> dict:
+    def wait_state(self, gpu: int, state: str, timeout: float = 60) -> dict:
         return wait_until(lambda: (s := self.slot(gpu))["state"] == state and s, timeout,
                           what=f"gpu{gpu} {state}\n{self.log()[-3000:]}")
 
     def engine_env(self, pid: int) -> dict:
         """CUDA_VISIBLE_DEVICES and parent pid as engine `pid` saw them at its start."""
         path = self.env_dir / f"{pid}.json"
-        wait_until(path.exists, 10, what=f"engine {pid} environment record")
+        wait_until(path.exists, 30, what=f"engine {pid} environment record")
         return json.loads(path.read_text())
 
     def tree(self) -> list[psutil.Process]:

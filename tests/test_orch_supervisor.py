@@ -75,16 +75,16 @@ def test_every_engine_finished_ends_bcorch_with_0(bcorch):
 def test_killed_engine_is_restarted_fast_and_its_orphans_are_stopped(bcorch):
     b = bcorch(gpus=2, modes={"0": "child"})
     first = b.wait_state(0, "RUNNING")
-    orphan = wait_until(lambda: b.slot(0)["basecaller_pid"], 10, what="fake basecaller")
+    orphan = wait_until(lambda: b.slot(0)["basecaller_pid"], 30, what="fake basecaller")
     os.kill(first["pid"], signal.SIGKILL)
     t0 = time.monotonic()
-    wait_until(lambda: (s := b.slot(0))["pid"] not in (None, first["pid"]) and s, 10,
+    wait_until(lambda: (s := b.slot(0))["pid"] not in (None, first["pid"]) and s, 30,
                interval=0.02, what="a new engine")
     # The supervisor's own decision is the first-restart delay; the wall clock, seen from a
     # test on a loaded machine, only bounds it loosely (a backoff of minutes would fail).
     assert f"restart in {FIRST_RESTART_DELAY_S:.1f} s" in b.log()
-    assert time.monotonic() - t0 < 8
-    wait_until(lambda: not alive(orphan), 10, what="the dead engine's basecaller to be stopped")
+    assert time.monotonic() - t0 < 20
+    wait_until(lambda: not alive(orphan), 30, what="the dead engine's basecaller to be stopped")
     slot = b.wait_state(0, "RUNNING")
     assert slot["restarts"] == 1 and slot["last_exit"] == "signal SIGKILL"
 
@@ -110,7 +110,7 @@ def test_sigterm_drains_and_leaves_no_process(bcorch):
     b = bcorch(gpus=3, modes={"2": "child"})
     for i in range(3):
         b.wait_state(i, "RUNNING")
-    wait_until(lambda: b.slot(2)["basecaller_pid"], 10, what="fake basecaller")
+    wait_until(lambda: b.slot(2)["basecaller_pid"], 30, what="fake basecaller")
     tree = b.tree()
     assert len(tree) >= 4
     b.signal(signal.SIGTERM)
@@ -133,8 +133,8 @@ def test_second_signal_stops_batches_now(bcorch, tmp_path):
         b.wait_state(0, "DRAINING")
         t0 = time.monotonic()
         b.signal(signal.SIGINT)
-        assert b.wait(15) == 0
-        assert time.monotonic() - t0 < 10
+        assert b.wait(60) == 0
+        assert time.monotonic() - t0 < 40   # a backstop well below the 120 s drain
         assert "second signal (SIGINT)" in b.log()
     finally:
         b.close()
@@ -224,7 +224,7 @@ def test_sighup_picks_up_a_new_manager_url(bcorch):
     changed the URL, and restarted engines went on calling the old manager."""
     b = bcorch(gpus=1, manager={"url": "http://127.0.0.1:9"})
     pid = b.wait_state(0, "RUNNING")["pid"]
-    first = wait_until(lambda: b.slot(0)["last_error"], 10, what="a heartbeat")
+    first = wait_until(lambda: b.slot(0)["last_error"], 30, what="a heartbeat")
     assert first == "manager_url=http://127.0.0.1:9"
     b.write_config(orchestrator=b.settings, manager={"url": "http://127.0.0.1:10"})
     b.signal(signal.SIGHUP)
@@ -252,7 +252,7 @@ def test_sighup_with_a_broken_config_keeps_engines_running(bcorch):
     pid = b.wait_state(0, "RUNNING")["pid"]
     b.config.write_text("[orchestrator]\nhang_timeout_s = 'soon'\n")
     b.signal(signal.SIGHUP)
-    wait_until(lambda: "configuration not reloaded" in b.log(), 10, what="reload refused")
+    wait_until(lambda: "configuration not reloaded" in b.log(), 30, what="reload refused")
     assert "orchestrator.hang_timeout_s: expected a number" in b.log()
     assert b.slot(0)["pid"] == pid and b.slot(0)["state"] == "RUNNING"
 
@@ -270,7 +270,7 @@ def test_manager_failure_with_wait_policy_does_not_restart(bcorch):
     from support import free_port
     url = f"http://127.0.0.1:{free_port()}"
     b = bcorch(gpus=2, modes={"0": "exit75"}, extra=["--manager-url", url])
-    wait_until(lambda: not b.ask(cmd="status")["manager"]["reachable"], 15, what="manager down")
+    wait_until(lambda: not b.ask(cmd="status")["manager"]["reachable"], 30, what="manager down")
     slot = b.slot(0)
     assert slot["state"] == "BACKOFF" and slot["waiting_for_manager"]
     time.sleep(1.5)
