@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import sqlite3
+import statistics
 import sys
 import tempfile
 import threading
@@ -234,7 +235,11 @@ def summarise(rows: list[dict], warmup: float, horizon: int) -> dict:
     for key in keys:
         slope = slope_per_1000(cut, key)
         first = next((r[key] for r in cut if key in r), None)
+        values = [r[key] for r in cut if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+        half = len(values) // 2
         out[key] = {"first": first, "last": last.get(key), "per_1000": slope,
+                    "median_halves": [statistics.median(values[:half]),
+                                      statistics.median(values[half:])] if half else None,
                     "at_horizon": None if slope is None or last.get(key) is None else
                     last[key] + slope * (horizon - last["batches_done"]) / 1000}
     return out
@@ -415,6 +420,9 @@ def print_table(result: dict, horizon: int) -> None:
         fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731
         print(f"  {key:<26}{fmt(g['first']):>10}{fmt(g['last']):>10}{fmt(g['per_1000']):>11}"
               f"{fmt(g['at_horizon']):>12}")
+        if key.endswith("_ms") and g["median_halves"]:   # timings: the slope is mostly noise
+            print(f"  {'  median 1st/2nd half':<26}{fmt(g['median_halves'][0]):>10}"
+                  f"{fmt(g['median_halves'][1]):>10}")
 
 
 def main(argv: list[str]) -> int:
