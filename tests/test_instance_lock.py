@@ -54,13 +54,16 @@ def _lock(tmp_path) -> dict:
 
 
 def _foreign_lock(tmp_path, age_s: float, refresh_s: float = 10.0, **fields) -> None:
-    """The lock of a manager on another host, last refreshed age_s ago (file-server time)."""
+    """The lock of a manager on another host, last refreshed age_s ago (file-server time).
+    Written whole and renamed into place, as a manager does: a running manager re-reads it."""
     path = _dirs(tmp_path)[1] / LOCK_NAME
+    staging = path.with_name(LOCK_NAME + ".test-staging")
     now = time.time()
-    path.write_text(json.dumps({"host": "other-node", "pid": 4242, "pid_started": now - 3600,
-                                "instance": "feedfacecafebeef", "started": now - 3600,
-                                "refreshed": now - age_s, "refresh_s": refresh_s, **fields}))
-    os.utime(path, (now - age_s, now - age_s))
+    staging.write_text(json.dumps({"host": "other-node", "pid": 4242, "pid_started": now - 3600,
+                                   "instance": "feedfacecafebeef", "started": now - 3600,
+                                   "refreshed": now - age_s, "refresh_s": refresh_s, **fields}))
+    os.utime(staging, (now - age_s, now - age_s))
+    os.replace(staging, path)
 
 
 def test_second_manager_on_the_same_output_dir_exits_78_naming_the_holder(tmp_path, procs):
