@@ -98,7 +98,7 @@ def test_pipelined_requests_are_answered_in_order(server):
     loop.hold.set()
     s = connect(srv.path)
     s.sendall(b'{"cmd": "drain", "gpu": 0}\n{"cmd": "resume", "gpu": 0}\n')
-    wait_until(lambda: loop.pending, 5, what="first request at the loop")
+    wait_until(lambda: loop.pending, 30, what="first request at the loop")
     assert len(loop.seen) == 1, "the second request waits until the first is answered"
     loop.hold.clear()
     loop.release()
@@ -146,7 +146,7 @@ def test_idle_clients_up_to_the_limit_never_lock_out_a_new_one(server):
     try:
         for _ in range(control.MAX_CLIENTS):
             idle.append(connect(srv.path))
-        wait_until(lambda: len(srv._clients) == control.MAX_CLIENTS, 10, what="every client in")
+        wait_until(lambda: len(srv._clients) == control.MAX_CLIENTS, 30, what="every client in")
         for _ in range(3):
             assert request(srv.path, {"cmd": "status"}, timeout=5)["ok"]
         idle[0].settimeout(10)

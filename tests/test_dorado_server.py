@@ -68,7 +68,7 @@ def test_server_dying_between_batches_is_restarted_and_the_batch_completes(tmp_p
     wait_until(lambda: site.files() == {"DONE": 2}, 60, what="the first batch done")
     [first] = argv_records(tmp_path, "dorado_basecall_server")
     psutil.Process(first["pid"]).kill()
-    wait_until(lambda: not _alive(first["pid"]), 10, what="the server gone")
+    wait_until(lambda: not _alive(first["pid"]), 30, what="the server gone")
     more = write_dataset(site.input_dir / "later", 2, reads_per_file=6, samples_per_read=2000,
                          seed=7)
     wait_until(lambda: site.files() == {"DONE": 4}, 60, what="the batch after the restart done")

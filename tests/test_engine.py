@@ -227,7 +227,7 @@ def test_lease_lost_mid_batch_stops_basecaller_and_exits_75(tmp_path, procs):
         engine = site.engine(site.config(proxy.url, runner={"samples_per_s": 4_000}))
         caller = wait_until(lambda: basecaller_of(engine.pid), 30, what="basecaller")
         assert engine.wait(30) == 75, engine.log()
-        wait_until(lambda: gone(caller.pid), 5, what="basecaller gone")
+        wait_until(lambda: gone(caller.pid), 30, what="basecaller gone")
     log = engine.log()
     # On a loaded machine the engine may give up on slow keep-alives before any `late`
     # answer reaches it (CI saw none pass the proxy): either way the lease is lost.

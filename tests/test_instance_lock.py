@@ -81,7 +81,7 @@ def test_a_manager_killed_with_9_is_replaced_on_its_host_at_once(tmp_path, procs
     assert _lock(tmp_path)["pid"] == first.pid
     first.signal(signal.SIGKILL)
     # not reaped yet: a zombie holds no lock either
-    wait_until(lambda: psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE, 10,
+    wait_until(lambda: psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE, 30,
                what="the killed manager to be a zombie")
     again = _manager(tmp_path, procs).start()  # no stale wait: the holder's pid is gone
     assert _lock(tmp_path)["pid"] == again.pid
@@ -123,7 +123,7 @@ def test_stale_lock_of_another_host_needs_take_over(tmp_path, procs):
 def test_holder_refreshes_and_stops_when_another_manager_took_over(tmp_path, procs):
     m = _manager(tmp_path, procs, refresh_s=0.2).start()
     first = _lock(tmp_path)["refreshed"]
-    wait_until(lambda: _lock(tmp_path)["refreshed"] > first, 10, what="a lock refresh")
+    wait_until(lambda: _lock(tmp_path)["refreshed"] > first, 30, what="a lock refresh")
     _foreign_lock(tmp_path, age_s=0)  # another host took it (--take-over) meanwhile
     assert m.wait(30) == 78
     assert "now held by host other-node pid 4242" in m.log()

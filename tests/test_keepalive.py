@@ -96,13 +96,15 @@ def test_late_answer_loses_the_lease_and_calls_back():
 
 
 def test_short_outage_is_ridden_out():
+    """Interval 5 s: the outage's two failed keep-alives come 2.5 s after the last success,
+    which leaves a loaded machine 2 s to see them and end the outage before the lease does."""
     mgr = Manager()
     with ScriptedServer(mgr) as srv:
-        ka = start_keepalive(srv.url, interval=2.0)
-        wait_until(lambda: srv.routes("/keepalive"), 5, what="first keep-alive")
+        ka = start_keepalive(srv.url, interval=5.0)
+        wait_until(lambda: srv.routes("/keepalive"), 15, what="first keep-alive")
         mgr.down = True
         n = len(srv.requests)
-        wait_until(lambda: len(srv.requests) >= n + 2, 5, what="two failed keep-alives")
+        wait_until(lambda: len(srv.requests) >= n + 2, 15, what="two failed keep-alives")
         mgr.down = False
         outcome = ka.terminate_keepalive(JobState.DONE)
     assert outcome is ReportOutcome.OK and not ka.BCManager_PB

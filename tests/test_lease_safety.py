@@ -68,7 +68,7 @@ def test_engine_that_lost_its_lease_never_merges_its_output(tmp_path, procs):
     # 2 files x 4 reads x 4000 samples at 8000 samples/s: a 4 s batch
     slow = _engine(tmp_path, procs, manager, "frozen", samples_per_s=8000)
     caller = wait_until(lambda: _basecaller(slow.pid), 30, what="the basecaller")
-    shown = wait_until(lambda: manager.status()["jobs"].get("frozen-gpu0"), 10, what="the job")[0]
+    shown = wait_until(lambda: manager.status()["jobs"].get("frozen-gpu0"), 30, what="the job")[0]
     tmp_out = tmp_path / "out"
     job_dir = next(tmp_out.glob(f"TMPOUTPUT_{shown}*_frozen-gpu0"))  # status shows a prefix
     job = job_dir.name[len("TMPOUTPUT_"):-len("_frozen-gpu0")]

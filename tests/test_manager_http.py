@@ -119,7 +119,7 @@ def test_completion_is_idempotent_and_conflicts_are_409(procs, tmp_path):
     assert code == 409 and "DONE" in body["error"]
     assert keepalive(m, job) == {"late": True}
     # the file named as failed comes back alone (after its back-off)
-    retry = wait_until(lambda: (b := assign(m))["batch_size"] and b, 10, what="the retry")
+    retry = wait_until(lambda: (b := assign(m))["batch_size"] and b, 30, what="the retry")
     assert retry["batch_size"] == 1 and retry["batch"][0].endswith(batch["batch"][0][5:])
 
 

@@ -176,10 +176,10 @@ def test_kill_9_of_an_engine_mid_batch(tmp_path, procs):
     psutil.Process(victim["pid"]).kill()
     t0 = time.monotonic()
     wait_until(lambda: site.status()["slots"][victim["gpu"]]["pid"] not in (None, victim["pid"]),
-               10, interval=0.05, what="the engine restarted")
-    assert time.monotonic() - t0 < 8         # the first-restart delay, not a backoff of minutes
+               30, interval=0.05, what="the engine restarted")
+    assert time.monotonic() - t0 < 20        # the first-restart delay, not a backoff of minutes
     wait_until(lambda: not psutil.pid_exists(old_basecaller)
-               or psutil.Process(old_basecaller).status() == psutil.STATUS_ZOMBIE, 10,
+               or psutil.Process(old_basecaller).status() == psutil.STATUS_ZOMBIE, 30,
                what="the dead engine's basecaller stopped")
     assert b.wait(120) == 0, b.log()[-3000:]
     site.assert_every_read_once()
