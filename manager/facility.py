@@ -60,7 +60,7 @@ from .facility_states import RunEvent, RunState, TransitionRefused, transition
 from .facility_view import NO_PROGRESS, FacilityView, RunCounts
 from .late_files import LateFiles
 from .fair_share import Demand, FairShare
-from .facility_record import RECORD_NAME, read_record, read_summary, write_record
+from .facility_record import RECORD_NAME, RunRecord, read_record, read_summary, write_record
 from .run_discovery import RunDir, discover_runs, linked_pod5_problem, propose_run_id, run_dir
 from .run_part import RunPart, RunPlace
 from .run_settings import (RUN_FILE, RunSettings, RunSettingsError, run_file_stamp,
@@ -99,6 +99,7 @@ class Run:
     unavailable: str = ""   # why its batches cannot be handed out now (its directory gone)
     run_file: tuple[int, int] | None = None   # its bcorch.toml when last read (run_file_stamp)
     moved_under: set[str] = dataclasses.field(default_factory=set)   # jobs out when it moved
+    out_while_missing: set[str] = dataclasses.field(default_factory=set)   # jobs out meanwhile
 
     @property
     def state(self) -> RunState:
@@ -227,6 +228,12 @@ class Facility:
             row.state, row.reason = RunState.QUARANTINED, problem
         elif record.get("cancelled") is True:
             row.state, row.reason = RunState.CANCELLED, f"cancelled by command ({RECORD_NAME})"
+        elif record.get("paused") is True:
+            row.state = RunState.PAUSED
+        if record:
+            row.served_s = max(0.0, _number(record.get("gpu_s")) or 0.0)
+            row.first_batch_at = _number(record.get("first_batch_at"))
+            row.last_batch_at = _number(record.get("last_batch_at"))
         self.db.add(row)
         self._runs[run_id] = run
         self._by_rel[where.rel] = run_id
@@ -268,8 +275,11 @@ class Facility:
 
     def _write_record(self, run: Run) -> None:
         if run.settings is not None:
-            write_record(run.row.output_dir, run.row.run_id, run.row.settings,
-                         run.state is RunState.CANCELLED)
+            row = run.row
+            write_record(row.output_dir, RunRecord(
+                row.run_id, row.settings, cancelled=row.state is RunState.CANCELLED,
+                paused=row.state is RunState.PAUSED, gpu_s=round(row.served_s, 3),
+                first_batch_at=row.first_batch_at, last_batch_at=row.last_batch_at))
 
     def _open_part(self, run: Run) -> None:
         """Open the run's part, unless its directory is missing (an unmounted root at a
@@ -362,8 +372,8 @@ class Facility:
                          event.value)
             if after is RunState.CANCELLED:
                 self.fair.forget_run(run.row.run_id)
-                if before is not after:
-                    self._write_record(run)
+            if before is not after:
+                self._write_record(run)
             self._check_settled(run)
             answer = self.view.run_view(run)
         self.work_may_be_ready()
@@ -556,11 +566,29 @@ class Facility:
                          else "its directory is there")
                 run.unavailable = ""
                 self.work_may_be_ready()
-            elif not here and not run.unavailable.startswith(MISSING):
+            if not here or run.out_while_missing:
+                self._note_jobs_out_while_missing(run, here)
+            if not here and not run.unavailable.startswith(MISSING):
                 self._unavailable(run, f"{MISSING} ({run.where.path}): moved, deleted or "
                                        f"unmounted; its files wait until it is back, or "
                                        f"`run cancel` it")
         return here
+
+    @staticmethod
+    def _note_jobs_out_while_missing(run: Run, here: bool) -> None:
+        """Its batches out while its directory is missing: their engines may report them
+        FAILED after it is back (a flapping mount), which says nothing about the files.
+        Once it is back, those that ended without a completion (expired) are forgotten."""
+        part = run.part
+        if part is None or part.closed:
+            return
+        try:
+            live = {job.job_id for job in part.store.live_jobs()}
+            run.out_while_missing = (run.out_while_missing & live) if here \
+                else run.out_while_missing | live
+        except sqlite3.ProgrammingError:
+            if not part.closed:
+                raise
 
     def _unavailable(self, run: Run, why: str) -> None:
         run.unavailable = why
@@ -696,6 +724,7 @@ class Facility:
             run.row.served_s += served
             run.row.last_batch_at = time.time()
             self.db.save(run.row)
+            self._write_record(run)
 
     def _check_settled(self, run: Run) -> None:
         """CLOSED with every file settled -> COMPLETE (summary written); a CANCELLED run
@@ -885,15 +914,17 @@ class Facility:
             log.info("job %s: %s for a job no run knows: late", short_job_id(job_id),
                      state.value)
             return late
-        moved = job_id in run.moved_under
-        if state is WireState.FAILED and (moved or not os.path.isdir(run.where.path)):
+        why = ("moved under it" if job_id in run.moved_under
+               else "went missing while it was out" if job_id in run.out_while_missing
+               else "is missing" if not os.path.isdir(run.where.path) else "")
+        if state is WireState.FAILED and why:
             log.warning("job %s of run %s: FAILED while the run's directory %s: taken as "
                         "STOPPED, no attempt counted against its files (%s)",
-                        short_job_id(job_id), run.row.run_id,
-                        "moved under it" if moved else "is missing", reason[:200])
+                        short_job_id(job_id), run.row.run_id, why, reason[:200])
             state, failed = WireState.STOPPED, {}
         if state.final:
             run.moved_under.discard(job_id)
+            run.out_while_missing.discard(job_id)
         with _retired_is_late(part, job_id, late) as answer:
             answer.value = part.manager.complete(job_id, state, failed, reason,
                                                  engine_id=engine_id, simulated=simulated,

@@ -97,9 +97,12 @@ class FacilityDB:
     def add(self, row: RunRow) -> None:
         with self._tx() as db:
             db.execute("INSERT INTO runs (run_id, rel, state, reason, input_closed, settings, "
-                       "output_dir, found_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       "output_dir, found_at, first_batch_at, last_batch_at, served_s, summary) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (row.run_id, row.rel, row.state.value, row.reason, int(row.input_closed),
-                        json.dumps(row.settings), row.output_dir, row.found_at or time.time()))
+                        json.dumps(row.settings), row.output_dir, row.found_at or time.time(),
+                        row.first_batch_at, row.last_batch_at, row.served_s,
+                        json.dumps(row.summary) if row.summary else ""))
 
     def save(self, row: RunRow) -> None:
         """Write the row's changing fields (where it is, state, reason, settings, accounting,

@@ -2,10 +2,12 @@
 filesystem, so that a new state directory (the manager on another host, or its local state
 lost) does not change it.
 
-- bcorch_run.json (RECORD_NAME): the run's id, its settings and whether it was cancelled,
-  written (atomically) when its part opens, when its settings change and when it is
-  cancelled. A run found again is given the same id and settings, so it is never
-  basecalled with two models, and a cancelled run stays cancelled.
+- bcorch_run.json (RECORD_NAME): the run's id, its settings, whether it was cancelled or
+  paused, and its accounting (GPU seconds, first and last batch times), written
+  (atomically: temporary file, fsync, rename) when its part opens, when its settings or
+  state change by command and when a batch of it ends. A run found again is given the
+  same id and settings, so it is never basecalled with two models; a cancelled run stays
+  cancelled, a paused one paused, and its GPU seconds are not lost from its summary.
 - bcorch_summary.json (manager.run_summary): a run found again with its summary of a
   COMPLETE or CANCELLED state is settled: it is not opened or summarised again (a second
   summary would have lost its GPU time and batch times).
@@ -15,8 +17,10 @@ a run that the database does not know.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +61,26 @@ def read_summary(output_dir: str) -> dict[str, Any] | None:
     return read_json(Path(output_dir) / SUMMARY_NAME)
 
 
-def write_record(output_dir: str, run_id: str, settings: dict[str, Any],
-                 cancelled: bool) -> None:
+@dataclass(frozen=True)
+class RunRecord:
+    """What bcorch_run.json holds."""
+
+    run_id: str
+    settings: dict[str, Any]
+    cancelled: bool = False
+    paused: bool = False
+    gpu_s: float = 0.0
+    first_batch_at: float | None = None
+    last_batch_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def write_record(output_dir: str, record: RunRecord) -> None:
     """Write bcorch_run.json; a failure is logged (the facility database still holds it)."""
-    text = json.dumps({"run_id": run_id, "settings": settings, "cancelled": cancelled},
-                      indent=2, sort_keys=True) + "\n"
+    run_id = record.run_id
+    text = json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n"
     try:
         write_atomically(Path(output_dir) / RECORD_NAME, text)
     except OSError as exc:

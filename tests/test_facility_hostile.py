@@ -582,8 +582,9 @@ def test_a_new_state_directory_redoes_nothing_and_finishes_closed_runs(tmp_path)
         assert view[settled]["state"] == "COMPLETE" and elsewhere._runs[settled].part is None
         assert view[settled]["served_s"] == json.loads(summary)["gpu_s"]
         assert summary_path.read_text() == summary
-        assert view[closed]["state"] == "CLOSED", view[closed]
+        assert view[closed]["state"] == "PAUSED", view[closed]   # bcorch_run.json keeps it
         assert view[open_run]["state"] == "ACTIVE" and view[open_run]["files"]["DONE"] == 2
+        assert elsewhere.command(closed, RunEvent.RESUME)["state"] == "CLOSED"
         assert drain(elsewhere) == [closed, closed]
         elsewhere.command(open_run, RunEvent.CLOSE)
         elsewhere.close_input("test")
