@@ -31,8 +31,10 @@ def test_restart_after_kill_9_keeps_state_and_leases(procs, tmp_path):
     killed = time.monotonic()
     # stay down longer than the lease: the restart must grant it a fresh interval anyway
     wait_until(lambda: time.monotonic() - killed > 1.5, 10, what="downtime past the lease")
+    # The fresh lease starts at recovery, before the HTTP server answers: 4 s (not 1 s) leaves
+    # a loaded machine time to serve and take the keep-alive below.
     again = start_manager(procs, tmp_path, batch_size=3, max_attempts=1,
-                          report_back_interval=1, port=m.port)
+                          report_back_interval=4, port=m.port)
     assert keepalive(again, live["jobid"]) == {"late": False}
     after = again.status()
     assert after["files"] == before["files"] and after["bytes"] == before["bytes"]
@@ -47,7 +49,7 @@ def test_restart_after_kill_9_keeps_state_and_leases(procs, tmp_path):
     fresh = assign(again, "gpu3")
     assert fresh["jobid"] not in {done["jobid"], bad["jobid"], live["jobid"]}
     # and the restored lease still expires when its keep-alives stop
-    wait_until(lambda: short_job_id(live["jobid"]) not in again.status()["jobs"].get("gpu2", []), 15,
+    wait_until(lambda: short_job_id(live["jobid"]) not in again.status()["jobs"].get("gpu2", []), 30,
                what="restored lease to expire")
     assert keepalive(again, live["jobid"]) == {"late": True}
     wait_counts(again, ASSIGNED=0, PENDING=6, DONE=3, QUARANTINED=3)
