@@ -1,9 +1,11 @@
 """Soak: what grows, per batch, over a long sequencing run (compressed into minutes).
 
     python scripts/bench_soak.py [--minutes 3] [--facility-minutes 1.5] [--runs 3] [--gpus 4]
-                                 [--every-s 0.05] [--sample-s 3] [--out bench-out/soak.json]
+                                 [--every-s 0.15] [--sample-s 3] [--in-process-batches 20000]
+                                 [--facility-in-process-batches 5500]
+                                 [--horizon-batches 100000] [--out bench-out/soak.json]
 
-Two passes, each a real `bcmanager` (subprocess, SQLite, open input) and a real `bcorch --gpus
+Two live passes, each a real `bcmanager` (subprocess, SQLite, open input) and a real `bcorch --gpus
 virtual:N` (simulate runner, startup_s 0, a very high samples_per_s, one file per batch:
 optimal_request_size 1, so every file is one batch, the worst case for per-batch costs):
 
@@ -26,6 +28,11 @@ Growth per 1000 batches is the least-squares slope of each quantity against batc
 fitted over the samples after the first --warmup share of the pass (start-up allocations
 left out). The report extrapolates it to --horizon-batches (default 100,000: see the Soak
 section of docs/benchmarks.md for why).
+
+Then two passes in this process, far past what the live passes reach: the Manager class
+alone (--in-process-batches, on a fake clock at the horizon's pace: heap, RSS, fds and the
+length of every container it keeps, every 1000 batches), and a Facility alone
+(--facility-in-process-batches over --runs runs: the length of every container at the end).
 
 Memory figures are of a CPython process: RSS includes the allocator's arenas, so a slope
 under ~1 MB per 1000 batches over a few thousand batches is within noise; a real leak shows
@@ -399,6 +406,61 @@ def manager_in_process(root: Path, batches: int, seconds_per_batch: float,
     return {"name": "in-process manager", "batches_done": batches, "samples": rows}
 
 
+def facility_in_process(root: Path, batches: int, runs: int = 3) -> dict:
+    """A Facility alone, in this process: `batches` one-file batches over `runs` runs (empty
+    *.pod5 files, ready at once), then the length of every container of the Facility, its
+    fair share and each run's Manager (live jobs only, per engine or per run, or windowed)."""
+    import logging
+
+    from bench_facility import make_root
+
+    from bcorch.config import FacilityConfig, ManagerConfig
+    from bcorch.manager.facility import Facility
+    from bcorch.protocol import JobState as WireState
+
+    work = root / "facility-in-process"
+    make_root(work / "root", runs, -(-batches // runs), ["hac"], [1.0])
+    old_state = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(work / "state")
+    now = [1000.0]
+    logging.disable(logging.INFO)
+    fac = Facility(ManagerConfig(watch_root=str(work / "root"), settle_s=0.0,
+                                 report_back_interval=1e6), FacilityConfig(),
+                   clock=lambda: now[0])
+    try:
+        fac.scan_tick()
+        done = 0
+        while done < batches:
+            now[0] += 1.0
+            answer = fac.assign("gpu0", 1)
+            if not answer.body.get("batch_size"):
+                break
+            fac.complete(answer.body["jobid"], WireState.DONE, {}, "", engine_id="gpu0")
+            fac.reap()
+            done += 1
+
+        def lengths(obj) -> dict:
+            return {k: len(v) for k, v in vars(obj).items()
+                    if isinstance(v, (dict, set, list, collections.deque))}
+        containers = {f"facility.{k}": v for k, v in lengths(fac).items()}
+        containers.update({f"fair_share.{k}": v for k, v in lengths(fac.fair).items()})
+        for run in fac._runs.values():
+            if run.part is not None:
+                for k, v in lengths(run.part.manager).items():
+                    key = f"run_manager.{k}"
+                    containers[key] = max(containers.get(key, 0), v)
+    finally:
+        fac.close()
+        logging.disable(logging.NOTSET)
+        if old_state is None:
+            os.environ.pop("XDG_STATE_HOME", None)
+        else:
+            os.environ["XDG_STATE_HOME"] = old_state
+    print(f"\nin-process facility: {done} batches over {runs} runs; containers (the largest "
+          f"run's for run_manager.*): {containers}")
+    return {"name": "in-process facility", "batches_done": done, "containers": containers}
+
+
 HEADLINE = ["manager.rss_mb", "manager.fds", "manager.threads", "bcorch.rss_mb", "bcorch.fds",
             "bcorch.threads", "engines.rss_mb.max", "engines.fds.max", "engines.threads.max",
             "sqlite_mb", "wal_mb", "manager.log_mb", "bcorch.log_mb", "job_log_dirs",
@@ -441,6 +503,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--horizon-batches", type=int, default=100_000)
     p.add_argument("--in-process-batches", type=int, default=20_000,
                    help="batches through the Manager class alone, in this process (0 = skip)")
+    p.add_argument("--facility-in-process-batches", type=int, default=5_500,
+                   help="batches through a Facility alone, in this process (0 = skip)")
     p.add_argument("--keep", action="store_true", help="keep the work folders")
     p.add_argument("--out", default="bench-out/soak.json")
     args = p.parse_args(argv)
@@ -473,6 +537,9 @@ def main(argv: list[str]) -> int:
                 g = result["growth"][k]
                 print(f"  {k:<32}{g['first']:>10.2f}{g['last']:>10.2f}"
                       f"{(g['per_1000'] or 0):>11.3f}")
+        if args.facility_in_process_batches > 0:
+            results["passes"].append(facility_in_process(root, args.facility_in_process_batches,
+                                                         args.runs))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
