@@ -2,7 +2,6 @@
 classes, never timed (scripts/bench_soak.py measures the rates; docs/benchmarks.md, Soak)."""
 from __future__ import annotations
 
-
 import pytest
 
 from bcorch.config import from_mapping
