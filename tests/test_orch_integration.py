@@ -240,7 +240,7 @@ def test_kill_9_of_bcorch_leaves_no_engine_or_basecaller(tmp_path, procs):
     b.proc.kill()
     b.wait(10)
     assert none_alive(tree, 5 + 1) == [], "every engine and basecaller gone within 5 s"
-    wait_until(lambda: site.manager.status()["files"].get("ASSIGNED", 0) == 0, 15,
+    wait_until(lambda: site.manager.status()["files"].get("ASSIGNED", 0) == 0, 30,
                what="the engines to report their batches STOPPED")
 
 
