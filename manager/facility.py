@@ -56,6 +56,7 @@ from bcorch.protocol import (Batch, JobState as WireState, ProtocolError,
                              short_job_id, validate_rel_path)
 
 from .facility_db import FacilityDB, RunRow, default_facility_db
+from .facility_identity import IdentityIndex
 from .facility_states import RunEvent, RunState, TransitionRefused, transition
 from .facility_view import NO_PROGRESS, FacilityView, RunCounts
 from .late_files import LateFiles
@@ -76,6 +77,7 @@ log = logging.getLogger("bcmanager.facility")
 OUTPUT_BESIDE = "basecalls"
 DEFAULT_ESTIMATE_S = 60.0   # a batch's GPU seconds before the engine's pace is known
 CLOSED_FLAG = "closed"
+IDENTITIES_FLAG = "identities_indexed"   # settled runs' file identities are in the index
 MISSING = "its directory is missing"
 COPY_OF = "a copy of run "
 
@@ -126,6 +128,7 @@ class Facility:
         self.fair = FairShare(fcfg.switch_slack_s, clock)
         self.view = FacilityView(self)
         self.late = LateFiles()
+        self.identities = IdentityIndex(self.db, self._rel_of, self._located)
         self._lock = threading.RLock()
         self._runs: dict[str, Run] = {}
         self._by_rel: dict[str, str] = {}
@@ -140,6 +143,25 @@ class Facility:
             self.close_input("--input-closed")
         for row in self.db.runs():
             self._load(row)
+        self._index_settled_runs()
+
+    def _rel_of(self, run_id: str) -> str:
+        run = self._runs.get(run_id)
+        return run.row.rel if run is not None else "no longer known"
+
+    def _located(self, run_id: str, path: str) -> bool:
+        run = self._runs.get(run_id)
+        return run is not None and os.path.lexists(run.where.path / path)
+
+    def _index_settled_runs(self) -> None:
+        """Once per facility database: the file identities of settled runs found before
+        the index existed (their stores are not opened), from their journals."""
+        if self.db.get_flag(IDENTITIES_FLAG) == "1":
+            return
+        for run in self._runs.values():
+            if self._settled(run):
+                self.identities.adopt_journal(run.row.run_id, run.row.output_dir)
+        self.db.set_flag(IDENTITIES_FLAG, "1")
 
     # -- runs --------------------------------------------------------------------------
 
@@ -270,6 +292,7 @@ class Facility:
         self._by_real.setdefault(os.path.realpath(where.path), run_id)
         log.info("run %s (%s): found %s, its %s in %s: not opened", run_id, where.rel,
                  row.state.value, SUMMARY_NAME, output_dir)
+        self.identities.adopt_journal(run_id, output_dir)
         self._watch_late(run)
         return run
 
@@ -293,13 +316,16 @@ class Facility:
         try:
             part = RunPart(self.cfg, place, input_closed=row.input_closed,
                            on_final_summary=lambda path, rid=row.run_id:
-                           self._final_summary(rid, path))
+                           self._final_summary(rid, path),
+                           screen=lambda found, rid=row.run_id:
+                           self.identities.screen(rid, found))
         except Exception as exc:  # noqa: BLE001 - one run's trouble must not stop the others
             log.exception("run %s: cannot open its database or directories", row.run_id)
             self._quarantine(run, f"cannot open the run's database or directories: "
                                   f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
             return
         run.part = part
+        self.identities.adopt_store(row.run_id, part.store.path)
         self._watch_run(run)
         part.manager.on_work_may_be_ready(self.work_may_be_ready)
         for job in part.store.live_jobs():   # a restart: the run's live jobs are its own
@@ -655,6 +681,7 @@ class Facility:
                     or not os.path.isdir(copy.where.path):
                 continue
             self.db.delete(copy.row.run_id)
+            self.identities.forget_run(copy.row.run_id)
             del self._runs[copy.row.run_id]
             del self._by_rel[copy.row.rel]
             self._by_real = {real: rid for real, rid in self._by_real.items()
@@ -929,6 +956,10 @@ class Facility:
             answer.value = part.manager.complete(job_id, state, failed, reason,
                                                  engine_id=engine_id, simulated=simulated,
                                                  rate=rate, startup_s=startup_s, reads=reads)
+        if state is WireState.DONE and answer.value.body.get("ok"):
+            with _retired_is_late(part, job_id, answer.value):
+                self.identities.done(run.row.run_id, [fid for fid, _, _ in
+                                                      part.store.done_files(job_id) if fid])
         with self._lock:
             issued = self._jobs.get(job_id)
             if issued is not None and part.manager.leases.engine_of(job_id) is None:

@@ -36,6 +36,13 @@ CREATE TABLE IF NOT EXISTS runs (
     served_s REAL NOT NULL DEFAULT 0,
     summary TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS identities (   -- manager.facility_identity
+    fid TEXT PRIMARY KEY,                   -- POD5 file identifier
+    run_id TEXT NOT NULL,                   -- the run that claimed it first
+    path TEXT NOT NULL,                     -- where, relative to that run's directory
+    done INTEGER NOT NULL DEFAULT 0         -- 1: basecalled there (DONE)
+);
+CREATE INDEX IF NOT EXISTS identities_run ON identities(run_id);
 CREATE TABLE IF NOT EXISTS facility (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -119,6 +126,49 @@ class FacilityDB:
     def delete(self, run_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
+    def claim_identities(self, run_id: str, claims: list[tuple[str, str]]
+                         ) -> dict[str, tuple[str, str, bool]]:
+        """Claim each (fid, path) for run_id unless another run has: those others' claims,
+        fid -> (run id, path, done there)."""
+        others: dict[str, tuple[str, str, bool]] = {}
+        with self._tx() as db:
+            for fid, path in claims:
+                db.execute("INSERT OR IGNORE INTO identities (fid, run_id, path) "
+                           "VALUES (?, ?, ?)", (fid, run_id, path))
+                owner, where, done = db.execute(
+                    "SELECT run_id, path, done FROM identities WHERE fid = ?", (fid,)).fetchone()
+                if owner != run_id:
+                    others[fid] = (owner, where, bool(done))
+        return others
+
+    def transfer_identities(self, run_id: str, rows: list[tuple[str, str]]) -> None:
+        """(fid, path) rows become run_id's, not done (their files moved into it)."""
+        with self._tx() as db:
+            db.executemany("UPDATE identities SET run_id = ?, path = ?, done = 0 WHERE fid = ?",
+                           [(run_id, path, fid) for fid, path in rows])
+
+    def adopt_identities(self, run_id: str, rows: list[tuple[str, str, bool]]) -> None:
+        """Record (fid, path, done) rows as run_id's where no run has claimed them; a row
+        already run_id's takes the done flag."""
+        if not rows:
+            return
+        with self._tx() as db:
+            db.executemany("INSERT INTO identities (fid, run_id, path, done) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT(fid) DO UPDATE SET done = MAX(done, excluded.done) "
+                           "WHERE run_id = excluded.run_id",
+                           [(fid, run_id, path, int(done)) for fid, path, done in rows])
+
+    def mark_identities_done(self, run_id: str, fids: list[str]) -> None:
+        if not fids:
+            return
+        with self._tx() as db:
+            db.executemany("UPDATE identities SET done = 1 WHERE fid = ? AND run_id = ?",
+                           [(fid, run_id) for fid in fids])
+
+    def delete_identities(self, run_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM identities WHERE run_id = ?", (run_id,))
 
     def get_flag(self, key: str) -> str:
         with self._lock:

@@ -21,7 +21,7 @@ from .journal import Journal
 from .layout import Layout
 from .scanner import Scanner
 from .service import Manager
-from .store import DatabaseUnusable, Store
+from .store import DatabaseUnusable, Found, Placed, Store
 
 log = logging.getLogger("bcmanager")
 
@@ -55,8 +55,10 @@ class RunPart:
 
     def __init__(self, cfg: ManagerConfig, place: RunPlace, *,
                  on_final_summary: Callable[[str], None] | None = None,
-                 input_closed: bool = False):
+                 input_closed: bool = False,
+                 screen: Callable[[list[Found]], list[Found]] | None = None):
         self.place = place
+        self._screen = screen
         Path(place.output_dir).mkdir(parents=True, exist_ok=True)
         self.store = open_store(place, cfg.max_attempts)
         self.skip = (place.output_dir,) if inside(place.output_dir, place.input_dir) else ()
@@ -72,7 +74,7 @@ class RunPart:
                                    incomplete_grace_s=cfg.incomplete_grace_s)
             self.manager.recover()
             self.scanner = Scanner(
-                place.input_dir, cfg.settle_s, self.manager.add_found, self.store.known_paths(),
+                place.input_dir, cfg.settle_s, self._add_found, self.store.known_paths(),
                 skip=self.skip, grace_s=cfg.incomplete_grace_s, quarantined=self.store.quarantined,
                 input_closed=lambda: self.manager.input_closed,
                 on_final_summary=on_final_summary if cfg.close_on_final_summary else None)
@@ -82,6 +84,11 @@ class RunPart:
             raise DatabaseUnusable(self.store.path, exc) from None
         self._closed = False
         self._close_lock = threading.Lock()
+
+    def _add_found(self, found: list[Found]) -> Placed:
+        """Files the scanner found, screened first when a screen was given (the facility
+        makes DUPLICATE those another run has: manager.facility_identity)."""
+        return self.manager.add_found(self._screen(found) if self._screen else found)
 
     def scan(self, stop: Callable[[], bool]) -> int:
         """One scan of the run's input; wakes long polls when files were added."""

@@ -1,0 +1,128 @@
+"""The facility's index of POD5 file identities: one file, basecalled in one run only.
+
+Within a run, its store knows files by their POD5 file identifier (issue 11): a second copy
+is DUPLICATE. Across runs nothing did: a run directory copied under another name (`cp -r
+RUN RUN_copy`, or into another protocol group), or copied inside another run's directory,
+was basecalled in both places. This index maps each identifier to the run (and path) that
+claimed it first; a file another run claimed is placed DUPLICATE, its reason naming the run
+and the file where it is basecalled, so its run shows it and its summary counts it
+(`files_duplicate`).
+
+The index lives in the facility database (manager.facility_db, table `identities`). It is
+filled as runs' scanners place files (claim()), and from what is already known when a run
+is opened (its store: a restart, or a store rebuilt from its journal on a new state
+directory) or found settled from its summary (its journal), so a copy that appears after a
+move to another host is still recognised.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .facility_db import FacilityDB
+from .journal import PATH_PREFIX, Journal
+from .states import FileState
+from .store import Found
+
+log = logging.getLogger("bcmanager.facility")
+
+Owner = tuple[str, str]   # (run id, path relative to that run's directory)
+
+
+class IdentityIndex:
+    """located(run id, path) tells whether a run's file is still where it claimed it."""
+
+    def __init__(self, db: FacilityDB, rel_of: Callable[[str], str],
+                 located: Callable[[str, str], bool]):
+        self.db = db
+        self._rel_of = rel_of
+        self._located = located
+        self._warned: set[tuple[str, str]] = set()
+
+    def screen(self, run_id: str, found: list[Found]) -> list[Found]:
+        """The files found in run_id, those another run claimed first made DUPLICATE; the
+        others are claimed for run_id.
+
+        A file another run claimed but has not basecalled, and that is no longer where that
+        run found it, has moved into run_id (its run folder renamed, say): it is run_id's
+        now and basecalled here; the other run would fail to read it anyway."""
+        claims = [(f.fid, f.path) for f in found if f.fid and f.state is None]
+        if not claims:
+            return found
+        others = self.db.claim_identities(run_id, claims)
+        if not others:
+            return found
+        moved_in = [(f.fid, f.path) for f in found if f.fid in others
+                    and not others[f.fid][2] and not self._located(*others[f.fid][:2])]
+        if moved_in:
+            self.db.transfer_identities(run_id, moved_in)
+            for fid, path in moved_in:
+                owner = others.pop(fid)
+                log.warning("run %s: %s is %s of run %s (%s), moved here before it was "
+                            "basecalled: basecalled in run %s", run_id, path, owner[1],
+                            owner[0], self._rel_of(owner[0]), run_id)
+        screened = []
+        for f in found:
+            owner = others.get(f.fid) if f.fid and f.state is None else None
+            if owner is None:
+                screened.append(f)
+                continue
+            screened.append(dataclasses.replace(f, state=FileState.DUPLICATE,
+                                                reason=self._reason(owner[:2])))
+            self._warn_once(run_id, f.path, owner[:2])
+        return screened
+
+    def _reason(self, owner: Owner) -> str:
+        run_id, path = owner
+        return (f"duplicate of {path} in run {run_id} ({self._rel_of(run_id)}): the same POD5 "
+                f"file identifier; basecalled there, not again")
+
+    def _warn_once(self, run_id: str, path: str, owner: Owner) -> None:
+        key = (run_id, owner[0])
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        log.warning("run %s: %s (and any other file of run %s's) is a copy of %s in run %s "
+                    "(%s): DUPLICATE, not basecalled again", run_id, path, owner[0], owner[1],
+                    owner[0], self._rel_of(owner[0]))
+
+    def adopt_store(self, run_id: str, store_path: str) -> None:
+        """The identities in a run's store (not its duplicates), where not claimed yet."""
+        try:
+            conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            log.warning("run %s: cannot read its file identities from %s: %s", run_id,
+                        store_path, exc)
+            return
+        try:
+            rows = [(fid, path, state == FileState.DONE.value) for fid, path, state in
+                    conn.execute("SELECT fid, path, state FROM files WHERE fid IS NOT NULL "
+                                 "AND state != ?", (FileState.DUPLICATE.value,))]
+        except sqlite3.Error as exc:
+            log.warning("run %s: cannot read its file identities from %s: %s", run_id,
+                        store_path, exc)
+            return
+        finally:
+            conn.close()
+        self.db.adopt_identities(run_id, rows)
+
+    def adopt_journal(self, run_id: str, output_dir: str) -> None:
+        """The identities of the files a run's journal records finished (a settled run,
+        whose store is not opened)."""
+        replay = Journal(Path(output_dir)).replay()
+        self.db.adopt_identities(run_id, _identities(replay.jobs.values()))
+
+    def done(self, run_id: str, fids: list[str]) -> None:
+        """These files of run_id were basecalled (a DONE batch)."""
+        self.db.mark_identities_done(run_id, fids)
+
+    def forget_run(self, run_id: str) -> None:
+        self.db.delete_identities(run_id)
+
+
+def _identities(jobs: Iterable[tuple[str, list]]) -> list[tuple[str, str, bool]]:
+    return [(f.identity, f.path, True) for _, files in jobs for f in files
+            if not f.identity.startswith(PATH_PREFIX)]

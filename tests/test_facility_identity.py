@@ -1,0 +1,233 @@
+"""Facility mode: a POD5 file is basecalled once in the whole facility, whatever run
+directory it is copied into, and what the facility decided about a run outlives its
+database (issue 13, with issue 11's promise across runs).
+
+An in-process Facility on real directories, real POD5 files and real SQLite; the test plays
+the engine, as in test_facility_hostile.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bcorch.manager.facility_states import RunEvent, RunState
+from bcorch.manager.states import FileState
+from bcorch.protocol import JobState
+from test_facility_hostile import (GROUP, SAMPLE, drain, facility, finish, make_run, reads_in,
+                                   runs, take)
+
+NAME = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
+
+
+def _duplicates(fac, run_id: str) -> list[dict]:
+    return fac.files_in_state(FileState.DUPLICATE, 100, run_id)
+
+
+def _mirror(tmp_path: Path, root: Path, state: str = "state"):
+    return facility(tmp_path / state, root, output="mirror", output_root=str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("where", ["same sample", "another group"])
+def test_a_run_copied_under_another_name_is_not_basecalled_again(tmp_path, where):
+    """`cp -r RUN RUN_copy` (or into another protocol group under a new name): the same-name
+    check does not see it, and it used to be a new run, every read basecalled twice. Its
+    files' POD5 identities are known in the original: they are DUPLICATE, each naming the
+    run and file where it is basecalled, and the copy's batches are none."""
+    root = tmp_path / "root"
+    ids = make_run(root, NAME, 3, 1)
+    fac = _mirror(tmp_path, root)
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        copy_rel = (f"{GROUP}/{SAMPLE}/{NAME}_copy" if where == "same sample"
+                    else f"other_group/{SAMPLE}/copied_run")
+        shutil.copytree(root / GROUP / SAMPLE / NAME, root / copy_rel)
+        fac.scan_tick()
+        view = runs(fac)
+        copy = next(r for r in view.values() if r["rel"] == copy_rel)
+        assert copy["files"]["DUPLICATE"] == 3 and copy["files"]["PENDING"] == 0, copy
+        dups = _duplicates(fac, copy["run_id"])
+        assert all(NAME in d["reason"] for d in dups), dups
+        assert drain(fac) == [NAME, NAME]
+    finally:
+        fac.close()
+    counts = reads_in(tmp_path / "out")
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_run_copied_with_its_beside_output_is_not_basecalled_again(tmp_path):
+    """With `beside` output the copy brings the original's journal and bcorch_run.json:
+    its finished files are known from the journal, and the rest are DUPLICATE of the
+    original's (they used to be basecalled in both runs)."""
+    root = tmp_path / "root"
+    make_run(root, NAME, 3, 1)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        shutil.copytree(root / GROUP / SAMPLE / NAME, root / GROUP / SAMPLE / "backup_run")
+        fac.scan_tick()
+        view = runs(fac)
+        copy = next(r for r in view.values() if r["rel"].endswith("/backup_run"))
+        assert copy["run_id"] != NAME
+        assert copy["files"]["PENDING"] == 0, copy
+        assert drain(fac) == [NAME, NAME]
+    finally:
+        fac.close()
+    copied_out = root / GROUP / SAMPLE / "backup_run" / "basecalls"
+    assert len(reads_in(copied_out)) == 2   # the copied FASTQ of the one batch done before
+
+
+def test_a_run_nested_inside_another_run_is_basecalled_once(tmp_path):
+    """A run directory copied into another run's directory (a backup put in the wrong
+    place): the outer run's scanner finds the nested files, which used to be basecalled in
+    both runs. They are DUPLICATE of the run where they are basecalled."""
+    root = tmp_path / "root"
+    outer = "20261126_1300_P2S-02-A_FLOW002_abcd0002"
+    ids = make_run(root, NAME, 2, 1) | make_run(root, outer, 1, 2)
+    fac = _mirror(tmp_path, root)
+    try:
+        fac.scan_tick()
+        shutil.copytree(root / GROUP / SAMPLE / NAME,
+                        root / GROUP / SAMPLE / outer / "pod5" / "old" / NAME)
+        fac.scan_tick()
+        view = runs(fac)
+        assert view[outer]["files"]["DUPLICATE"] == 2, view[outer]
+        assert view[outer]["files"]["PENDING"] == 1, view[outer]
+        assert sorted(drain(fac)) == sorted([NAME, NAME, outer])
+    finally:
+        fac.close()
+    counts = reads_in(tmp_path / "out")
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_copy_of_a_complete_run_found_after_a_new_state_directory_is_not_basecalled(tmp_path):
+    """The original completed and the manager moved to another host (a new state
+    directory): the copy appears afterwards. The original's identities come back from its
+    journal, so the copy's files are still DUPLICATE."""
+    root = tmp_path / "root"
+    ids = make_run(root, NAME, 2, 1)
+    fac = _mirror(tmp_path, root)
+    try:
+        fac.scan_tick()
+        drain(fac)
+        fac.command(NAME, RunEvent.CLOSE)
+        fac.scan_tick()
+        assert fac._runs[NAME].state is RunState.COMPLETE
+    finally:
+        fac.close()
+    shutil.copytree(root / GROUP / SAMPLE / NAME, root / GROUP / SAMPLE / "copied_later")
+    elsewhere = _mirror(tmp_path, root, "other_host")
+    try:
+        elsewhere.scan_tick()
+        view = runs(elsewhere)
+        assert view["copied_later"]["files"]["DUPLICATE"] == 2, view["copied_later"]
+        assert drain(elsewhere) == []
+    finally:
+        elsewhere.close()
+    counts = reads_in(tmp_path / "out")
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_new_state_directory_keeps_a_pause_and_the_gpu_seconds(tmp_path):
+    """Issue 11: progress survives the loss of the database. A paused run stayed paused
+    only in the facility database: on a new state directory it was served again, and the
+    GPU seconds of an unfinished run were lost from its view and its summary. Both are in
+    bcorch_run.json beside its output now."""
+    root = tmp_path / "root"
+    make_run(root, NAME, 3, 1)
+    fac = facility(tmp_path, root)
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        fac.command(NAME, RunEvent.PAUSE)
+        served = runs(fac)[NAME]["served_s"]
+        assert served > 0
+        record = json.loads((Path(fac._runs[NAME].row.output_dir) / "bcorch_run.json")
+                            .read_text())
+    finally:
+        fac.close()
+    assert record["paused"] is True and record["gpu_s"] == pytest.approx(served, abs=1e-3)
+    elsewhere = facility(tmp_path / "other_host", root)
+    try:
+        elsewhere.scan_tick()
+        view = runs(elsewhere)[NAME]
+        assert view["state"] == "PAUSED", view
+        assert view["served_s"] == pytest.approx(served, abs=1e-3), view
+        assert take(elsewhere)["batch_size"] == 0
+        elsewhere.command(NAME, RunEvent.RESUME)
+        assert drain(elsewhere) == [NAME, NAME]
+        elsewhere.command(NAME, RunEvent.CLOSE)
+        elsewhere.scan_tick()
+        summary = json.loads((Path(elsewhere._runs[NAME].row.output_dir)
+                              / "bcorch_summary.json").read_text())
+        assert summary["gpu_s"] >= served
+        assert summary["first_batch_at"] is not None
+    finally:
+        elsewhere.close()
+
+
+def test_a_batch_failed_after_its_missing_run_directory_came_back_counts_no_attempt(tmp_path):
+    """A flapping mount: the run's directory vanishes while a batch is out (a scan sees it
+    missing) and is back by the time the engine reports the batch FAILED. The failure was
+    the mount's, not the files': no attempt is counted (four such used to QUARANTINE the
+    file for good)."""
+    root = tmp_path / "root"
+    ids = make_run(root, "run1", 1, 1)
+    run_path = root / GROUP / SAMPLE / "run1"
+    away = tmp_path / "away"
+    fac = facility(tmp_path, root)
+    try:
+        for _ in range(4):
+            fac.scan_tick()
+            batch = take(fac)
+            assert batch["batch_size"] == 1, runs(fac)
+            os.rename(run_path, away)
+            fac.scan_tick()
+            assert runs(fac)["run1"]["reason"].startswith("its directory is missing")
+            os.rename(away, run_path)
+            fac.scan_tick()
+            answer = fac.complete(batch["jobid"], JobState.FAILED, {},
+                                  "cannot open the POD5 files", engine_id="gpu0")
+            assert answer.status == 200, answer.body
+            job = fac._runs["run1"].part.store.job(batch["jobid"])
+            assert job.state.value == "STOPPED", job
+        view = runs(fac)["run1"]
+        assert view["files"]["QUARANTINED"] == 0, view
+        assert drain(fac) == ["run1"]
+    finally:
+        fac.close()
+    counts = reads_in(root)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+@pytest.mark.parametrize("output", ["beside", "mirror"])
+def test_a_run_folder_renamed_mid_run_is_a_new_run_that_redoes_nothing_and_loses_nothing(
+        tmp_path, output):
+    """Renaming the run folder itself (`mv run1 run1_redo`) makes a new run; its files'
+    identities are known in the old run (now missing). What the old run basecalled is
+    DUPLICATE in the new one (with `mirror` output it used to be basecalled again); what it
+    had not is the new run's to basecall (not DUPLICATE of a run that can no longer read
+    it, which would lose it)."""
+    root = tmp_path / "root"
+    ids = make_run(root, "run1", 3, 1)
+    out = tmp_path / "out"
+    fac = (_mirror(tmp_path, root) if output == "mirror" else facility(tmp_path, root))
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        (root / GROUP / SAMPLE / "run1").rename(root / GROUP / SAMPLE / "run1_redo")
+        fac.scan_tick()
+        view = runs(fac)
+        assert view["run1"]["reason"].startswith("its directory is missing"), view["run1"]
+        redo = next(r for r in view.values() if r["rel"].endswith("/run1_redo"))
+        assert redo["files"]["PENDING"] == 2, redo
+        assert drain(fac) == [redo["run_id"]] * 2
+    finally:
+        fac.close()
+    counts = reads_in(out if output == "mirror" else root)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
