@@ -26,6 +26,7 @@ from typing import Any
 
 from .durable import write_atomically
 from .run_summary import SUMMARY_NAME
+from .state_file import open_regular_for_reading
 
 log = logging.getLogger("bcmanager.facility")
 
@@ -36,7 +37,7 @@ MAX_BYTES = 1024 * 1024
 def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in path; None when there is none or it cannot be used (logged)."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular_for_reading(path) as fh:  # a FIFO there must not block
             raw = fh.read(MAX_BYTES + 1)
     except FileNotFoundError:
         return None

@@ -44,6 +44,8 @@ import psutil
 
 from bcorch.config import ConfigError
 
+from .state_file import open_regular_for_reading
+
 log = logging.getLogger("bcmanager.lock")
 
 LOCK_NAME = ".bcmanager.lock"
@@ -222,7 +224,9 @@ class InstanceLock:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return False
-        if aside.read_text(errors="replace") == judged:
+        with open_regular_for_reading(aside) as fh:
+            taken = fh.read().decode(errors="replace")
+        if taken == judged:
             aside.unlink(missing_ok=True)
             return True
         # Someone took it between our read and the rename: put theirs back.
@@ -298,7 +302,8 @@ class InstanceLock:
 
     def _read(self) -> tuple[Holder | None, str]:
         """(holder, raw text); raises FileNotFoundError when there is no lock."""
-        text = self.path.read_text(errors="replace")
+        with open_regular_for_reading(self.path) as fh:  # a FIFO put there must not block us
+            text = fh.read().decode(errors="replace")
         return Holder.parse(text), text
 
     def _mtime(self) -> float:

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Iterable
 
 from .durable import fsync_dir
+from .state_file import NotRegularFile, check_regular, open_regular, open_regular_for_reading
+from .store import DatabaseUnusable
 
 log = logging.getLogger("bcmanager.journal")
 
@@ -52,6 +54,15 @@ class Replay:
         return sum(len(files) for _, files in self.jobs.values())
 
 
+class JournalUnusable(DatabaseUnusable):
+    """The journal's path is not a regular file (a FIFO, a directory, a socket): the
+    manager refuses to start (exit 78) rather than block on it or fail later."""
+
+    def __init__(self, path: Path, why: str):
+        Exception.__init__(self, f"cannot use the finished-files journal {path}: {why} (it "
+                                 f"must be a regular file, or absent)")
+
+
 def identity_of(fid: str | None, path: str) -> str:
     return fid or PATH_PREFIX + path
 
@@ -60,14 +71,18 @@ class Journal:
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / FILE_NAME
         self._fd: int | None = None
+        try:
+            check_regular(self.path)
+        except NotRegularFile as exc:
+            raise JournalUnusable(self.path, exc.strerror) from None
 
     def _open(self) -> int:
         if self._fd is None:
             created = not self.path.exists()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = open_regular(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 size = os.fstat(fd).st_size
-                if size and _last_byte(self.path) != b"\n":
+                if size and os.pread(fd, 1, size - 1) != b"\n":
                     os.write(fd, b"\n")  # a torn line from a crash stays alone on its line
                 if created:
                     fsync_dir(self.path.parent)
@@ -102,9 +117,11 @@ class Journal:
     def replay(self) -> Replay:
         out = Replay()
         try:
-            fh = open(self.path, "rb")
+            fh = open_regular_for_reading(self.path)
         except FileNotFoundError:
             return out
+        except NotRegularFile as exc:
+            raise JournalUnusable(self.path, exc.strerror) from None
         with fh:
             for raw in fh:
                 try:
@@ -127,8 +144,3 @@ class Journal:
             os.close(self._fd)
             self._fd = None
 
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1)
