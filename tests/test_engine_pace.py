@@ -61,7 +61,10 @@ def test_the_request_round_trip_counts_as_start_up(tmp_path, procs, restore_sign
 def test_waiting_for_files_that_do_not_exist_yet_is_not_start_up(tmp_path, procs,
                                                                  restore_signals):
     """Open input, files arriving one by one: the engine waits in held long polls (some
-    answered empty, one answered with the new file). None of that waiting is start-up."""
+    answered empty, one answered with the new file). None of that waiting is start-up.
+    The file comes about 2 s into a held poll (2.5 s after the empty answer), so counting
+    any of the wait would pass the 1 s bound, which leaves a loaded machine 1 s for the real
+    cost (report, request, runner start: a few ms on an idle one)."""
     input_dir, output_dir, staging = tmp_path / "input", tmp_path / "output", tmp_path / "staging"
     input_dir.mkdir(), output_dir.mkdir()
     write_dataset(staging, 2, reads_per_file=5, samples_per_read=4000)
@@ -72,19 +75,19 @@ def test_waiting_for_files_that_do_not_exist_yet_is_not_start_up(tmp_path, procs
 
     def short_polls(route, fields):
         if route == "/assignwork" and "wait_s" in fields:
-            fields = {**fields, "wait_s": 1}    # an empty answer after 1 s instead of 5
+            fields = {**fields, "wait_s": 3}    # an empty answer after 3 s instead of 5
         return upstream(route, fields)
 
     with ScriptedServer(short_polls) as proxy:
         engine = _engine(proxy.url, input_dir, output_dir, work_until_none_left=True)
 
         def arrive() -> None:
-            """Each file 2.5 s after the engine is ready for it (two empty answers, then a
+            """Each file 5.5 s after the engine is ready for it (an empty answer, then a
             held request answered with the file)."""
             for n, name in enumerate(sorted(os.listdir(staging))):
                 wait_until(lambda: len(proxy.routes("/completed")) >= n, 60,
                            what=f"batch {n} reported")
-                time.sleep(2.5)
+                time.sleep(5.5)
                 os.rename(staging / name, input_dir / name)
             wait_until(lambda: len(proxy.routes("/completed")) >= 2, 60, what="both reported")
             assert manager.post("/close-input", {})[0] == 200   # the engine then exits 0
@@ -92,8 +95,8 @@ def test_waiting_for_files_that_do_not_exist_yet_is_not_start_up(tmp_path, procs
         feeder = threading.Thread(target=arrive, daemon=True)
         feeder.start()
         assert engine.begin_working() == 0
-        feeder.join(timeout=30)
+        feeder.join(timeout=60)
     startups = _reported_startups(proxy)
     assert len(startups) == 2, proxy.routes("/completed")
-    assert all(s < 0.5 for s in startups), startups
-    assert len(proxy.routes("/assignwork")) >= 6, "the engine waited through empty answers"
+    assert all(s < 1.0 for s in startups), startups
+    assert len(proxy.routes("/assignwork")) >= 4, "the engine waited through empty answers"
