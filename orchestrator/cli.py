@@ -134,7 +134,8 @@ def cmd_run(argv: list[str], target: Callable[[Any, dict], Any] | None) -> int:
                     exit_when_done=False if args.keep_serving else None)
     config.override("manager", url=args.manager_url)
     _check_url(config.manager.url)
-    gpus = select_gpus(config.orchestrator.gpus)
+    gpus = select_gpus(config.orchestrator.gpus,
+                       "--gpus" if args.gpus is not None else "orchestrator.gpus")
     logs.configure(args.log_level,
                    "%(asctime)s %(levelname)s bcorch[%(process)d] %(name)s: %(message)s")
     monitor = GpuMonitor(gpus) if any(not g.virtual for g in gpus) else None

@@ -25,7 +25,8 @@ VIRTUAL_PREFIX = "virtual:"
 
 
 class GpuSelectionError(ConfigError):
-    """A --gpus value that cannot be satisfied; str() is one line naming --gpus."""
+    """A GPU selection that cannot be satisfied; str() is one line naming where it came from
+    (the --gpus flag or the orchestrator.gpus config key)."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,16 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def nvml_init() -> None:
-    """Initialise NVML or raise a one-line GpuSelectionError that names virtual:N."""
+def nvml_init(source: str = "--gpus") -> None:
+    """Initialise NVML or raise a one-line GpuSelectionError that names virtual:N.
+
+    source (here and below) is where the GPU selection came from, named first in an error:
+    the flag `--gpus` or the config key `orchestrator.gpus`."""
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
         raise GpuSelectionError(
-            f"--gpus: no NVIDIA driver available (NVML: {_nvml_error_text(exc)}); "
+            f"{source}: no NVIDIA driver available (NVML: {_nvml_error_text(exc)}); "
             f"use --gpus virtual:N to run N virtual GPUs without one") from None
 
 
@@ -110,22 +114,22 @@ def virtual_gpus(count: int) -> list[Gpu]:
             for i in range(count)]
 
 
-def parse_virtual(spec: str) -> int | None:
+def parse_virtual(spec: str, source: str = "--gpus") -> int | None:
     """N for 'virtual:N', None for any other spec; a bad N raises GpuSelectionError."""
     if not spec.startswith(VIRTUAL_PREFIX):
         return None
     raw = spec[len(VIRTUAL_PREFIX):]
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_VIRTUAL_GPUS:
-        raise GpuSelectionError(f"--gpus: virtual:N needs N from 1 to {MAX_VIRTUAL_GPUS}, "
+        raise GpuSelectionError(f"{source}: virtual:N needs N from 1 to {MAX_VIRTUAL_GPUS}, "
                                 f"got {spec!r}")
     return int(raw)
 
 
-def choose(spec: str, found: list[Gpu]) -> list[Gpu]:
+def choose(spec: str, found: list[Gpu], source: str = "--gpus") -> list[Gpu]:
     """Pick GPUs from `found` by 'all', indices and/or UUIDs; order follows the spec."""
     spec = spec.strip()
     if not found:
-        raise GpuSelectionError("--gpus: NVML found no GPU on this host; "
+        raise GpuSelectionError(f"{source}: NVML found no GPU on this host; "
                                 "use --gpus virtual:N to run without one")
     if spec == "all":
         return list(found)
@@ -134,19 +138,19 @@ def choose(spec: str, found: list[Gpu]) -> list[Gpu]:
     chosen: list[Gpu] = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
-            raise GpuSelectionError(f"--gpus: empty entry in {spec!r}")
+            raise GpuSelectionError(f"{source}: empty entry in {spec!r}")
         if item.isascii() and item.isdigit():
             gpu = by_index.get(int(item))
             if gpu is None:
-                raise GpuSelectionError(f"--gpus: no GPU with index {item} "
+                raise GpuSelectionError(f"{source}: no GPU with index {item} "
                                         f"(this host has {_describe_indices(found)})")
         else:
             gpu = by_uuid.get(item.lower())
             if gpu is None:
-                raise GpuSelectionError(f"--gpus: no GPU with UUID {item!r} on this host "
+                raise GpuSelectionError(f"{source}: no GPU with UUID {item!r} on this host "
                                         f"(see `bcorch gpus`)")
         if gpu in chosen:
-            raise GpuSelectionError(f"--gpus: GPU {item} is listed twice")
+            raise GpuSelectionError(f"{source}: GPU {item} is listed twice")
         chosen.append(gpu)
     return chosen
 
@@ -155,16 +159,16 @@ def _describe_indices(found: list[Gpu]) -> str:
     return "indices " + ",".join(str(g.index) for g in found)
 
 
-def select_gpus(spec: str) -> list[Gpu]:
+def select_gpus(spec: str, source: str = "--gpus") -> list[Gpu]:
     """The GPUs named by a --gpus value (initialises and shuts NVML down itself)."""
-    count = parse_virtual(spec.strip())
+    count = parse_virtual(spec.strip(), source)
     if count is not None:
         return virtual_gpus(count)
-    nvml_init()
+    nvml_init(source)
     try:
-        return choose(spec, discover_nvml())
+        return choose(spec, discover_nvml(), source)
     except pynvml.NVMLError as exc:
-        raise GpuSelectionError(f"--gpus: NVML failed while listing GPUs: "
+        raise GpuSelectionError(f"{source}: NVML failed while listing GPUs: "
                                 f"{_nvml_error_text(exc)}") from None
     finally:
         nvml_shutdown()

@@ -140,6 +140,21 @@ def test_bcorch_config_that_is_not_utf8_and_demo_workdir_that_is_a_file(tmp_path
     assert afile.read_text() == "precious"
 
 
+@pytest.mark.parametrize("value", ["virtual:0", "virtual:\u00b2", "virtual:x"])
+def test_bad_gpus_from_the_config_name_the_key_not_the_flag(value, tmp_path, capsys):
+    """orchestrator.gpus set badly in the config file names that key; the same value given
+    with --gpus names the flag."""
+    from bcorch.config_writer import write_config
+
+    cfg = write_config(tmp_path / "c.toml", orchestrator={"gpus": value})
+    assert bcorch_cli.main(["--config", str(cfg)]) == 78
+    line = one_line(capsys.readouterr().err)
+    assert "orchestrator.gpus" in line and "--gpus:" not in line, line
+    assert bcorch_cli.main(["--config", str(cfg), "--gpus", value]) == 78
+    line = one_line(capsys.readouterr().err)
+    assert "--gpus:" in line and "orchestrator.gpus" not in line, line
+
+
 def test_gpu_indices_that_are_digits_to_python_but_not_numbers():
     from bcorch.orchestrator.gpus import Gpu, GpuSelectionError, choose
 
