@@ -170,7 +170,13 @@ class ControlServer:
             listener.bind(str(staging))
             os.chmod(staging, 0o600)
             listener.listen(socket.SOMAXCONN)
-            os.replace(staging, self.path)
+            if staging != self.path:
+                self._link_into_place(staging)
+        except FileExistsError:
+            listener.close()
+            staging.unlink(missing_ok=True)
+            raise ConfigError(f"orchestrator.control_socket: another bcorch is serving "
+                              f"{str(self.path)!r}") from None
         except OSError as exc:
             listener.close()
             if staging != self.path:
@@ -186,7 +192,7 @@ class ControlServer:
         log.info("control pipe listening on %s", self.path)
 
     def _staging_path(self) -> Path:
-        """Where the socket is bound and made private before it is renamed into place.
+        """Where the socket is bound and made private before it is linked into place.
 
         A client that sees the real path can connect at once: between bind() and listen()
         it would be refused and read the socket as stale. Only a path already at the
@@ -196,6 +202,20 @@ class ControlServer:
         if len(os.fsencode(str(staging))) > MAX_SOCKET_PATH:
             return self.path
         return staging
+
+    def _link_into_place(self, staging: Path) -> None:
+        """A hard link, not a rename: it fails when the path exists, so of two bcorch
+        starting at once (both past _refuse_if_in_use) the second is refused instead of
+        replacing the first one's socket (FileExistsError). A filesystem without hard
+        links gets the rename."""
+        try:
+            os.link(staging, self.path)
+        except FileExistsError:
+            raise
+        except OSError:
+            os.replace(staging, self.path)
+        finally:
+            staging.unlink(missing_ok=True)
 
     def _refuse_if_in_use(self) -> None:
         if not self.path.exists() and not self.path.is_symlink():

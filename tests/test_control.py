@@ -174,6 +174,22 @@ def test_a_second_server_on_the_same_socket_is_refused(server):
         other.start()
 
 
+def test_two_servers_starting_at_once_never_both_serve(server, monkeypatch):
+    """Both checked the path before either renamed its socket into place (the check is
+    skipped here for the second): the second must still be refused, not take the path
+    over and leave the first serving an unreachable socket."""
+    srv, _ = server
+    other = ControlServer(srv.path, lambda r, reply: reply({"ok": True, "other": True}))
+    monkeypatch.setattr(other, "_refuse_if_in_use", lambda: None)
+    try:
+        with pytest.raises(ConfigError, match="another bcorch is serving"):
+            other.start()
+    finally:
+        other.close()
+    assert request(srv.path, {"cmd": "status"}) == {"ok": True, "echo": {"cmd": "status"}}
+    assert sorted(p.name for p in srv.path.parent.iterdir()) == [srv.path.name]
+
+
 def test_a_stale_socket_is_replaced(tmp_path):
     path = tmp_path / "ctl" / "s.sock"
     path.parent.mkdir(mode=0o700)
