@@ -6,13 +6,19 @@ new --db. The journal is what lets such a manager redo nothing: one line of JSON
 finished job, appended and fsync'd before the completion is acknowledged (and before
 its outputs are merged), naming every file of the job by its identity.
 
-    {"done": JOB, "engine": ENGINE, "t": WALL, "files": [[IDENTITY, PATH, SIZE], ...]}
+    {"done": JOB, "engine": ENGINE, "t": WALL, "files": [[IDENTITY, PATH, SIZE], ...],
+     "reads": [PASS, FAIL]}
     {"closed": true, "t": WALL}
 
 IDENTITY is the POD5 file identifier, or "path:" + PATH for a file that could not be
 identified. The file is only ever appended to (one writer, O_APPEND), which every
 shared filesystem handles; a line torn by a crash is skipped on reading, and the next
 append starts on a fresh line. Repeated records are harmless: reading keeps the last.
+
+"reads" (the reads the job wrote, as its engine reported them) is there only when known:
+the original engine reports none, and journals written before reads were counted have
+none. A line without it, or with a malformed one, still records its files; only the
+job's reads are then unknown to a database rebuilt from it.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .durable import fsync_dir
+from .read_counts import ReadCount
 from .state_file import NotRegularFile, check_regular, open_regular, open_regular_for_reading
 from .store import DatabaseUnusable
 
@@ -46,6 +53,7 @@ class Replay:
     """What a journal says: finished jobs with their files, and whether the input was closed."""
 
     jobs: dict[str, tuple[str, list[JournalledFile]]] = field(default_factory=dict)
+    reads: dict[str, ReadCount] = field(default_factory=dict)   # jobs whose reads are known
     input_closed: bool = False
     skipped_lines: int = 0
 
@@ -100,10 +108,15 @@ class Journal:
             raise OSError(f"short write to {self.path} ({written} of {len(line)} bytes)")
         os.fsync(fd)
 
-    def record_done(self, job_id: str, engine_id: str, files: Iterable[JournalledFile]) -> None:
-        """Append a finished job; durable when this returns (raises OSError otherwise)."""
-        self._append({"done": job_id, "engine": engine_id, "t": round(time.time(), 3),
-                      "files": [[f.identity, f.path, f.size] for f in files]})
+    def record_done(self, job_id: str, engine_id: str, files: Iterable[JournalledFile],
+                    reads: ReadCount | None = None) -> None:
+        """Append a finished job (with its reads when known); durable when this returns
+        (raises OSError otherwise)."""
+        record: dict = {"done": job_id, "engine": engine_id, "t": round(time.time(), 3),
+                        "files": [[f.identity, f.path, f.size] for f in files]}
+        if reads is not None:
+            record["reads"] = [reads.passed, reads.failed]
+        self._append(record)
 
     def record_closed(self) -> None:
         self._append({"closed": True, "t": round(time.time(), 3)})
@@ -130,7 +143,11 @@ class Journal:
                         out.input_closed = True
                         continue
                     files = [JournalledFile(str(i), str(p), int(s)) for i, p, s in record["files"]]
-                    out.jobs[str(record["done"])] = (str(record["engine"]), files)
+                    job_id = str(record["done"])
+                    out.jobs[job_id] = (str(record["engine"]), files)
+                    reads = _reads_of(record)
+                    if reads is not None:
+                        out.reads[job_id] = reads
                 except (ValueError, KeyError, TypeError, AttributeError):
                     if raw.strip():
                         out.skipped_lines += 1
@@ -144,3 +161,11 @@ class Journal:
             os.close(self._fd)
             self._fd = None
 
+
+def _reads_of(record: dict) -> ReadCount | None:
+    """A line's [PASS, FAIL]; None when absent or not two counts (the files still count)."""
+    value = record.get("reads")
+    if (isinstance(value, list) and len(value) == 2
+            and all(type(n) is int and n >= 0 for n in value)):
+        return ReadCount(value[0], value[1])
+    return None

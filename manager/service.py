@@ -124,7 +124,7 @@ class Manager:
         if self.journal is None or not self.store.is_new() or not self.journal.has_records():
             return
         replay = self.journal.replay()
-        done = self.store.rebuild(replay.jobs, replay.input_closed)
+        done = self.store.rebuild(replay.jobs, replay.input_closed, replay.reads)
         self._journalled.update(replay.jobs)
         log.warning("new database: rebuilt from the journal %s: %d files DONE in %d jobs%s; "
                     "nothing finished is done again", self.journal.path, done, len(replay.jobs),
@@ -417,7 +417,8 @@ class Manager:
         files = [JournalledFile(identity_of(fid, path), path, size)
                  for fid, path, size in self.store.done_files(job.job_id)]
         try:
-            self.journal.record_done(job.job_id, job.engine_id, files)
+            self.journal.record_done(job.job_id, job.engine_id, files,
+                                     self.store.job_reads(job.job_id))
         except OSError as exc:
             log.error("job %s engine %s: cannot write the journal %s (%s): completion not "
                       "acknowledged, outputs not merged yet", short_job_id(job.job_id),

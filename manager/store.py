@@ -409,10 +409,12 @@ class Store:
             return (self._db.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None
                     and self._db.execute("SELECT 1 FROM jobs LIMIT 1").fetchone() is None)
 
-    def rebuild(self, jobs: dict[str, tuple[str, list]], input_closed: bool) -> int:
+    def rebuild(self, jobs: dict[str, tuple[str, list]], input_closed: bool,
+                reads: dict[str, ReadCount] | None = None) -> int:
         """Fill a new database from the journal: its jobs DONE (moves to redo), files DONE.
 
-        jobs: job id -> (engine id, [JournalledFile]). Returns the number of files DONE.
+        jobs: job id -> (engine id, [JournalledFile]); reads: job id -> the reads it wrote,
+        where the journal has them (else unknown). Returns the number of files DONE.
         The jobs come back with fs_pending = 1, so recovery finishes (idempotently) any
         merge of their outputs that the lost database had not seen through.
         """
@@ -420,10 +422,13 @@ class Store:
         done = 0
         with self._tx() as db:
             for job_id, (engine_id, files) in jobs.items():
+                count = (reads or {}).get(job_id)
                 db.execute("INSERT OR IGNORE INTO jobs(job_id, engine_id, state, fs_pending, "
-                           "n_files, created, finished, reason) VALUES (?, ?, ?, 1, ?, ?, ?, ?)",
+                           "n_files, created, finished, reason, reads_pass, reads_fail) "
+                           "VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
                            (job_id, engine_id, JobState.DONE.value, len(files), now, now,
-                            "rebuilt from the journal"))
+                            "rebuilt from the journal", count.passed if count else None,
+                            count.failed if count else None))
                 for f in files:
                     fid = None if f.identity.startswith("path:") else f.identity
                     if fid is not None and self._by_identity(db, fid) is not None:
@@ -438,6 +443,13 @@ class Store:
             self.counters = self._recount()
             self.reads = self._recount_reads()
         return done
+
+    def job_reads(self, job_id: str) -> ReadCount | None:
+        """The reads a DONE job wrote, as its engine reported them (None: not reported)."""
+        with self._lock:
+            row = self._db.execute("SELECT reads_pass, reads_fail FROM jobs WHERE job_id = ?",
+                                   (job_id,)).fetchone()
+        return ReadCount(row[0], row[1]) if row and row[0] is not None else None
 
     def done_files(self, job_id: str) -> list[tuple[str | None, str, int]]:
         """(fid, path, size) of the files a job finished: what the journal records for it."""
