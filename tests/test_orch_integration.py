@@ -194,8 +194,9 @@ def test_sigstop_of_an_engine_is_replaced(tmp_path, procs):
     psutil.Process(first["pid"]).suspend()
     t0 = time.monotonic()
     wait_until(lambda: (s := site.status()["slots"][1])["state"] == "RUNNING"
-               and s["pid"] != first["pid"], 20, interval=0.05, what="a replacement")
-    assert time.monotonic() - t0 < 3.0 + 10.0  # hang_timeout_s 3, not the 60 s default
+               and s["pid"] != first["pid"], 50, interval=0.05, what="a replacement")
+    # hang_timeout_s 3, not the 60 s default; the rest is a real engine's start on a loaded host
+    assert time.monotonic() - t0 < 45
     assert not psutil.pid_exists(first["pid"]) or \
         psutil.Process(first["pid"]).status() == psutil.STATUS_ZOMBIE
     tree = tree_of(b.pid)
