@@ -24,8 +24,17 @@ settled run at all. A POD5 that appears in a COMPLETE run's input afterwards is 
 basecalled: manager.late_files logs it once. A QUARANTINED run has no part either;
 `run resume` opens it.
 
-What the routes and metrics read (run views, the summed status, files in a state) is
-manager.facility_view; the Facility's reading methods delegate to it.
+The Facility coordinates; each other job is a module of its own:
+- manager.facility_run: a Run as held here (row, directory, settings, part);
+- manager.run_relocation: run directories moved, copied or reached through a symlink;
+- manager.run_settlement: settling a run (its summary), retiring it, and a run found
+  settled from its summary;
+- manager.run_settings_reader: a run's settings read at discovery, on resume, and again
+  when its bcorch.toml changes;
+- manager.facility_identity: one index of POD5 file identities for all runs, so a file
+  copied into a second run is DUPLICATE there;
+- manager.facility_view: what the routes and metrics read (run views, the summed status,
+  files in a state); the Facility's reading methods delegate to it.
 
 Engines are told that nothing is left only when the facility is closed (`bcmanager
 close-input`: no new runs) and every run is COMPLETE, CANCELLED or QUARANTINED.
@@ -42,35 +51,36 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from bcorch.config import FacilityConfig, ManagerConfig
-from bcorch.protocol import (Batch, JobState as WireState, ProtocolError,
-                             short_job_id, validate_rel_path)
+from bcorch.protocol import Batch, JobState as WireState, short_job_id
 
 from .facility_db import FacilityDB, RunRow, default_facility_db
 from .facility_identity import IdentityIndex
-from .facility_states import RunEvent, RunState, TransitionRefused, transition
-from .facility_view import NO_PROGRESS, FacilityView, RunCounts
-from .late_files import LateFiles
-from .fair_share import Demand, FairShare
 from .facility_record import RECORD_NAME, RunRecord, read_record, read_summary, write_record
-from .run_discovery import RunDir, discover_runs, linked_pod5_problem, propose_run_id, run_dir
+from .facility_run import MISSING, Issued, Run, UnknownRun, number, recorded_id
+from .facility_states import RunEvent, RunState, TransitionRefused, transition
+from .facility_view import FacilityView, RunCounts
+from .fair_share import Demand, FairShare
+from .late_files import LateFiles
+from .read_counts import ReadCount
+from .run_discovery import RunDir, discover_runs, run_dir
 from .run_part import RunPart, RunPlace
-from .run_settings import (RUN_FILE, RunSettings, RunSettingsError, run_file_stamp,
-                           settings_for)
-from .read_counts import ReadCount, ReadTotals
-from .run_summary import SUMMARY_NAME, write_summary
+from .run_relocation import RunRelocation, real_paths_first
+from .run_settings import RunSettings, RunSettingsError, run_file_stamp
+from .run_settings_reader import RunSettingsReader
+from .run_settlement import RunSettlement
 from .service import Answer, refuse_simulated
 from .states import FileState
 from .statedir import default_db_path
+
+__all__ = ["Facility", "Issued", "Run", "UnknownRun"]
 
 log = logging.getLogger("bcmanager.facility")
 
@@ -78,34 +88,6 @@ OUTPUT_BESIDE = "basecalls"
 DEFAULT_ESTIMATE_S = 60.0   # a batch's GPU seconds before the engine's pace is known
 CLOSED_FLAG = "closed"
 IDENTITIES_FLAG = "identities_indexed"   # settled runs' file identities are in the index
-MISSING = "its directory is missing"
-COPY_OF = "a copy of run "
-
-
-class UnknownRun(LookupError):
-    """str() is a one-line reason naming the run parameter."""
-
-
-@dataclass
-class Issued:
-    run_id: str
-    started: float   # facility clock
-
-
-@dataclass
-class Run:
-    row: RunRow
-    where: RunDir
-    settings: RunSettings | None = None
-    part: RunPart | None = None
-    unavailable: str = ""   # why its batches cannot be handed out now (its directory gone)
-    run_file: tuple[int, int] | None = None   # its bcorch.toml when last read (run_file_stamp)
-    moved_under: set[str] = dataclasses.field(default_factory=set)   # jobs out when it moved
-    out_while_missing: set[str] = dataclasses.field(default_factory=set)   # jobs out meanwhile
-
-    @property
-    def state(self) -> RunState:
-        return self.row.state
 
 
 class Facility:
@@ -129,6 +111,9 @@ class Facility:
         self.view = FacilityView(self)
         self.late = LateFiles()
         self.identities = IdentityIndex(self.db, self._rel_of, self._located)
+        self.relocation = RunRelocation(self)
+        self.settlement = RunSettlement(self)
+        self.settings_reader = RunSettingsReader(self)
         self._lock = threading.RLock()
         self._runs: dict[str, Run] = {}
         self._by_rel: dict[str, str] = {}
@@ -211,13 +196,17 @@ class Facility:
                 run.settings = RunSettings.from_dict(row.settings, "the facility database")
             except RunSettingsError as exc:
                 row.state, row.reason = RunState.QUARANTINED, str(exc)
-        self._runs[row.run_id] = run
-        self._by_rel[row.rel] = row.run_id
-        self._by_real.setdefault(os.path.realpath(run.where.path), row.run_id)
+        self._register(run)
         if self._settled(run):
-            self._watch_late(run)   # over and summarised: its database is not opened
+            self.settlement.watch_late(run)   # over and summarised: its database is not opened
         elif row.state is not RunState.QUARANTINED:
             self._open_part(run)
+
+    def _register(self, run: Run) -> None:
+        """Known by its id, its path under the root and its real path."""
+        self._runs[run.row.run_id] = run
+        self._by_rel[run.row.rel] = run.row.run_id
+        self._by_real.setdefault(os.path.realpath(run.where.path), run.row.run_id)
 
     def _unique_id(self, proposed: str) -> str:
         if proposed not in self._runs:
@@ -238,14 +227,14 @@ class Facility:
         summary = read_summary(output_dir)
         if summary is not None and summary.get("state") in (RunState.COMPLETE.value,
                                                               RunState.CANCELLED.value):
-            return self._add_settled(where, output_dir, summary)
+            return self.settlement.add_settled(where, output_dir, summary)
         record = read_record(output_dir) or {}
-        run_id = self._unique_id(_recorded_id(record) or where.run_id)
+        run_id = self._unique_id(recorded_id(record) or where.run_id)
         where = dataclasses.replace(where, run_id=run_id)
         row = RunRow(run_id, where.rel, RunState.ACTIVE, output_dir=output_dir,
                      found_at=time.time())
         run = Run(row, where)
-        problem = self._copy_problem(where) or self._read_settings(run, record.get("settings"))
+        problem = self.relocation.copy_problem(where) or self.settings_reader.read(run, record.get("settings"))
         if problem:
             row.state, row.reason = RunState.QUARANTINED, problem
         elif record.get("cancelled") is True:
@@ -253,13 +242,11 @@ class Facility:
         elif record.get("paused") is True:
             row.state = RunState.PAUSED
         if record:
-            row.served_s = max(0.0, _number(record.get("gpu_s")) or 0.0)
-            row.first_batch_at = _number(record.get("first_batch_at"))
-            row.last_batch_at = _number(record.get("last_batch_at"))
+            row.served_s = max(0.0, number(record.get("gpu_s")) or 0.0)
+            row.first_batch_at = number(record.get("first_batch_at"))
+            row.last_batch_at = number(record.get("last_batch_at"))
         self.db.add(row)
-        self._runs[run_id] = run
-        self._by_rel[where.rel] = run_id
-        self._by_real.setdefault(os.path.realpath(where.path), run_id)
+        self._register(run)
         if row.state is RunState.QUARANTINED:
             log.error("run %s (%s): QUARANTINED: %s; the other runs go on", run_id, where.rel,
                       row.reason)
@@ -268,32 +255,6 @@ class Facility:
                      run_id, where.rel, run.settings.model, run.settings.kit or "none",
                      run.settings.emit, run.settings.priority, row.output_dir)
             self._open_part(run)
-        return run
-
-    def _add_settled(self, where: RunDir, output_dir: str, summary: dict[str, Any]) -> Run:
-        """Found again with its summary written: shown from it, never opened or summarised
-        again (which would lose its GPU time and batch times)."""
-        run_id = self._unique_id(_recorded_id(summary) or where.run_id)
-        where = dataclasses.replace(where, run_id=run_id)
-        settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
-        row = RunRow(run_id, where.rel, RunState(summary["state"]), input_closed=True,
-                     settings=settings, output_dir=output_dir, found_at=time.time(),
-                     first_batch_at=_number(summary.get("first_batch_at")),
-                     last_batch_at=_number(summary.get("last_batch_at")),
-                     served_s=_number(summary.get("gpu_s")) or 0.0, summary=summary)
-        run = Run(row, where)
-        try:
-            run.settings = RunSettings.from_dict(settings, SUMMARY_NAME)
-        except RunSettingsError:
-            run.settings = None
-        self.db.add(row)
-        self._runs[run_id] = run
-        self._by_rel[where.rel] = run_id
-        self._by_real.setdefault(os.path.realpath(where.path), run_id)
-        log.info("run %s (%s): found %s, its %s in %s: not opened", run_id, where.rel,
-                 row.state.value, SUMMARY_NAME, output_dir)
-        self.identities.adopt_journal(run_id, output_dir)
-        self._watch_late(run)
         return run
 
     def _write_record(self, run: Run) -> None:
@@ -382,7 +343,7 @@ class Facility:
             except TransitionRefused as exc:
                 raise TransitionRefused(f"run {run.row.run_id}: {exc}") from None
             if event is RunEvent.RESUME and before is RunState.QUARANTINED:
-                self._requalify(run)
+                self.settings_reader.requalify(run)
                 if run.state is RunState.QUARANTINED:
                     raise TransitionRefused(f"run {run.row.run_id}: still QUARANTINED: "
                                             f"{run.row.reason}")
@@ -400,49 +361,10 @@ class Facility:
                 self.fair.forget_run(run.row.run_id)
             if before is not after:
                 self._write_record(run)
-            self._check_settled(run)
+            self.settlement.check(run)
             answer = self.view.run_view(run)
         self.work_may_be_ready()
         return answer
-
-    def _read_settings(self, run: Run, recorded: Any = None) -> str:
-        """Check the run's path and read its settings into it (those recorded beside its
-        output, when given and valid); the reason it cannot serve, else ""."""
-        try:
-            validate_rel_path(run.where.rel, "the run's path under the watch root")
-            linked = linked_pod5_problem(run.where.path)
-            if linked:
-                return linked
-            run.run_file = run_file_stamp(run.where.path)
-            run.settings = self._recorded_settings(run, recorded) or \
-                settings_for(run.where, self.fcfg)
-        except (RunSettingsError, ProtocolError) as exc:
-            return str(exc)
-        run.row.settings = run.settings.to_dict()
-        return ""
-
-    @staticmethod
-    def _recorded_settings(run: Run, recorded: Any) -> RunSettings | None:
-        if not isinstance(recorded, dict):
-            return None
-        try:
-            settings = RunSettings.from_dict(recorded, f"{run.row.output_dir}/{RECORD_NAME}")
-        except RunSettingsError as exc:
-            log.warning("run %s: %s; its settings are read afresh", run.row.run_id, exc)
-            return None
-        log.info("run %s: settings recorded beside its output (%s) are kept",
-                 run.row.run_id, RECORD_NAME)
-        return settings
-
-    def _requalify(self, run: Run) -> None:
-        """A QUARANTINED run asked to resume: read its settings again, open its part."""
-        problem = self._read_settings(run)
-        if problem:
-            run.row.reason = problem
-            return
-        run.row.state, run.row.reason = RunState.ACTIVE, ""
-        if run.part is None:
-            self._open_part(run)
 
     def _close_run_input(self, run: Run, why: str) -> None:
         run.row.input_closed = True
@@ -484,19 +406,19 @@ class Facility:
         """Find new runs (unless closed), then one scan of each run that takes files."""
         if not self._closed:
             known = set(self._by_rel) | self._aliases
-            for where in _real_paths_first(discover_runs(Path(self.root), known)):
+            for where in real_paths_first(discover_runs(Path(self.root), known)):
                 if self._stop():
                     return
                 with self._lock:
-                    if where.rel in self._by_rel or self._is_alias(where):
+                    if where.rel in self._by_rel or self.relocation.is_alias(where):
                         continue
-                    moved = self._moved_from(where)
+                    moved = self.relocation.moved_from(where)
                     if moved is not None:
-                        self._move(moved, where)
+                        self.relocation.move(moved, where)
                     else:
                         self._add(where)
             with self._lock:
-                self._adopt_copies()
+                self.relocation.adopt_copies()
         for run in list(self._runs.values()):
             if self._stop():
                 return
@@ -510,7 +432,7 @@ class Facility:
             if not self._present(run):
                 continue
             with self._lock:
-                self._check_run_file(run)
+                self.settings_reader.check_file(run)
             try:
                 part.scan(self._stop)
             except Exception:  # noqa: BLE001
@@ -518,63 +440,11 @@ class Facility:
                     log.exception("run %s: scan failed (will retry)", run.row.run_id)
         for run in list(self._runs.values()):
             with self._lock:
-                self._check_settled(run)
+                self.settlement.check(run)
         self.late.check(self._stop)
         if not self._discovered:
             self._discovered = True
             self.work_may_be_ready()
-
-    def _check_run_file(self, run: Run) -> None:
-        """The run's bcorch.toml written after its settings were read (dropped in after
-        MinKNOW made the directory, or edited). Before the run's first batch it is read
-        again (a bad value quarantines the run, as at discovery). After it, only the
-        priority is taken: the model, kit and format stay, so a run is never a mix, and a
-        warning says so."""
-        stamp = run_file_stamp(run.where.path)
-        if stamp == run.run_file or run.state is RunState.QUARANTINED or run.settings is None:
-            return
-        before = run.settings
-        where = f"{run.where.path / RUN_FILE}"
-        if not self._started(run):
-            problem = self._read_settings(run)
-            if problem:
-                self._quarantine(run, problem)
-            elif run.settings != before:
-                self.db.save(run.row)
-                self._write_record(run)
-                log.info("run %s: %s changed before its first batch; now model %s, kit %s, "
-                         "emit %s, priority %g", run.row.run_id, where, run.settings.model,
-                         run.settings.kit or "none", run.settings.emit, run.settings.priority)
-            return
-        run.run_file = stamp
-        try:
-            wanted = settings_for(run.where, self.fcfg)
-        except RunSettingsError as exc:
-            log.warning("run %s: %s changed after its first batch and cannot be used (%s); "
-                        "the run keeps its settings", run.row.run_id, where, exc)
-            return
-        if wanted.priority != before.priority:
-            run.settings = dataclasses.replace(before, priority=wanted.priority)
-            run.row.settings = run.settings.to_dict()
-            self.db.save(run.row)
-            self._write_record(run)
-            log.info("run %s: priority %g (from %s)", run.row.run_id, wanted.priority, where)
-        if (wanted.model, wanted.kit, wanted.emit) != (before.model, before.kit, before.emit):
-            log.warning("run %s: %s changed after its first batch: NOT applied, the run keeps "
-                        "model %s, kit %s, emit %s (a run is basecalled with one model; for "
-                        "other settings, cancel it and copy its POD5 files to a new run "
-                        "directory)", run.row.run_id, where, before.model, before.kit or "none",
-                        before.emit)
-
-    @staticmethod
-    def _started(run: Run) -> bool:
-        """A batch of it was handed out (also before a new state directory: its store,
-        rebuilt from its journal, has files settled)."""
-        if run.row.first_batch_at is not None or run.part is None:
-            return True
-        files = run.part.store.snapshot().files
-        return any(files[s.value] for s in (FileState.ASSIGNED, FileState.DONE,
-                                            FileState.QUARANTINED))
 
     def _needs_part(self, run: Run) -> bool:
         """Its part was not opened (its directory was missing) and it is still served."""
@@ -620,104 +490,6 @@ class Facility:
         run.unavailable = why
         log.warning("run %s (%s): %s; the other runs go on", run.row.run_id, run.row.rel, why)
 
-    def _is_alias(self, where: RunDir) -> bool:
-        """A known run reached through a symlink (the run, its sample or its group linked
-        under another name) is not a second run: its reads would be basecalled twice."""
-        same = self._by_real.get(os.path.realpath(where.path))
-        if same is None or same not in self._runs:
-            return False
-        self._aliases.add(where.rel)
-        log.warning("%s is run %s (%s) under another name (a symlink): not a run of its own; "
-                    "its reads are basecalled once, as run %s", where.rel, same,
-                    self._runs[same].row.rel, same)
-        return True
-
-    def _moved_from(self, where: RunDir) -> Run | None:
-        """The known run that `where` is, moved within the root: a MinKNOW run directory's
-        name (start, device, flow cell, run id) is unique, so a known run of the same name
-        whose own directory is gone has been moved (its sample or group renamed, say).
-        Other names (`run1`) may well be used twice: such a directory is a new run."""
-        if not where.start:
-            return None
-        for run in self._runs.values():
-            if run.where.name == where.name and run.row.rel != where.rel \
-                    and not os.path.lexists(run.where.path):
-                return run
-        return None
-
-    @staticmethod
-    def _close_for_move(run: Run, part: RunPart) -> None:
-        try:
-            part.close()
-        except Exception:  # noqa: BLE001 - reopened from what was recorded
-            log.exception("run %s: closing its database before the move failed",
-                          run.row.run_id)
-
-    def _copy_problem(self, where: RunDir) -> str:
-        """Why a new directory is not served: a second live directory with a known run's
-        MinKNOW name (unique) is a copy of it, whose reads would be basecalled twice."""
-        if not where.start:
-            return ""
-        for run in self._runs.values():
-            if run.where.name == where.name and run.row.rel != where.rel \
-                    and os.path.lexists(run.where.path):
-                return (f"{COPY_OF}{run.row.run_id} ({run.row.rel}): the same MinKNOW "
-                        f"run name; not basecalled again (`run resume` it if it is wanted)")
-        return ""
-
-    @staticmethod
-    def _is_copy(run: Run) -> bool:
-        return run.state is RunState.QUARANTINED and run.row.reason.startswith(COPY_OF)
-
-    def _adopt_copies(self) -> None:
-        """A run quarantined as a copy whose original's directory is now gone was the first
-        half of a move (`mv` between filesystems copies, then deletes): the original moves
-        to it, and the copy's own row goes."""
-        for copy in [r for r in self._runs.values() if self._is_copy(r)]:
-            original = next((r for r in self._runs.values() if r is not copy
-                             and r.where.name == copy.where.name and not self._is_copy(r)),
-                            None)
-            if original is None or os.path.lexists(original.where.path) \
-                    or not os.path.isdir(copy.where.path):
-                continue
-            self.db.delete(copy.row.run_id)
-            self.identities.forget_run(copy.row.run_id)
-            del self._runs[copy.row.run_id]
-            del self._by_rel[copy.row.rel]
-            self._by_real = {real: rid for real, rid in self._by_real.items()
-                             if rid != copy.row.run_id}
-            self._move(original, copy.where)
-
-    def _move(self, run: Run, where: RunDir) -> None:
-        """The run follows its directory: same id, store, journal and output (beside the
-        pod5 folder, the output moved with it; its database file is renamed to match)."""
-        old_rel, old_db = run.row.rel, self.db_of(run)
-        part, run.part = run.part, None
-        if part is not None:
-            try:
-                run.moved_under |= {job.job_id for job in part.store.live_jobs()}
-            finally:
-                self._close_for_move(run, part)
-        self._by_real = {real: rid for real, rid in self._by_real.items()
-                         if rid != run.row.run_id}
-        run.where = dataclasses.replace(where, run_id=run.row.run_id)
-        self._by_real[os.path.realpath(where.path)] = run.row.run_id
-        run.row.rel = where.rel
-        if self.fcfg.output == "beside":
-            run.row.output_dir = self._output_dir(where.rel)
-        _rename_db(old_db, self.db_of(run))
-        self.db.save(run.row)
-        del self._by_rel[old_rel]
-        self._by_rel[where.rel] = run.row.run_id
-        run.unavailable = ""
-        log.warning("run %s: its directory moved from %s to %s; it is the same run (nothing "
-                    "done is done again)", run.row.run_id, old_rel, where.rel)
-        if self._settled(run):
-            self._watch_late(run)
-        elif part is not None:
-            self._open_part(run)
-        self.work_may_be_ready()
-
     def reap(self) -> int:
         expired = 0
         for run in list(self._runs.values()):
@@ -753,90 +525,7 @@ class Facility:
             self.db.save(run.row)
             self._write_record(run)
 
-    def _check_settled(self, run: Run) -> None:
-        """CLOSED with every file settled -> COMPLETE (summary written); a CANCELLED run
-        with nothing running writes its summary too."""
-        if run.part is None or run.row.summary:
-            return
-        if run.state is RunState.CLOSED:
-            if not run.part.manager.run_complete():
-                return
-        elif run.state is not RunState.CANCELLED or run.part.manager.leases.by_engine():
-            return
-        if not self._moves_done(run):
-            return
-        after = transition(run.state, RunEvent.SETTLED, run.row.input_closed)
-        summary = self._summary(run, after)
-        try:
-            write_summary(Path(run.row.output_dir), summary)
-        except OSError as exc:
-            log.error("run %s: cannot write bcorch_summary.json in %s (will retry): %s",
-                      run.row.run_id, run.row.output_dir, exc)
-            return
-        run.row.summary, run.row.state = summary, after
-        self.db.save(run.row)
-        self.fair.forget_run(run.row.run_id)
-        log.info("run %s: %s; bcorch_summary.json written in %s", run.row.run_id, after.value,
-                 run.row.output_dir)
-        self._retire(run)
-        self.work_may_be_ready()   # held long polls may learn that nothing is left
-
-    @staticmethod
-    def _moves_done(run: Run) -> bool:
-        """Every finished batch's outputs are where they belong. A move that failed (a full
-        disk, `pass` not a directory) is retried by the run's reaper, so a run is not
-        settled, and its part closed, before then."""
-        assert run.part is not None
-        run.part.manager.flush_moved()
-        return not run.part.store.unfinished_moves()
-
-    @staticmethod
-    def _settled(run: Run) -> bool:
-        """Over and summarised: nothing about it changes any more."""
-        return run.state.final and bool(run.row.summary)
-
-    def _retire(self, run: Run) -> None:
-        """A settled run's part is closed and dropped: its row and summary answer for it."""
-        part, run.part = run.part, None
-        if part is not None:
-            try:
-                part.close()
-            except Exception:  # noqa: BLE001 - its summary is written; the others go on
-                log.exception("run %s: closing its database failed", run.row.run_id)
-        self._watch_late(run)
-
-    def _watch_late(self, run: Run) -> None:
-        """Files are late when changed after the summary file was: its mtime is on the
-        filesystem's clock, as theirs are (the written_at inside it when it is gone)."""
-        if run.state is not RunState.COMPLETE:
-            return
-        try:
-            settled_at = os.stat(Path(run.row.output_dir) / SUMMARY_NAME).st_mtime
-        except OSError:
-            settled_at = float(run.row.summary.get("written_at") or 0.0)
-        self.late.watch(run.row.run_id, str(run.where.path), run.row.output_dir, settled_at)
-
-    def _summary(self, run: Run, state: RunState) -> dict[str, Any]:
-        st = run.part.manager.status() if run.part is not None else None
-        files = st["files"] if st else {}
-        summary: dict[str, Any] = {
-            "run_id": run.row.run_id, "rel": run.row.rel, "state": state.value,
-            "settings": run.row.settings,
-            "files": files, "bytes": st["bytes"] if st else {},
-            "progress": st["progress"] if st else dict(NO_PROGRESS),
-            "reads": st["reads"] if st else ReadTotals().to_dict(),
-            "files_done": files.get(FileState.DONE.value, 0),
-            "files_quarantined": files.get(FileState.QUARANTINED.value, 0),
-            "files_duplicate": files.get(FileState.DUPLICATE.value, 0),
-            "gpu_s": round(self.view.served_s(run), 3),
-            "jobs": run.part.store.job_counts() if run.part is not None else {},
-            "first_batch_at": run.row.first_batch_at, "last_batch_at": run.row.last_batch_at,
-            "written_at": time.time(),
-        }
-        if state is RunState.CANCELLED:
-            summary["files_not_basecalled"] = (files.get(FileState.PENDING.value, 0)
-                                               + files.get(FileState.ASSIGNED.value, 0))
-        return summary
+    _settled = staticmethod(RunSettlement.settled)
 
     # -- protocol ----------------------------------------------------------------------
 
@@ -964,7 +653,7 @@ class Facility:
             issued = self._jobs.get(job_id)
             if issued is not None and part.manager.leases.engine_of(job_id) is None:
                 self._finished(job_id, issued)
-            self._check_settled(run)
+            self.settlement.check(run)
         return answer.value
 
     # -- reading (manager.facility_view) -----------------------------------------------
@@ -1005,33 +694,6 @@ class Facility:
                     except Exception:  # noqa: BLE001
                         log.exception("run %s: closing its database failed", run.row.run_id)
             self.db.close()
-
-
-def _recorded_id(found: dict[str, Any]) -> str:
-    """The run id recorded beside a run's output, when it is one we would give."""
-    value = found.get("run_id")
-    return value if isinstance(value, str) and propose_run_id(value) == value else ""
-
-
-def _number(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return float(value) if ok and math.isfinite(value) else None
-
-
-def _real_paths_first(found: list[RunDir]) -> list[RunDir]:
-    """Runs found at their real path before those reached through a symlink, so that a run
-    and a link to it, found together, are recorded under the real one."""
-    return sorted(found, key=lambda w: (os.path.realpath(w.path) != os.path.abspath(w.path),
-                                        w.rel))
-
-
-def _rename_db(old: str, new: str) -> None:
-    """Move a closed SQLite store (and any -wal/-shm beside it) to its new name."""
-    if old == new or not os.path.exists(old):
-        return
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(old + suffix):
-            os.replace(old + suffix, new + suffix)
 
 
 class _Result:
