@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from .journal import Journal
 from .layout import Layout
 from .scanner import Scanner
 from .service import Manager
+from .states import FileState
 from .store import DatabaseUnusable, Found, Placed, Store
 
 log = logging.getLogger("bcmanager")
@@ -87,8 +89,20 @@ class RunPart:
 
     def _add_found(self, found: list[Found]) -> Placed:
         """Files the scanner found, screened first when a screen was given (the facility
-        makes DUPLICATE those another run has: manager.facility_identity)."""
-        return self.manager.add_found(self._screen(found) if self._screen else found)
+        makes DUPLICATE those another run has: manager.facility_identity).
+
+        A screened file the store knows as QUARANTINED (it changed, so it is examined
+        again) stays QUARANTINED, the reason naming the other run's file: the store would
+        otherwise make it PENDING, and it would be basecalled a second time."""
+        if self._screen is None:
+            return self.manager.add_found(found)
+        screened = self._screen(found)
+        if any(f.state is FileState.DUPLICATE for f in screened):
+            quarantined = self.store.quarantined()
+            screened = [dataclasses.replace(f, state=FileState.QUARANTINED)
+                        if f.state is FileState.DUPLICATE and f.path in quarantined else f
+                        for f in screened]
+        return self.manager.add_found(screened)
 
     def scan(self, stop: Callable[[], bool]) -> int:
         """One scan of the run's input; wakes long polls when files were added."""

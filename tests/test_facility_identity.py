@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from bcorch.config import FacilityConfig, ManagerConfig
+from bcorch.manager.facility import Facility
 from bcorch.manager.facility_states import RunEvent, RunState
 from bcorch.manager.states import FileState
 from bcorch.protocol import JobState
@@ -230,4 +232,33 @@ def test_a_run_folder_renamed_mid_run_is_a_new_run_that_redoes_nothing_and_loses
     finally:
         fac.close()
     counts = reads_in(out if output == "mirror" else root)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_copy_quarantined_while_incomplete_is_not_basecalled_once_complete(tmp_path):
+    """A copy into another run that stayed incomplete past the grace (a `cp` stalled) is
+    QUARANTINED; when it is completed it is examined again. It is the other run's file:
+    it must not go back to PENDING (and be basecalled a second time)."""
+    root = tmp_path / "root"
+    ids = make_run(root, NAME, 1, 1) | make_run(root, "run2", 1, 2)
+    cfg = ManagerConfig(watch_root=str(root), settle_s=0.0, report_back_interval=3600.0,
+                        incomplete_grace_s=0.0, db=str(tmp_path / "state" / "facility.sqlite"))
+    fac = Facility(cfg, FacilityConfig(output="mirror", output_root=str(tmp_path / "out")))
+    original = root / GROUP / SAMPLE / NAME / "pod5" / "f00.pod5"
+    copy = root / GROUP / SAMPLE / "run2" / "pod5" / "copied.pod5"
+    try:
+        fac.scan_tick()
+        copy.write_bytes(original.read_bytes()[:100])
+        fac.scan_tick()
+        fac.scan_tick()
+        assert runs(fac)["run2"]["files"]["QUARANTINED"] == 1, runs(fac)["run2"]
+        shutil.copyfile(original, copy)
+        os.utime(copy, (1, 1))   # a change the scanner sees whatever the clock's grain
+        fac.scan_tick()
+        fac.scan_tick()
+        assert runs(fac)["run2"]["files"]["PENDING"] == 1, runs(fac)["run2"]   # its own file
+        assert sorted(drain(fac)) == sorted([NAME, "run2"])
+    finally:
+        fac.close()
+    counts = reads_in(tmp_path / "out")
     assert set(counts) == ids and set(counts.values()) == {1}, counts
