@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS facility (
     value TEXT NOT NULL
 );
 """
+SQL_VARIABLES = 500   # identities looked up per query (SQLite allows 999 variables at least)
 
 
 def default_facility_db(root: str | os.PathLike[str], chosen: str = "") -> Path:
@@ -133,12 +134,13 @@ class FacilityDB:
         fid -> (run id, path, done there)."""
         others: dict[str, tuple[str, str, bool]] = {}
         with self._tx() as db:
-            for fid, path in claims:
-                db.execute("INSERT OR IGNORE INTO identities (fid, run_id, path) "
-                           "VALUES (?, ?, ?)", (fid, run_id, path))
-                owner, where, done = db.execute(
-                    "SELECT run_id, path, done FROM identities WHERE fid = ?", (fid,)).fetchone()
-                if owner != run_id:
+            db.executemany("INSERT OR IGNORE INTO identities (fid, run_id, path) "
+                           "VALUES (?, ?, ?)", [(fid, run_id, path) for fid, path in claims])
+            for start in range(0, len(claims), SQL_VARIABLES):
+                chunk = [fid for fid, _ in claims[start:start + SQL_VARIABLES]]
+                for fid, owner, where, done in db.execute(
+                        f"SELECT fid, run_id, path, done FROM identities WHERE fid IN "
+                        f"({','.join('?' * len(chunk))}) AND run_id != ?", (*chunk, run_id)):
                     others[fid] = (owner, where, bool(done))
         return others
 
