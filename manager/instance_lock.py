@@ -4,7 +4,8 @@ Two managers on the same state would both hand out the same files. flock and POS
 locks are unreliable on NFS (and a lock held by a dead NFS client lingers), so the
 holder instead keeps a small JSON file, OUTPUT_DIR/.bcmanager.lock, naming itself (host,
 pid, process start, a random instance id, start stamp) and rewrites it every
-`manager.lock_refresh_s` (write, fsync, rename: readers never see half a file).
+`manager.lock_refresh_s` (write and fsync a new file, move the old one aside, link the new
+one in: readers never see half a file, and a take-over is never overwritten).
 
 A manager that finds the file:
 - held by a live process on this host: refuses (exit 78), --take-over or not;
@@ -271,7 +272,39 @@ class InstanceLock:
             who = current.describe() if current else "nobody (the lock file is gone)"
             return f"the lock {self.path} is now held by {who}"
         tmp = self._write_temp(Holder(**{**asdict(self.me), "refreshed": time.time()}))
-        os.replace(tmp, self.path)
+        try:
+            return self._swap_if_ours(tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _swap_if_ours(self, fresh: Path) -> str:
+        """Put `fresh` in place of the lock only while the lock is ours (compare and swap).
+
+        A plain rename over the path would overwrite a manager that took the lock after
+        refresh() read it, and both would serve. Moving the lock aside is the compare (one
+        renamer gets it); link(2) puts ours back only where nobody created one meanwhile.
+        """
+        aside = self.path.with_name(f"{LOCK_NAME}.refresh-{self.me.instance}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return f"the lock {self.path} is now held by nobody (the lock file is gone)"
+        with open_regular_for_reading(aside) as fh:
+            current = Holder.parse(fh.read().decode(errors="replace"))
+        ours = current is not None and current.instance == self.me.instance
+        if not ours:
+            try:
+                os.link(aside, self.path)  # theirs goes back, unless a newer one is there
+            except FileExistsError:
+                pass
+        aside.unlink(missing_ok=True)
+        if not ours:
+            who = current.describe() if current else "an unreadable lock file"
+            return f"the lock {self.path} is now held by {who}"
+        if not self._create_exclusive(fresh):
+            current, _ = self._read()
+            who = current.describe() if current else "an unreadable lock file"
+            return f"the lock {self.path} is now held by {who}"
         return ""
 
     def release(self) -> None:

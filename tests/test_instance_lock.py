@@ -121,8 +121,6 @@ def test_stale_lock_of_another_host_needs_take_over(tmp_path, procs):
     assert "taking it over from host other-node pid 4242" in taker.log()
 
 
-@pytest.mark.xfail(strict=True, reason="refresh() reads, then os.replace()s over whatever is "
-                   "there: a take-over between the two is overwritten (manager/instance_lock.py)")
 def test_a_take_over_inside_a_refresh_is_not_overwritten(tmp_path, monkeypatch):
     """Another manager takes the lock between refresh()'s read and its rename (the window is
     the temp file's write and fsync; the test below, refreshing every 0.2 s, can hit it):
