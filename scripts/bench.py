@@ -24,10 +24,12 @@ PARTS = {"manager": "bench_manager", "engine": "bench_engine", "orchestrator": "
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in PARTS:
-        print(f"usage: bench.py {{{'|'.join(PARTS)}}} [options]", file=sys.stderr)
-        return 2
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if not argv or argv[0] not in PARTS:
+        from bench_args import refuse
+        got = f"got {argv[0]!r}" if argv else "got none"
+        refuse(f"bench.py: the first argument is the part to measure, one of "
+               f"{'|'.join(PARTS)} ({got})")
     return importlib.import_module(PARTS[argv[0]]).main(argv[1:])
 
 

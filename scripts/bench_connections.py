@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_manager import Server, bench_mixed, percentile, request  # noqa: E402
+from bench_args import BenchParser  # noqa: E402
 
 NO_ANSWER_S = 5.0
 LEASE_S = 10.0
@@ -188,7 +189,7 @@ def serve_other(kind: str, argv: list[str]) -> int:
     from bcorch.manager.metrics import MetricsMiddleware
     from bcorch.manager.server import Service
 
-    p = argparse.ArgumentParser()
+    p = BenchParser()
     for flag in ("--config", "--input-dir", "--output-dir", "--db", "--port", "--log-level"):
         p.add_argument(flag)
     args = p.parse_args(argv)
@@ -224,7 +225,7 @@ def main(argv: list[str]) -> int:
 
     from bcorch.manager.http_server import raise_open_files_limit
 
-    p = argparse.ArgumentParser(prog="bench.py connections", description=__doc__.splitlines()[0])
+    p = BenchParser(prog="bench.py connections", description=__doc__.splitlines()[0])
     p.add_argument("--servers", default="uvicorn,cheroot,waitress")
     p.add_argument("--idle", type=int, default=1000)
     p.add_argument("--trickle", type=int, default=100)

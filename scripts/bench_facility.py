@@ -50,6 +50,7 @@ from bcorch.config import FacilityConfig, ManagerConfig  # noqa: E402
 from bcorch.config_writer import write_config  # noqa: E402
 from bench_cluster import write_json  # noqa: E402
 from bench_manager import percentile, request  # noqa: E402
+from bench_args import BenchParser  # noqa: E402
 
 DEFAULT_MODELS = ["hac", "sup", "sup,5mCG_5hmCG"]
 DEFAULT_FILE_S = [6.0, 18.0, 24.0]   # GPU seconds per file: sup ~3x hac, methylation on top
@@ -411,7 +412,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bench.py facility", description=__doc__.splitlines()[0])
+    p = BenchParser(prog="bench.py facility", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=48)
     p.add_argument("--files", type=int, default=2000, help="files per run")
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import Cluster, samples_in, wait_for, write_json  # noqa: E402
+from bench_args import BenchParser  # noqa: E402
 
 READS_PER_FILE = 10
 SAMPLES_PER_READ = 4000
@@ -229,7 +230,7 @@ def mixed_main(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bench.py fleet", description=__doc__.splitlines()[0])
+    p = BenchParser(prog="bench.py fleet", description=__doc__.splitlines()[0])
     p.add_argument("--gpus", type=_gpu_list, default=[1, 4, 8, 16], help="virtual GPU counts")
     p.add_argument("--per-gpu-s", type=float, default=60.0, help="ideal work per GPU (ours)")
     p.add_argument("--file-s", type=float, default=1.0, help="ideal seconds of one file")

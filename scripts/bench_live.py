@@ -50,6 +50,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import Cluster, free_port, samples_in, wait_for, write_json  # noqa: E402
 from bench_fleet import SAMPLES_PER_FILE, write_mixed_files  # noqa: E402
+from bench_args import BenchParser  # noqa: E402
 
 
 class NoLongPoll:
@@ -218,7 +219,7 @@ def print_row(r: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bench.py live", description=__doc__.splitlines()[0])
+    p = BenchParser(prog="bench.py live", description=__doc__.splitlines()[0])
     p.add_argument("--gpus", type=int, default=4)
     p.add_argument("--minutes", type=float, default=10.0, help="how long files keep arriving")
     p.add_argument("--every-s", type=float, default=2.0, help="seconds between two files")

@@ -32,6 +32,7 @@ from bcorch.config_writer import write_config  # noqa: E402
 from bcorch.manager.scanner import Scanner  # noqa: E402
 from bcorch.manager.store import Store  # noqa: E402
 from bench_cluster import write_json  # noqa: E402
+from bench_args import BenchParser  # noqa: E402
 
 
 def make_files(root: Path, n: int, per_dir: int = 1000) -> None:
@@ -198,7 +199,7 @@ def bench_mixed(clients: int, seconds: float, tmp: Path, threads: int,
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bench.py manager", description=__doc__.splitlines()[0])
+    p = BenchParser(prog="bench.py manager", description=__doc__.splitlines()[0])
     p.add_argument("--scan-files", type=int, default=100_000)
     p.add_argument("--big-scan-files", type=int, default=0, help="e.g. 1000000 (slow to create)")
     p.add_argument("--pending", type=int, default=1_000_000)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bcorch.config_writer import write_config  # noqa: E402
 from bench_cluster import wait_for, write_json  # noqa: E402
+from bench_args import BenchParser  # noqa: E402
 
 
 def idle_engine(conn, spec) -> None:
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> int:
     import psutil
     from bcorch.orchestrator.control import request
 
-    p = argparse.ArgumentParser(prog="bench.py orchestrator")
+    p = BenchParser(prog="bench.py orchestrator")
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--idle-s", type=float, default=10.0)
     p.add_argument("--trials", type=int, default=5)
@@ -213,7 +214,7 @@ def _ready_once(gpus: int, engine_start: str, real: bool) -> float:
 
 
 def ready_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bench.py orchestrator ready")
+    p = BenchParser(prog="bench.py orchestrator ready")
     p.add_argument("--gpus", type=int, default=16)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--out", default="bench-out/engines-ready.json")
@@ -250,7 +251,7 @@ def fleet_main(argv: list[str]) -> int:
     import bench_fleet
     from bench_cluster import Cluster
 
-    p = argparse.ArgumentParser(prog="bench.py orchestrator fleet")
+    p = BenchParser(prog="bench.py orchestrator fleet")
     p.add_argument("--gpus", type=bench_fleet._gpu_list, default=[8, 16])
     p.add_argument("--per-gpu-s", type=float, default=60.0)
     p.add_argument("--batch", type=int, default=5, help="files of 1 s per batch")

@@ -22,14 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import write_json  # noqa: E402
 from bcorch.workers.output_check import OutputChecker  # noqa: E402
 from bcorch.orchestrator.pod5_dataset import write_dataset  # noqa: E402
+from bench_args import BenchParser, positive_int  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench.py output_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=10)
-    parser.add_argument("--reads", type=int, default=4000)
-    parser.add_argument("--samples", type=int, default=400)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser = BenchParser(prog="bench.py output_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=positive_int, default=10)
+    parser.add_argument("--reads", type=positive_int, default=4000)
+    parser.add_argument("--samples", type=positive_int, default=400)
+    parser.add_argument("--repeat", type=positive_int, default=5)
     parser.add_argument("--json", default="bench-out/output_check.json")
     args = parser.parse_args(argv)
     rows = []

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import Cluster, wait_for, write_json  # noqa: E402
+from bench_args import BenchParser  # noqa: E402
 
 SAMPLES_PER_FILE = 10 * 4000
 
@@ -93,7 +94,7 @@ def run(root: Path, args, busy: bool) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bench.py overhead", description=__doc__.splitlines()[0])
+    p = BenchParser(prog="bench.py overhead", description=__doc__.splitlines()[0])
     p.add_argument("--gpus", type=int, default=4)
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--window-s", type=float, default=5.0)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import Cluster, stop, wait_for, write_json  # noqa: E402
+from bench_args import BenchParser  # noqa: E402
 
 SAMPLES_PER_FILE = 10 * 4000
 
@@ -188,7 +189,7 @@ def _median(rows: list[dict], key: str) -> float:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bench.py recovery", description=__doc__.splitlines()[0])
+    p = BenchParser(prog="bench.py recovery", description=__doc__.splitlines()[0])
     p.add_argument("--gpus", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--hang-timeout-s", type=float, default=5.0, help="orchestrator.hang_timeout_s")

@@ -8,7 +8,9 @@ timeout, killed with its whole tree afterwards.
     python scripts/cli_sweep.py [--jobs 3] [--timeout 12] [--only TEXT] [--json OUT]
 
 Flagged: a traceback, more than one stderr line (log lines excepted) on a failure, nothing on
-stderr on a failure, exit 0 on bad input, and a file that must be left alone changed. A case
+stderr on a failure, exit 0 on bad input, argparse's usage block (bad input is one line naming
+the flag, exit 78, the benchmarks included: scripts/bench_args.py), and a file that must be
+left alone changed. A case
 still running at its timeout accepted its input (a valid config serves); those are listed apart
 to be read. The regression tests of what this found are tests/test_cli_bad_input.py.
 """
@@ -300,6 +302,10 @@ case("bench.py bogus", [PY, str(REPO / "scripts" / "bench.py"), "bogus"])
 for part in ["manager", "engine", "orchestrator", "fleet", "recovery", "overhead", "live", "connections", "facility", "output_check"]:
     case(f"bench.py {part} --bogus", [PY, str(REPO / "scripts" / "bench.py"), part, "--bogus"])
     case(f"bench.py {part} --files -1", [PY, str(REPO / "scripts" / "bench.py"), part, "--files", "-1"])
+for script in sorted((REPO / "scripts").glob("bench_*.py")):  # run by hand, not through bench.py
+    if "__main__" in script.read_text():
+        case(f"{script.name} --bogus", [PY, str(script), "--bogus"])
+case("bench.py output_check --repeat 0", [PY, str(REPO / "scripts" / "bench.py"), "output_check", "--repeat", "0"])
 case("gpu_host_check --files abc", [PY, str(REPO / "scripts" / "gpu_host_check.py"), "--files", "abc"])
 
 def run(c):
@@ -330,6 +336,8 @@ def run(c):
         probs.append("MULTILINE")
     if failed and not err.strip():
         probs.append("NOSTDERR")
+    if failed and any(line.startswith("usage:") for line in err.splitlines()):
+        probs.append("USAGE")   # argparse's usage block: bad input is one line naming the flag
     return dict(name=name, rc=rc, probs=probs, err=err.strip()[-1500:], out=out.strip()[-300:],
                 s=round(time.monotonic() - t, 1))
 

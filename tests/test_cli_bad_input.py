@@ -337,3 +337,30 @@ def test_simulated_basecaller_bad_numbers_and_output_dir(tmp_path):
         assert names in one_line(out.stderr), out.stderr
     assert (tmp_path / "afile").read_text() == "precious"
     assert not (tmp_path / "o").exists()
+
+
+# --- the benchmark scripts -----------------------------------------------------------------
+
+BENCH_PARTS = ["manager", "engine", "orchestrator", "output_check", "fleet", "recovery",
+               "overhead", "connections", "live", "facility"]
+
+
+def _bench(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("argv, names", [
+    *[((f"scripts/bench.py", part, "--bogus"), "--bogus") for part in BENCH_PARTS],
+    (("scripts/bench.py", "output_check", "--files", "-1"), "--files"),
+    (("scripts/bench.py", "bogus"), "bogus"),
+    (("scripts/bench.py",), "manager|engine"),
+    (("scripts/bench_latency.py", "--files", "x"), "--files"),
+])
+def test_bench_scripts_refuse_bad_flags_in_one_line_and_78(argv, names):
+    """The benchmarks follow the rule of every other command (scripts/bench_args.py): not
+    argparse's usage block and exit 2, nor a run with a negative count."""
+    done = _bench(*argv)
+    assert done.returncode == 78, (done.returncode, done.stderr)
+    line = one_line(done.stderr)
+    assert names in line and not line.startswith("usage:"), line

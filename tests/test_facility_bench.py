@@ -36,6 +36,7 @@ def test_one_file_per_run_simulates_and_reports(tmp_path):
 ])
 def test_inputs_it_cannot_use_are_a_one_line_error(tmp_path, args, names):
     done = bench(tmp_path, *args)
-    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.returncode == 78, done.stdout + done.stderr   # scripts/bench_args.py
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert names in last and "Traceback" not in done.stderr, done.stderr
