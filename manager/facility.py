@@ -120,6 +120,8 @@ class Facility:
         self._by_real: dict[str, str] = {}   # a run directory's real path -> its run id
         self._aliases: set[str] = set()      # rels that are a known run through a symlink
         self._jobs: dict[str, Issued] = {}
+        self._records_due: set[str] = set()   # runs whose bcorch_run.json is behind
+        self._record_lock = threading.Lock()   # one bcorch_run.json written at a time
         self._listeners: list[Callable[[], None]] = []
         self._engines_seen: dict[str, float] = {}
         self._closed = self.db.get_flag(CLOSED_FLAG) == "1"
@@ -258,8 +260,13 @@ class Facility:
         return run
 
     def _write_record(self, run: Run) -> None:
-        if run.settings is not None:
+        """bcorch_run.json from the run's row as it is now. Writes are one at a time and
+        each takes the row when it starts, so the last file written is never older than
+        the last change (a pause cannot be overwritten by an earlier batch's accounting)."""
+        with self._record_lock:
             row = run.row
+            if run.settings is None:
+                return
             write_record(row.output_dir, RunRecord(
                 row.run_id, row.settings, cancelled=row.state is RunState.CANCELLED,
                 paused=row.state is RunState.PAUSED, gpu_s=round(row.served_s, 3),
@@ -512,6 +519,7 @@ class Facility:
                 if run is None or run.part is None or \
                         run.part.manager.leases.engine_of(job_id) is None:
                     self._finished(job_id, issued)
+        self._write_records_due()
 
     def _finished(self, job_id: str, issued: Issued) -> None:
         if self._jobs.pop(job_id, None) is None:
@@ -523,7 +531,18 @@ class Facility:
             run.row.served_s += served
             run.row.last_batch_at = time.time()
             self.db.save(run.row)
-            self._write_record(run)
+            self._records_due.add(run.row.run_id)
+
+    def _write_records_due(self) -> None:
+        """bcorch_run.json of the runs whose accounting changed, written outside the
+        facility's lock (two fsyncs on a shared filesystem must not hold up assignment)."""
+        while self._records_due:
+            try:
+                run = self._runs.get(self._records_due.pop())
+            except KeyError:
+                return
+            if run is not None:
+                self._write_record(run)
 
     _settled = staticmethod(RunSettlement.settled)
 
@@ -654,6 +673,7 @@ class Facility:
             if issued is not None and part.manager.leases.engine_of(job_id) is None:
                 self._finished(job_id, issued)
             self.settlement.check(run)
+        self._write_records_due()
         return answer.value
 
     # -- reading (manager.facility_view) -----------------------------------------------
