@@ -5,10 +5,12 @@ bcorch.config_writer), starts `bcmanager` on a free loopback port and `bcorch --
 virtual:N`, and stops both. With `watch_root=` the manager serves a facility (every run
 directory under that root; `facility` and `facility_rules` give the runs' settings).
 Every child runs in its own session with its output in a log file; every wait is bounded;
-`close()` leaves nothing running.
+`close()` leaves nothing running. The cluster's children also die with the process that
+started them, should it be killed with SIGKILL and run no clean-up (die_with_parent).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -27,6 +29,19 @@ from bcorch.config_writer import toml_value, write_config
 from .control import MAX_SOCKET_PATH, ControlError, request
 
 STOP_TIMEOUT_S = 20.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:  # pragma: no cover - in the child, fork to exec
+    """SIGTERM this child when its parent dies (Linux), the way an engine's dorado server is
+    tied to its engine (workers/runners/dorado_server.py). If the parent is already gone
+    (it died between fork and here), the signal would never come: end at once."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def free_port() -> int:
@@ -69,11 +84,17 @@ def bcorch_argv(config: Path, gpus: int | str, *extra: str) -> list[str]:
 
 
 class LocalProcess:
-    """A child process in its own session, its stdout and stderr appended to a log file."""
+    """A child process in its own session, its stdout and stderr appended to a log file.
+
+    die_with_parent: the child is sent SIGTERM when this process dies, even by SIGKILL
+    (PR_SET_PDEATHSIG). The kernel sends it when the *thread* that started the child ends,
+    so start such a child from a thread that lives as long as the process (the main one).
+    """
 
     def __init__(self, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
-                 cwd: Path | None = None):
+                 cwd: Path | None = None, die_with_parent: bool = False):
         self.argv = list(argv)
+        self.die_with_parent = die_with_parent
         self.log_path = Path(log_path)
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
@@ -81,10 +102,12 @@ class LocalProcess:
 
     def start(self) -> "LocalProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        parent = os.getpid()
+        preexec = (lambda: _die_with_parent(parent)) if self.die_with_parent else None
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=preexec)
         return self
 
     @property
@@ -256,7 +279,8 @@ class LocalCluster:
                       wait_files: int | None = None) -> float:
         """Start bcmanager; return the monotonic time it first answered /heartbeat."""
         argv = manager_argv(self.config, *extra, *(["--input-closed"] if input_closed else []))
-        self.manager = LocalProcess(argv, self.workdir / "manager.log").start()
+        self.manager = LocalProcess(argv, self.workdir / "manager.log",
+                                    die_with_parent=True).start()
 
         def up() -> bool:
             if not self.manager.running():
@@ -273,7 +297,7 @@ class LocalCluster:
 
     def start_bcorch(self, *extra: str) -> LocalProcess:
         self.bcorch = LocalProcess(bcorch_argv(self.config, self.gpus, *extra),
-                                   self.workdir / "bcorch.log").start()
+                                   self.workdir / "bcorch.log", die_with_parent=True).start()
         return self.bcorch
 
     def status(self) -> dict | None:
