@@ -230,6 +230,12 @@ case("bcmanager --port (missing)", M + base_() + ["--port"])
 for host in ["999.1.1.1", "nonexistent.invalid", "", "::zz"]:
     case(f"bcmanager --host {host!r}", M + base_() + ["--port", "0", "--host", host])
 case("bcmanager no dirs", M)
+for name in ("bcmanager.journal", ".bcmanager.lock"):   # a FIFO there must not block the start
+    for special in ("fifo", "dir"):
+        args = base_()
+        target = Path(args[-1]) / name
+        os.mkfifo(target) if special == "fifo" else target.mkdir()
+        case(f"bcmanager {name} is a {special}", M + args + ["--port", "0", "--input-closed"])
 case("bcmanager --input-dir missing", M + ["--input-dir", str(W / "nope"), "--output-dir", str(W / "out")])
 case("bcmanager --input-dir file", M + ["--input-dir", str(W / "afile"), "--output-dir", str(W / "out")])
 case("bcmanager --input-dir ''", M + ["--input-dir", "", "--output-dir", str(W / "out")])
