@@ -138,3 +138,29 @@ def test_a_fifo_for_a_run_record_is_not_used_and_does_not_block(tmp_path):
     assert done.wait(10), "reading bcorch_run.json blocked on a FIFO"
     assert result == [None]
 
+
+
+def test_a_run_part_with_a_fifo_journal_is_refused_not_blocked(tmp_path):
+    """What a facility opens per run (manager.run_part.RunPart): refused at once (the
+    facility sets that run aside), never blocked."""
+    from bcorch.config import Config
+    from bcorch.manager.run_part import RunPart, RunPlace
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    os.mkfifo(tmp_path / "out" / JOURNAL_NAME)
+    place = RunPlace(str(tmp_path / "in"), str(tmp_path / "out"), str(tmp_path / "db.sqlite"),
+                     db_chosen=True)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def open_part():
+        try:
+            RunPart(Config().manager, place, input_closed=True).close()
+        except BaseException as exc:  # noqa: BLE001 - examined below
+            errors.append(exc)
+        done.set()
+    threading.Thread(target=open_part, daemon=True).start()
+    assert done.wait(20), "opening the run blocked on a FIFO journal"
+    assert errors and isinstance(errors[0], JournalUnusable), errors
+    assert str(tmp_path / "out" / JOURNAL_NAME) in str(errors[0]) and "FIFO" in str(errors[0])
