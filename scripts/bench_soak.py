@@ -56,6 +56,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_args import BenchParser  # noqa: E402
 from bench_cluster import Cluster, free_port, wait_for, write_json  # noqa: E402
 
 SIMULATE_SAMPLES_PER_S = 1e12      # the config's maximum: a file's basecalling takes ~0 s
@@ -488,7 +489,7 @@ def print_table(result: dict, horizon: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bench_soak.py", description=__doc__.splitlines()[0])
+    p = BenchParser(prog="bench_soak.py", description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=3.0, help="single-run pass (0 = skip)")
     p.add_argument("--facility-minutes", type=float, default=1.5,
                    help="facility pass with --runs run directories (0 = skip)")
