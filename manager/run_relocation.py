@@ -65,7 +65,8 @@ class RunRelocation:
             if run.where.name == where.name and run.row.rel != where.rel \
                     and os.path.lexists(run.where.path):
                 return (f"{COPY_OF}{run.row.run_id} ({run.row.rel}): the same MinKNOW "
-                        f"run name; not basecalled again (`run resume` it if it is wanted)")
+                        f"run name; not basecalled again (`run resume` serves only files of its "
+                        f"own)")
         return ""
 
     @staticmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from bcorch.config import FacilityConfig, ManagerConfig
 from bcorch.manager.facility import Facility
 from bcorch.manager.facility_states import RunEvent, RunState
 from bcorch.manager.states import FileState
+from bcorch.orchestrator.pod5_dataset import write_pod5
 from bcorch.protocol import JobState
 from test_facility_hostile import (GROUP, SAMPLE, drain, facility, finish, make_run, reads_in,
                                    runs, take)
@@ -258,6 +260,33 @@ def test_a_copy_quarantined_while_incomplete_is_not_basecalled_once_complete(tmp
         fac.scan_tick()
         assert runs(fac)["run2"]["files"]["PENDING"] == 1, runs(fac)["run2"]   # its own file
         assert sorted(drain(fac)) == sorted([NAME, "run2"])
+    finally:
+        fac.close()
+    counts = reads_in(tmp_path / "out")
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_same_name_copy_resumed_basecalls_only_files_of_its_own(tmp_path):
+    """A copy QUARANTINED for its MinKNOW name and then resumed by an operator used to be
+    basecalled whole (every read twice). Resumed, it is served: the original's files are
+    DUPLICATE naming it, a file added to the copy alone is basecalled."""
+    root = tmp_path / "root"
+    ids = make_run(root, NAME, 2, 1)
+    fac = _mirror(tmp_path, root)
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        shutil.copytree(root / GROUP / SAMPLE / NAME, root / GROUP / "backup" / NAME)
+        fac.scan_tick()
+        copy = next(r for r in runs(fac).values() if r["rel"] == f"{GROUP}/backup/{NAME}")
+        assert copy["state"] == "QUARANTINED", copy
+        own = root / GROUP / "backup" / NAME / "pod5" / "own.pod5"
+        ids |= set(write_pod5(own, 2, 200, random.Random(77)))
+        fac.command(copy["run_id"], RunEvent.RESUME)
+        fac.scan_tick()
+        view = runs(fac)[copy["run_id"]]
+        assert view["files"]["DUPLICATE"] == 2 and view["files"]["PENDING"] == 1, view
+        assert sorted(drain(fac)) == sorted([NAME, copy["run_id"]])
     finally:
         fac.close()
     counts = reads_in(tmp_path / "out")
