@@ -11,13 +11,15 @@ place the NVML path runs for real). Prints what it saw and exits 0 only if:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_args import BenchParser, positive_int  # noqa: E402
 
 from bcorch.orchestrator.control import ControlError, request
 from bcorch.orchestrator.local_cluster import LocalCluster
@@ -37,8 +39,8 @@ def nvml_gpus() -> list[dict]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--files", type=int, default=8)
+    p = BenchParser(description=__doc__.splitlines()[0])
+    p.add_argument("--files", type=positive_int, default=8)
     p.add_argument("--workdir")
     args = p.parse_args()
     gpus = nvml_gpus()

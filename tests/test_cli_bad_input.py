@@ -356,6 +356,7 @@ def _bench(*argv: str) -> subprocess.CompletedProcess:
     (("scripts/bench.py", "bogus"), "bogus"),
     (("scripts/bench.py",), "manager|engine"),
     (("scripts/bench_latency.py", "--files", "x"), "--files"),
+    (("scripts/gpu_host_check.py", "--files", "0"), "--files"),
 ])
 def test_bench_scripts_refuse_bad_flags_in_one_line_and_78(argv, names):
     """The benchmarks follow the rule of every other command (scripts/bench_args.py): not
