@@ -407,6 +407,80 @@ def manager_in_process(root: Path, batches: int, seconds_per_batch: float,
     return {"name": "in-process manager", "batches_done": batches, "samples": rows}
 
 
+def manager_over_http(root: Path, batches: int, every: int = 1000, engines: int = 4) -> dict:
+    """A real bcmanager process driven by a plain HTTP client in this process: no engines and
+    no basecaller processes, so batches pass at the HTTP round trip's pace and the manager
+    (server, scanner, live page sampler, metrics) is measured far past the live passes.
+    Empty *.pod5 files (ready at once: settle_s 0) are created `every` at a time, ahead of
+    the batches, so the scanner keeps finding new files. Every `every` batches: the manager's
+    RSS, fds, threads, WAL and database, and a /status and a /metrics."""
+    import http.client
+
+    work = root / "over-http"
+    input_dir = work / "in"
+    input_dir.mkdir(parents=True)
+    cluster = Cluster(work, input_dir, 1,
+                      manager={"report_back_interval": 600.0, "scan_interval_s": 0.2,
+                               "settle_s": 0.0})
+    rows: list[dict] = []
+    made = 0
+
+    def make_files(n: int) -> None:
+        nonlocal made
+        for i in range(made, made + n):
+            os.close(os.open(input_dir / f"f{i:07d}.pod5", os.O_CREAT | os.O_WRONLY, 0o644))
+        made += n
+
+    make_files(2 * every)
+    try:
+        cluster.start_manager(input_closed=False, wait_files=2 * every)
+        conn = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=30)
+
+        def call(method: str, path: str, body: dict | None = None) -> dict:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data,
+                         headers={"Content-Type": "application/json"} if data else {})
+            resp = conn.getresponse()
+            raw = resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{method} {path}: {resp.status} {raw[:200]!r}")
+            return json.loads(raw)
+
+        done = 0
+        while done < batches:
+            engine = f"soak-gpu{done % engines}"
+            answer = call("GET", f"/assignwork?engineid={engine}&batchsize=1")
+            if not answer.get("batch_size"):   # the scanner has not caught up yet
+                time.sleep(0.05)
+                continue
+            call("POST", "/completed", {"job_id": answer["jobid"], "job_state": "DONE",
+                                        "engineid": engine})
+            done += 1
+            if done % every == 0:
+                make_files(every)
+                figures = _proc_figures(cluster.manager.pid)
+                seconds, size, _ = _timed_get(cluster.url + "/status")
+                m_seconds, m_size, _ = _timed_get(cluster.url + "/metrics")
+                state_dir = cluster.db.parent
+                rows.append({
+                    "batches_done": done, **{f"manager.{k}": v for k, v in figures.items()},
+                    "sqlite_mb": cluster.db.stat().st_size / 2**20,
+                    "wal_mb": sum(f.stat().st_size for f in state_dir.glob("*.sqlite-wal"))
+                    / 2**20,
+                    "status_ms": seconds * 1e3, "status_kb": size / 1024,
+                    "metrics_ms": m_seconds * 1e3, "metrics_kb": m_size / 1024})
+                r = rows[-1]
+                print(f"  over-http batches={done:7d} rss={r['manager.rss_mb']:.1f}MB "
+                      f"fds={r['manager.fds']} threads={r['manager.threads']} "
+                      f"wal={r['wal_mb']:.1f}MB db={r['sqlite_mb']:.1f}MB "
+                      f"status={r['status_ms']:.1f}ms/{r['status_kb']:.1f}kB "
+                      f"metrics={r['metrics_ms']:.1f}ms/{r['metrics_kb']:.1f}kB", flush=True)
+        conn.close()
+    finally:
+        cluster.close()
+    return {"name": "manager over HTTP", "batches_done": len(rows) * every, "samples": rows}
+
+
 def facility_in_process(root: Path, batches: int, runs: int = 3) -> dict:
     """A Facility alone, in this process: `batches` one-file batches over `runs` runs (empty
     *.pod5 files, ready at once), then the length of every container of the Facility, its
@@ -504,6 +578,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--horizon-batches", type=int, default=100_000)
     p.add_argument("--in-process-batches", type=int, default=20_000,
                    help="batches through the Manager class alone, in this process (0 = skip)")
+    p.add_argument("--http-batches", type=int, default=20_000,
+                   help="batches through a real bcmanager driven over HTTP, no engines (0 = skip)")
     p.add_argument("--facility-in-process-batches", type=int, default=5_500,
                    help="batches through a Facility alone, in this process (0 = skip)")
     p.add_argument("--keep", action="store_true", help="keep the work folders")
@@ -534,6 +610,19 @@ def main(argv: list[str]) -> int:
                                 for k in keys}
             results["passes"].append(result)
             print(f"\nin-process manager: {args.in_process_batches} batches")
+            for k in keys:
+                g = result["growth"][k]
+                print(f"  {k:<32}{g['first']:>10.2f}{g['last']:>10.2f}"
+                      f"{(g['per_1000'] or 0):>11.3f}")
+        if args.http_batches > 0:
+            result = manager_over_http(root, args.http_batches)
+            rows = result["samples"]
+            keys = sorted(k for k in rows[0] if k != "batches_done")
+            result["growth"] = {k: {"first": rows[0][k], "last": rows[-1][k],
+                                    "per_1000": slope_per_1000(rows[len(rows) // 5:], k)}
+                                for k in keys}
+            results["passes"].append(result)
+            print(f"\nmanager over HTTP: {result['batches_done']} batches")
             for k in keys:
                 g = result["growth"][k]
                 print(f"  {k:<32}{g['first']:>10.2f}{g['last']:>10.2f}"
