@@ -313,9 +313,11 @@ def soak_pass(root: Path, args: argparse.Namespace, facility: bool) -> dict:
             time.sleep(args.sample_s)
         feeder.stop()
     finally:
-        feeder.stop()
         children_cpu = os.times()
-        cluster.close()
+        try:
+            feeder.stop()
+        finally:
+            cluster.close()   # whatever failed: nothing this pass started keeps running
     cpu_after = os.times()
     backlog = feeder.written - rows[-1]["batches_done"] * args.files_per_batch if rows else 0
     result = {
