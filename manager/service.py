@@ -215,15 +215,18 @@ class Manager:
 
         While the input is open, a file that changed since it was found, or that cannot
         be shown complete (no valid POD5 footer) and changed within incomplete_grace_s,
-        is still being written: its failure says nothing about it.
+        is still being written: its failure says nothing about it. Nor does the failure
+        of a file that is not there (a flapping mount): counted, it would be QUARANTINED
+        and, back unchanged, never looked at again.
         """
         if self._input_closed:
             return None
         full = self.layout.input_dir / path
         try:
             st = os.stat(full)
-        except OSError:
-            return None
+        except OSError as exc:
+            return (f"it cannot be reached ({exc.strerror or type(exc).__name__}): missing "
+                    f"or unmounted")
         if st.st_size != size or (mtime is not None and st.st_mtime != mtime):
             return "it changed since it was found (still being written)"
         if examine(full).kind is Kind.COMPLETE:

@@ -11,12 +11,14 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from bcorch.config import FacilityConfig, ManagerConfig
 from bcorch.manager.facility import Facility
+from bcorch.manager import store as store_mod
 from bcorch.manager.facility_states import RunEvent, RunState
 from bcorch.manager.states import FileState
 from bcorch.orchestrator.pod5_dataset import write_pod5
@@ -290,4 +292,37 @@ def test_a_same_name_copy_resumed_basecalls_only_files_of_its_own(tmp_path):
     finally:
         fac.close()
     counts = reads_in(tmp_path / "out")
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_batch_failed_while_its_files_are_missing_counts_no_attempt(tmp_path, monkeypatch):
+    """A flapping mount of the run's pod5 folder alone (its own mount point, or a link
+    farm re-made): the run's directory is there, its files are not, and the engine reports
+    FAILED. A file that is not there says nothing about itself: while the input is open no
+    attempt is counted (four such used to QUARANTINE it for good, as it came back
+    unchanged)."""
+    root = tmp_path / "root"
+    ids = make_run(root, "run1", 1, 1)
+    pod5 = root / GROUP / SAMPLE / "run1" / "pod5"
+    away = tmp_path / "away"
+    fac = facility(tmp_path, root)
+    ahead = 0.0
+    try:
+        for _ in range(4):
+            fac.scan_tick()
+            batch = take(fac)
+            assert batch["batch_size"] == 1, runs(fac)
+            os.rename(pod5, away)
+            answer = fac.complete(batch["jobid"], JobState.FAILED, {},
+                                  "cannot open the POD5 files", engine_id="gpu0")
+            assert answer.status == 200, answer.body
+            os.rename(away, pod5)
+            files = fac._runs["run1"].part.store.files_in_state(FileState.QUARANTINED, 10)
+            assert files == [], files
+            ahead += 3600.0   # past the file's retry back-off
+            monkeypatch.setattr(store_mod, "retry_clock", lambda a=ahead: time.time() + a)
+        assert drain(fac) == ["run1"]
+    finally:
+        fac.close()
+    counts = reads_in(root)
     assert set(counts) == ids and set(counts.values()) == {1}, counts
