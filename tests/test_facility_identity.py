@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from bcorch.manager.facility_states import RunEvent, RunState
 from bcorch.manager.states import FileState
 from bcorch.orchestrator.pod5_dataset import write_pod5
 from bcorch.protocol import JobState
+from test_facility import GROUP as GROUP_E2E, SAMPLE as SAMPLE_E2E
+from test_facility import assign as fac_assign, done, drain as fac_drain
+from test_facility import make_run as fac_make_run, output_reads, pending, started, wait_runs
 from test_facility_hostile import (GROUP, SAMPLE, drain, facility, finish, make_run, reads_in,
                                    runs, take)
 
@@ -326,3 +330,42 @@ def test_a_batch_failed_while_its_files_are_missing_counts_no_attempt(tmp_path, 
         fac.close()
     counts = reads_in(root)
     assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+@pytest.mark.slow
+def test_a_manager_killed_and_started_on_another_host_keeps_the_pause_and_gpu_time(
+        procs, tmp_path):
+    """Real `bcmanager --watch-root` processes: the first, with its state directory on
+    host 1, basecalls a batch of a run that is then paused, and is killed (`kill -9`).
+    The second starts with a new state directory (host 2) on the same root: the run is
+    still PAUSED with its GPU seconds; resumed and closed, it completes and its summary
+    counts the GPU time from both hosts; every read once."""
+    root = tmp_path / "root"
+    root.mkdir()
+    run, ids = fac_make_run(root, 1, 3)
+    first = started(procs, tmp_path, root,
+                    manager={"db": str(tmp_path / "host1" / "facility.sqlite")})
+    wait_runs(first, lambda r: pending(r, run) == 3, "run found")
+    done(first, fac_assign(first, size=1))
+    code, body = first.post("/runs/pause", {"run": run})
+    assert code == 200 and body["run"]["state"] == "PAUSED", body
+    served = first.runs()[run]["served_s"]
+    assert served > 0
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(timeout=30)
+    second = started(procs, tmp_path, root,
+                     manager={"db": str(tmp_path / "host2" / "facility.sqlite")})
+    view = wait_runs(second, lambda r: r.get(run, {}).get("files", {}).get("DONE") == 1,
+                     "run found again")[run]
+    assert view["state"] == "PAUSED" and view["served_s"] == pytest.approx(served, abs=1e-3)
+    assert fac_assign(second)["batch_size"] == 0
+    for command in ("resume", "close"):
+        code, body = second.post(f"/runs/{command}", {"run": run})
+        assert code == 200, body
+    fac_drain(second)
+    wait_runs(second, lambda r: r[run]["state"] == "COMPLETE", "run complete")
+    summary = json.loads((root / GROUP_E2E / SAMPLE_E2E / run / "basecalls"
+                          / "bcorch_summary.json").read_text())
+    assert summary["gpu_s"] > served and summary["files_done"] == 3
+    reads = [rid for rid, _ in output_reads(root / GROUP_E2E / SAMPLE_E2E / run / "basecalls")]
+    assert sorted(reads) == sorted(ids)
