@@ -88,6 +88,7 @@ OUTPUT_BESIDE = "basecalls"
 DEFAULT_ESTIMATE_S = 60.0   # a batch's GPU seconds before the engine's pace is known
 CLOSED_FLAG = "closed"
 IDENTITIES_FLAG = "identities_indexed"   # settled runs' file identities are in the index
+MAX_ASSIGNED_LISTED = 1_000_000   # a cancelled run's files still out (its running batches)
 
 
 class Facility:
@@ -110,7 +111,7 @@ class Facility:
         self.fair = FairShare(fcfg.switch_slack_s, clock)
         self.view = FacilityView(self)
         self.late = LateFiles()
-        self.identities = IdentityIndex(self.db, self._rel_of, self._located)
+        self.identities = IdentityIndex(self.db, self._rel_of, self._will_basecall)
         self.relocation = RunRelocation(self)
         self.settlement = RunSettlement(self)
         self.settings_reader = RunSettingsReader(self)
@@ -136,9 +137,22 @@ class Facility:
         run = self._runs.get(run_id)
         return run.row.rel if run is not None else "no longer known"
 
-    def _located(self, run_id: str, path: str) -> bool:
+    def _will_basecall(self, run_id: str, path: str) -> bool:
+        """Whether run_id may still basecall its file at path: the file is still there,
+        and the run is not CANCELLED (a cancelled run only finishes the batches it had
+        out)."""
         run = self._runs.get(run_id)
-        return run is not None and os.path.lexists(run.where.path / path)
+        if run is None or not os.path.lexists(run.where.path / path):
+            return False
+        if run.state is not RunState.CANCELLED:
+            return True
+        part = run.part
+        try:
+            return part is not None and any(
+                f["path"] == path for f in part.store.files_in_state(FileState.ASSIGNED,
+                                                                     MAX_ASSIGNED_LISTED))
+        except sqlite3.ProgrammingError:   # settled and closed meanwhile: nothing out
+            return False
 
     def _index_settled_runs(self) -> None:
         """Once per facility database: the file identities of settled runs found before

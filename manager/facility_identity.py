@@ -33,22 +33,24 @@ Owner = tuple[str, str]   # (run id, path relative to that run's directory)
 
 
 class IdentityIndex:
-    """located(run id, path) tells whether a run's file is still where it claimed it."""
+    """will_basecall(run id, path): whether that run may still basecall its file at path
+    (the run is not CANCELLED and the file is still there)."""
 
     def __init__(self, db: FacilityDB, rel_of: Callable[[str], str],
-                 located: Callable[[str, str], bool]):
+                 will_basecall: Callable[[str, str], bool]):
         self.db = db
         self._rel_of = rel_of
-        self._located = located
+        self._will_basecall = will_basecall
         self._warned: set[tuple[str, str]] = set()
 
     def screen(self, run_id: str, found: list[Found]) -> list[Found]:
         """The files found in run_id, those another run claimed first made DUPLICATE; the
         others are claimed for run_id.
 
-        A file another run claimed but has not basecalled, and that is no longer where that
-        run found it, has moved into run_id (its run folder renamed, say): it is run_id's
-        now and basecalled here; the other run would fail to read it anyway."""
+        A file another run claimed but has not basecalled and never will (the file is no
+        longer where that run found it: its run folder renamed, say; or that run was
+        CANCELLED, and its files copied to a new run for other settings) is run_id's now
+        and basecalled here."""
         claims = [(f.fid, f.path) for f in found if f.fid and f.state is None]
         if not claims:
             return found
@@ -56,14 +58,15 @@ class IdentityIndex:
         if not others:
             return found
         moved_in = [(f.fid, f.path) for f in found if f.fid in others
-                    and not others[f.fid][2] and not self._located(*others[f.fid][:2])]
+                    and not others[f.fid][2] and not self._will_basecall(*others[f.fid][:2])]
         if moved_in:
             self.db.transfer_identities(run_id, moved_in)
             for fid, path in moved_in:
                 owner = others.pop(fid)
-                log.warning("run %s: %s is %s of run %s (%s), moved here before it was "
-                            "basecalled: basecalled in run %s", run_id, path, owner[1],
-                            owner[0], self._rel_of(owner[0]), run_id)
+                log.warning("run %s: %s is %s of run %s (%s), which has not basecalled it "
+                            "and will not (moved away, or the run cancelled): basecalled in "
+                            "run %s", run_id, path, owner[1], owner[0], self._rel_of(owner[0]),
+                            run_id)
         screened = []
         for f in found:
             owner = others.get(f.fid) if f.fid and f.state is None else None

@@ -369,3 +369,27 @@ def test_a_manager_killed_and_started_on_another_host_keeps_the_pause_and_gpu_ti
     assert summary["gpu_s"] > served and summary["files_done"] == 3
     reads = [rid for rid, _ in output_reads(root / GROUP_E2E / SAMPLE_E2E / run / "basecalls")]
     assert sorted(reads) == sorted(ids)
+
+
+def test_files_of_a_cancelled_run_copied_into_a_new_run_are_basecalled_there(tmp_path):
+    """The documented way to change a started run's settings: cancel it and copy its POD5
+    files into a new run directory. What the cancelled run basecalled is DUPLICATE there;
+    the rest is basecalled in the new run (not DUPLICATE of a run that will never
+    basecall it)."""
+    root = tmp_path / "root"
+    ids = make_run(root, NAME, 3, 1)
+    fac = _mirror(tmp_path, root)
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+        fac.command(NAME, RunEvent.CANCEL)
+        shutil.copytree(root / GROUP / SAMPLE / NAME / "pod5", root / GROUP / SAMPLE / "redo"
+                        / "pod5")
+        fac.scan_tick()
+        view = runs(fac)["redo"]
+        assert view["files"]["DUPLICATE"] == 1 and view["files"]["PENDING"] == 2, view
+        assert drain(fac) == ["redo", "redo"]
+    finally:
+        fac.close()
+    counts = reads_in(tmp_path / "out")
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
