@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .facility_db import FacilityDB
-from .journal import PATH_PREFIX, Journal
+from .journal import PATH_PREFIX, Journal, JournalUnusable
 from .states import FileState
 from .store import Found
 
@@ -115,7 +115,13 @@ class IdentityIndex:
     def adopt_journal(self, run_id: str, output_dir: str) -> None:
         """The identities of the files a run's journal records finished (a settled run,
         whose store is not opened)."""
-        replay = Journal(Path(output_dir)).replay()
+        try:
+            replay = Journal(Path(output_dir)).replay()
+        except (OSError, JournalUnusable) as exc:   # the run is over: it is only not indexed
+            log.warning("run %s: cannot read its file identities from its journal in %s "
+                        "(%s): a copy of its files in another run is not recognised", run_id,
+                        output_dir, exc)
+            return
         self.db.adopt_identities(run_id, _identities(replay.jobs.values()))
 
     def done(self, run_id: str, fids: list[str]) -> None:

@@ -393,3 +393,28 @@ def test_files_of_a_cancelled_run_copied_into_a_new_run_are_basecalled_there(tmp
         fac.close()
     counts = reads_in(tmp_path / "out")
     assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def test_a_settled_run_whose_journal_cannot_be_read_is_still_found(tmp_path):
+    """On a new state directory a settled run's journal is read for its file identities;
+    one that is not a regular file (here a directory) only leaves them out of the index:
+    the run is still found from its summary and the scan goes on."""
+    root = tmp_path / "root"
+    make_run(root, NAME, 1, 1)
+    fac = _mirror(tmp_path, root)
+    try:
+        fac.scan_tick()
+        drain(fac)
+        fac.command(NAME, RunEvent.CLOSE)
+        fac.scan_tick()
+        journal = Path(fac._runs[NAME].row.output_dir) / "bcmanager.journal"
+    finally:
+        fac.close()
+    journal.unlink()
+    journal.mkdir()
+    elsewhere = _mirror(tmp_path, root, "other_host")
+    try:
+        elsewhere.scan_tick()
+        assert runs(elsewhere)[NAME]["state"] == "COMPLETE"
+    finally:
+        elsewhere.close()
