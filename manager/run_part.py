@@ -64,6 +64,7 @@ class RunPart:
         Path(place.output_dir).mkdir(parents=True, exist_ok=True)
         self.store = open_store(place, cfg.max_attempts)
         self.skip = (place.output_dir,) if inside(place.output_dir, place.input_dir) else ()
+        self.journal: Journal | None = None
         try:
             self.layout = Layout(place.input_dir, place.output_dir)
             self.journal = Journal(place.output_dir)
@@ -81,11 +82,22 @@ class RunPart:
                 input_closed=lambda: self.manager.input_closed,
                 on_final_summary=on_final_summary if cfg.close_on_final_summary else None)
             self.manager.waiting_files = lambda: len(self.scanner.waiting)
-        except sqlite3.DatabaseError as exc:  # damage found past the first page
-            self.store.close()
-            raise DatabaseUnusable(self.store.path, exc) from None
+        except BaseException as exc:
+            self._give_back()
+            if isinstance(exc, sqlite3.DatabaseError):   # damage found past the first page
+                raise DatabaseUnusable(self.store.path, exc) from None
+            raise
         self._closed = False
         self._close_lock = threading.Lock()
+
+    def _give_back(self) -> None:
+        """A part that failed to open closes what it had opened: a facility sets the run
+        aside and goes on for months, and must not hold its database or journal open."""
+        try:
+            self.store.close()
+        finally:
+            if self.journal is not None:
+                self.journal.close()
 
     def _add_found(self, found: list[Found]) -> Placed:
         """Files the scanner found, screened first when a screen was given (the facility
