@@ -205,6 +205,7 @@ class FacilityConfig:
     output: Literal["beside", "mirror"] = "beside"
     output_root: str = ""
     switch_slack_s: float = 600.0
+    late_watch_s: float = 7 * 24 * 3600.0
     rules: list[FacilityRule] = field(default_factory=list)
 
 
@@ -348,7 +349,7 @@ _MINIMUMS: dict[str, float] = {
     "orchestrator.restart_window_s": 0, "orchestrator.manager_down_timeout_s": 0,
     "orchestrator.drain_timeout_s": 0, "orchestrator.metrics_port": 0,
     "orchestrator.first_contact_timeout_s": 0,
-    "facility.switch_slack_s": 0,
+    "facility.switch_slack_s": 0, "facility.late_watch_s": 0,
 }
 _MAXIMUMS: dict[str, float] = {
     "manager.port": 65535, "runner.port": 65535, "orchestrator.metrics_port": 65535,

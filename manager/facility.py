@@ -110,7 +110,7 @@ class Facility:
         self.db = FacilityDB(self.db_path)
         self.fair = FairShare(fcfg.switch_slack_s, clock)
         self.view = FacilityView(self)
-        self.late = LateFiles()
+        self.late = LateFiles(fcfg.late_watch_s)
         self.identities = IdentityIndex(self.db, self._rel_of, self._will_basecall)
         self.relocation = RunRelocation(self)
         self.settlement = RunSettlement(self)

@@ -8,12 +8,17 @@ not taken silently, nor dropped silently: it is logged once per run, naming the 
 Cheap enough for hundreds of settled runs: each check stats the run's directories (not
 its files) and lists only a directory whose mtime changed; a file counts as late when
 its ctime (which a rename into place also sets) is after the summary was written.
+
+A run is watched only for facility.late_watch_s after it settled (7 days by default), so a
+tick looks at the runs settled that recently, not at every run the facility has ever
+seen. Its age is on the wall clock, as the summary's mtime is: it holds across restarts.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,16 +37,26 @@ class _Watched:
 
 
 class LateFiles:
-    """check() once per scan tick; a run is dropped once it has been reported."""
+    """check() once per scan tick; a run is dropped once it has been reported, or once
+    watch_s have passed since it settled."""
 
-    def __init__(self) -> None:
+    def __init__(self, watch_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.watch_s = watch_s
+        self._clock = clock
         self._runs: dict[str, _Watched] = {}
         self._lock = threading.Lock()   # watch() comes from a request's thread
 
+    def _expired(self, settled_at: float) -> bool:
+        return self.watch_s <= 0 or self._clock() - settled_at >= self.watch_s
+
     def watch(self, run_id: str, input_dir: str, output_dir: str, settled_at: float) -> None:
-        """Watch the run's input (again, from scratch, when it was moved)."""
+        """Watch the run's input (again, from scratch, when it was moved), unless it
+        settled longer than watch_s ago."""
         input_dir, output_dir = os.path.abspath(input_dir), os.path.abspath(output_dir)
         with self._lock:
+            if self._expired(settled_at):
+                self._runs.pop(run_id, None)
+                return
             known = self._runs.get(run_id)
             if known is None or known.input_dir != input_dir:
                 self._runs[run_id] = _Watched(input_dir, output_dir, settled_at)
@@ -50,6 +65,8 @@ class LateFiles:
         """Run id -> the first late file found (input-relative), each logged once."""
         found: dict[str, str] = {}
         with self._lock:
+            for run_id in [r for r, w in self._runs.items() if self._expired(w.settled_at)]:
+                del self._runs[run_id]
             runs = list(self._runs.items())
         for run_id, watched in runs:
             if stop():
