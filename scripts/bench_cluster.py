@@ -31,6 +31,11 @@ def write_json(path: str | Path, results: dict) -> Path:
     return out
 
 
+def save_results(path: str | Path, results: dict) -> None:
+    """write_json, and say where on stdout (the last line of a benchmark's output)."""
+    print(f"JSON: {write_json(path, results)}")
+
+
 def stop(proc: LocalProcess | None, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
     """Send sig (SIGKILL: a crash) and wait; SIGKILL to its session after timeout."""
     if proc is None or not proc.running():

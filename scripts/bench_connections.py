@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_manager import Server, bench_mixed, percentile, request  # noqa: E402
-from bench_args import BenchParser  # noqa: E402
+from bench_args import BenchParser, non_negative_int, positive_int  # noqa: E402
 
 NO_ANSWER_S = 5.0
 LEASE_S = 10.0
@@ -227,12 +227,12 @@ def main(argv: list[str]) -> int:
 
     p = BenchParser(prog="bench.py connections", description=__doc__.splitlines()[0])
     p.add_argument("--servers", default="uvicorn,cheroot,waitress")
-    p.add_argument("--idle", type=int, default=1000)
-    p.add_argument("--trickle", type=int, default=100)
+    p.add_argument("--idle", type=non_negative_int, default=1000)
+    p.add_argument("--trickle", type=non_negative_int, default=100)
     p.add_argument("--attack-seconds", type=float, default=30.0)
-    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--clients", type=positive_int, default=64)
     p.add_argument("--mixed-seconds", type=float, default=10.0)
-    p.add_argument("--threads", type=int, default=16)
+    p.add_argument("--threads", type=positive_int, default=16)
     p.add_argument("--skip-mixed", action="store_true")
     p.add_argument("--json", default="bench_connections.json")
     args = p.parse_args(argv)

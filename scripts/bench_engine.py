@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_cluster import write_json  # noqa: E402
 from bcorch.config_writer import write_config  # noqa: E402
 from bcorch.orchestrator.local_cluster import LocalCluster, LocalProcess  # noqa: E402
-from bench_args import BenchParser  # noqa: E402
+from bench_args import BenchParser, positive_int  # noqa: E402
 
 
 def _start_manager(tmp: Path, input_dir: Path, output_dir: Path, closed: bool,
@@ -110,7 +110,7 @@ def bench_idle(tmp: Path, seconds: float, polling_interval: float) -> dict:
 
 def main(argv: list[str]) -> int:
     parser = BenchParser(prog="bench.py engine", description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batches", type=positive_int, default=40)
     parser.add_argument("--idle-s", type=float, default=20.0)
     parser.add_argument("--polling-interval", type=float, default=0.02,
                         help="engine.polling_interval (minutes) of the idle engine")

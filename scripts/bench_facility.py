@@ -50,7 +50,7 @@ from bcorch.config import FacilityConfig, ManagerConfig  # noqa: E402
 from bcorch.config_writer import write_config  # noqa: E402
 from bench_cluster import write_json  # noqa: E402
 from bench_manager import percentile, request  # noqa: E402
-from bench_args import BenchParser  # noqa: E402
+from bench_args import BenchParser, non_negative_int, positive_int  # noqa: E402
 
 DEFAULT_MODELS = ["hac", "sup", "sup,5mCG_5hmCG"]
 DEFAULT_FILE_S = [6.0, 18.0, 24.0]   # GPU seconds per file: sup ~3x hac, methylation on top
@@ -393,11 +393,6 @@ def files_needed_for_http(args: argparse.Namespace) -> int:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """One-line errors for inputs the measurements cannot use."""
-    for flag in ("runs", "files", "batch", "batches", "threads", "sim_engines"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if min(args.engines) < 1 or args.paced_engines < 0:
-        p.error("--engines must be at least 1 and --paced-engines at least 0")
     if min(args.priorities) <= 0:
         p.error(f"--priorities must be above 0, got {args.priorities}")
     if len(args.file_s) != len(args.models):
@@ -413,23 +408,24 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     p = BenchParser(prog="bench.py facility", description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=48)
-    p.add_argument("--files", type=int, default=2000, help="files per run")
+    p.add_argument("--runs", type=positive_int, default=48)
+    p.add_argument("--files", type=positive_int, default=2000, help="files per run")
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     p.add_argument("--file-s", nargs="+", type=float, default=DEFAULT_FILE_S,
                    help="simulated GPU seconds per file of each model, in --models order")
     p.add_argument("--priorities", nargs="+", type=float, default=[1.0, 2.0])
-    p.add_argument("--batch", type=int, default=10, help="files per batch (batchsize)")
-    p.add_argument("--engines", nargs="+", type=int, default=[1, 16, 64],
+    p.add_argument("--batch", type=positive_int, default=10, help="files per batch (batchsize)")
+    p.add_argument("--engines", nargs="+", type=positive_int, default=[1, 16, 64],
                    help="concurrent HTTP engines without pause, one measurement each")
-    p.add_argument("--batches", type=int, default=2000, help="batches per HTTP measurement")
-    p.add_argument("--paced-engines", type=int, default=64,
+    p.add_argument("--batches", type=positive_int, default=2000,
+                   help="batches per HTTP measurement")
+    p.add_argument("--paced-engines", type=non_negative_int, default=64,
                    help="then this many engines that pause --think-s on average (0: none)")
     p.add_argument("--think-s", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=16, help="manager.threads")
+    p.add_argument("--threads", type=positive_int, default=16, help="manager.threads")
     p.add_argument("--scan-interval-s", type=float, default=10.0, help="manager.scan_interval_s")
     p.add_argument("--idle-s", type=float, default=30.0)
-    p.add_argument("--sim-engines", type=int, default=16)
+    p.add_argument("--sim-engines", type=positive_int, default=16)
     p.add_argument("--slacks", nargs="+", type=float, default=[600.0, 0.0],
                    help="facility.switch_slack_s values to simulate")
     p.add_argument("--model-load-s", type=float, default=30.0)

@@ -32,7 +32,7 @@ from bcorch.config import defaults_as_dict  # noqa: E402
 from bcorch.orchestrator.local_cluster import wait_for  # noqa: E402
 from bench_cluster import write_json  # noqa: E402
 from bcorch.orchestrator.pod5_dataset import write_pod5  # noqa: E402
-from bench_args import BenchParser  # noqa: E402
+from bench_args import BenchParser, positive_int  # noqa: E402
 
 GOAL_P95_S = 5.0
 TIMING_KEYS = {"manager": ("settle_s", "scan_interval_s", "report_back_interval", "batch_size"),
@@ -154,8 +154,8 @@ def run(files: int, gpus: int, gap: tuple[float, float], seed: int) -> dict:
 
 def main(argv: list[str]) -> int:
     p = BenchParser(description=__doc__.splitlines()[0])
-    p.add_argument("--files", type=int, default=20)
-    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--files", type=positive_int, default=20)
+    p.add_argument("--gpus", type=positive_int, default=2)
     p.add_argument("--gap", default="2,6", help="seconds between two files: MIN,MAX (random)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write the results here")

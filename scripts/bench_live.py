@@ -48,9 +48,9 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cluster import Cluster, free_port, samples_in, wait_for, write_json  # noqa: E402
+from bench_cluster import Cluster, free_port, samples_in, save_results, wait_for  # noqa: E402
 from bench_fleet import SAMPLES_PER_FILE, write_mixed_files  # noqa: E402
-from bench_args import BenchParser  # noqa: E402
+from bench_args import BenchParser, positive_int  # noqa: E402
 
 
 class NoLongPoll:
@@ -220,7 +220,7 @@ def print_row(r: dict) -> None:
 
 def main(argv: list[str]) -> int:
     p = BenchParser(prog="bench.py live", description=__doc__.splitlines()[0])
-    p.add_argument("--gpus", type=int, default=4)
+    p.add_argument("--gpus", type=positive_int, default=4)
     p.add_argument("--minutes", type=float, default=10.0, help="how long files keep arriving")
     p.add_argument("--every-s", type=float, default=2.0, help="seconds between two files")
     p.add_argument("--file-s", type=_seconds_range, default=(1, 7),
@@ -230,7 +230,7 @@ def main(argv: list[str]) -> int:
                    help="engine: the dorado-server model (start-up paid once per engine)")
     p.add_argument("--modes", default="ours",
                    help="comma-separated: ours, original (the original's timing)")
-    p.add_argument("--request-size", type=int, default=10,
+    p.add_argument("--request-size", type=positive_int, default=10,
                    help="files per batch the original's engines ask for")
     p.add_argument("--speed", type=float, default=1.0,
                    help="run the schedule this many times faster (see the module doc)")
@@ -239,9 +239,8 @@ def main(argv: list[str]) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"ours", "original"}:
         p.error(f"--modes: ours and/or original, got {args.modes!r}")
-    if args.gpus < 1 or args.minutes <= 0 or args.every_s <= 0 or args.speed <= 0 \
-            or args.startup_s < 0 or args.request_size < 1:
-        p.error("--gpus, --request-size >= 1; --minutes, --every-s, --speed > 0; --startup-s >= 0")
+    if args.minutes <= 0 or args.every_s <= 0 or args.speed <= 0 or args.startup_s < 0:
+        p.error("--minutes, --every-s, --speed > 0; --startup-s >= 0")
     n_files = max(1, round(args.minutes * 60 / args.every_s))
     root = Path(tempfile.mkdtemp(prefix="bench-live-"))
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -257,8 +256,7 @@ def main(argv: list[str]) -> int:
             print_row(row)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    out = write_json(args.out, results)
-    print(f"JSON: {out}")
+    save_results(args.out, results)
     return 0
 
 

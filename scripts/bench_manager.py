@@ -32,7 +32,7 @@ from bcorch.config_writer import write_config  # noqa: E402
 from bcorch.manager.scanner import Scanner  # noqa: E402
 from bcorch.manager.store import Store  # noqa: E402
 from bench_cluster import write_json  # noqa: E402
-from bench_args import BenchParser  # noqa: E402
+from bench_args import BenchParser, non_negative_int, positive_int  # noqa: E402
 
 
 def make_files(root: Path, n: int, per_dir: int = 1000) -> None:
@@ -200,13 +200,15 @@ def bench_mixed(clients: int, seconds: float, tmp: Path, threads: int,
 
 def main(argv: list[str]) -> int:
     p = BenchParser(prog="bench.py manager", description=__doc__.splitlines()[0])
-    p.add_argument("--scan-files", type=int, default=100_000)
-    p.add_argument("--big-scan-files", type=int, default=0, help="e.g. 1000000 (slow to create)")
-    p.add_argument("--pending", type=int, default=1_000_000)
-    p.add_argument("--assign-requests", type=int, default=2000)
-    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--scan-files", type=positive_int, default=100_000)
+    p.add_argument("--big-scan-files", type=non_negative_int, default=0,
+                   help="e.g. 1000000 (slow to create)")
+    p.add_argument("--pending", type=positive_int, default=1_000_000)
+    p.add_argument("--assign-requests", type=positive_int, default=2000)
+    p.add_argument("--clients", type=positive_int, default=64)
     p.add_argument("--mixed-seconds", type=float, default=10.0)
-    p.add_argument("--threads", type=int, default=16, help="manager.threads of the served manager")
+    p.add_argument("--threads", type=positive_int, default=16,
+                   help="manager.threads of the served manager")
     p.add_argument("--json", default="bench_manager.json", help="where to write the results")
     p.add_argument("--tmp", default=None, help="scratch directory (default: a new tmp dir)")
     args = p.parse_args(argv)

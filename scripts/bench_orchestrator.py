@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bcorch.config_writer import write_config  # noqa: E402
 from bench_cluster import wait_for, write_json  # noqa: E402
-from bench_args import BenchParser  # noqa: E402
+from bench_args import BenchParser, positive_int  # noqa: E402
 
 
 def idle_engine(conn, spec) -> None:
@@ -74,9 +74,9 @@ def main(argv: list[str]) -> int:
     from bcorch.orchestrator.control import request
 
     p = BenchParser(prog="bench.py orchestrator")
-    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus", type=positive_int, default=8)
     p.add_argument("--idle-s", type=float, default=10.0)
-    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--trials", type=positive_int, default=5)
     p.add_argument("--hang-timeout-s", type=float, default=3.0)
     p.add_argument("--engine-start", choices=("zygote", "spawn"), default="zygote")
     p.add_argument("--out", default="bench-out/orchestrator.json")
@@ -215,8 +215,8 @@ def _ready_once(gpus: int, engine_start: str, real: bool) -> float:
 
 def ready_main(argv: list[str]) -> int:
     p = BenchParser(prog="bench.py orchestrator ready")
-    p.add_argument("--gpus", type=int, default=16)
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--gpus", type=positive_int, default=16)
+    p.add_argument("--trials", type=positive_int, default=3)
     p.add_argument("--out", default="bench-out/engines-ready.json")
     args = p.parse_args(argv)
     results: dict = {"gpus": args.gpus, "machine": f"{os.cpu_count()} cores",
@@ -254,7 +254,7 @@ def fleet_main(argv: list[str]) -> int:
     p = BenchParser(prog="bench.py orchestrator fleet")
     p.add_argument("--gpus", type=bench_fleet._gpu_list, default=[8, 16])
     p.add_argument("--per-gpu-s", type=float, default=60.0)
-    p.add_argument("--batch", type=int, default=5, help="files of 1 s per batch")
+    p.add_argument("--batch", type=positive_int, default=5, help="files of 1 s per batch")
     p.add_argument("--startup-s", type=float, default=0.0)
     p.add_argument("--startup-per", choices=("batch", "engine"), default="batch",
                    help="engine: the dorado-server model (start-up paid once per engine)")

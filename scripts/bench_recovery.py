@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import Cluster, stop, wait_for, write_json  # noqa: E402
-from bench_args import BenchParser  # noqa: E402
+from bench_args import BenchParser, positive_int  # noqa: E402
 
 SAMPLES_PER_FILE = 10 * 4000
 
@@ -190,8 +190,8 @@ def _median(rows: list[dict], key: str) -> float:
 
 def main(argv: list[str]) -> int:
     p = BenchParser(prog="bench.py recovery", description=__doc__.splitlines()[0])
-    p.add_argument("--gpus", type=int, default=4)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--gpus", type=positive_int, default=4)
+    p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--hang-timeout-s", type=float, default=5.0, help="orchestrator.hang_timeout_s")
     p.add_argument("--lease-s", type=float, default=6.0, help="manager.report_back_interval")
     p.add_argument("--manager-down-s", type=float, default=10.0)
@@ -201,8 +201,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.gpus, args.reps = 2, 2
-    if args.gpus < 1 or args.reps < 1:
-        p.error("--gpus and --reps must be >= 1")
     if args.hang_timeout_s < 1 or args.lease_s < 1 or args.manager_down_s < 0 or args.file_s <= 0:
         p.error("--hang-timeout-s and --lease-s must be >= 1, --manager-down-s >= 0, --file-s > 0")
     root = Path(tempfile.mkdtemp(prefix="bench-recovery-"))

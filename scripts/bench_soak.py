@@ -56,8 +56,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_args import BenchParser  # noqa: E402
-from bench_cluster import Cluster, free_port, wait_for, write_json  # noqa: E402
+from bench_args import BenchParser, non_negative_int, positive_int  # noqa: E402
+from bench_cluster import Cluster, free_port, save_results, wait_for  # noqa: E402
 
 SIMULATE_SAMPLES_PER_S = 1e12      # the config's maximum: a file's basecalling takes ~0 s
 SAMPLES_PER_READ = 200
@@ -564,34 +564,49 @@ def print_table(result: dict, horizon: int) -> None:
                   f"{fmt(g['median_halves'][1]):>10}")
 
 
+def with_growth(result: dict, title: str) -> dict:
+    """`result` of a manager pass with its `growth`: for each sampled measure the first and
+    last value and the slope per 1000 batches (the first fifth of the samples left out),
+    printed as a table under `title`."""
+    rows = result["samples"]
+    keys = sorted(k for k in rows[0] if k != "batches_done")
+    result["growth"] = {k: {"first": rows[0][k], "last": rows[-1][k],
+                            "per_1000": slope_per_1000(rows[len(rows) // 5:], k)}
+                        for k in keys}
+    print(f"\n{title}")
+    for k in keys:
+        g = result["growth"][k]
+        print(f"  {k:<32}{g['first']:>10.2f}{g['last']:>10.2f}{(g['per_1000'] or 0):>11.3f}")
+    return result
+
+
 def main(argv: list[str]) -> int:
     p = BenchParser(prog="bench_soak.py", description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=3.0, help="single-run pass (0 = skip)")
     p.add_argument("--facility-minutes", type=float, default=1.5,
                    help="facility pass with --runs run directories (0 = skip)")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--gpus", type=int, default=4)
+    p.add_argument("--runs", type=positive_int, default=3)
+    p.add_argument("--gpus", type=positive_int, default=4)
     p.add_argument("--every-s", type=float, default=0.15, help="seconds between two new files")
-    p.add_argument("--files-per-batch", type=int, default=1,
+    p.add_argument("--files-per-batch", type=positive_int, default=1,
                    help="engine.optimal_request_size")
     p.add_argument("--sample-s", type=float, default=3.0)
     p.add_argument("--warmup", type=float, default=0.2,
                    help="share of a pass's samples left out of the slopes")
-    p.add_argument("--horizon-batches", type=int, default=100_000)
-    p.add_argument("--in-process-batches", type=int, default=20_000,
+    p.add_argument("--horizon-batches", type=positive_int, default=100_000)
+    p.add_argument("--in-process-batches", type=non_negative_int, default=20_000,
                    help="batches through the Manager class alone, in this process (0 = skip)")
-    p.add_argument("--http-batches", type=int, default=20_000,
+    p.add_argument("--http-batches", type=non_negative_int, default=20_000,
                    help="batches through a real bcmanager driven over HTTP, no engines (0 = skip)")
-    p.add_argument("--facility-in-process-batches", type=int, default=5_500,
+    p.add_argument("--facility-in-process-batches", type=non_negative_int, default=5_500,
                    help="batches through a Facility alone, in this process (0 = skip)")
     p.add_argument("--keep", action="store_true", help="keep the work folders")
     p.add_argument("--out", default="bench-out/soak.json")
     args = p.parse_args(argv)
-    if args.minutes < 0 or args.facility_minutes < 0 or args.every_s <= 0 or args.gpus < 1 \
-            or args.runs < 1 or args.sample_s <= 0 or not 0 <= args.warmup < 1 \
-            or args.files_per_batch < 1:
-        p.error("--minutes, --facility-minutes >= 0; --every-s, --sample-s > 0; --gpus, "
-                "--runs, --files-per-batch >= 1; 0 <= --warmup < 1")
+    if args.minutes < 0 or args.facility_minutes < 0 or args.every_s <= 0 \
+            or args.sample_s <= 0 or not 0 <= args.warmup < 1:
+        p.error("--minutes, --facility-minutes >= 0; --every-s, --sample-s > 0; "
+                "0 <= --warmup < 1")
     root = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                      "command": "python scripts/bench_soak.py " + " ".join(argv),
@@ -605,38 +620,19 @@ def main(argv: list[str]) -> int:
         if args.in_process_batches > 0:
             result = manager_in_process(root, args.in_process_batches,
                                         72 * 3600 / args.horizon_batches)
-            rows = result["samples"]
-            keys = sorted(k for k in rows[0] if k != "batches_done")
-            result["growth"] = {k: {"first": rows[0][k], "last": rows[-1][k],
-                                    "per_1000": slope_per_1000(rows[len(rows) // 5:], k)}
-                                for k in keys}
-            results["passes"].append(result)
-            print(f"\nin-process manager: {args.in_process_batches} batches")
-            for k in keys:
-                g = result["growth"][k]
-                print(f"  {k:<32}{g['first']:>10.2f}{g['last']:>10.2f}"
-                      f"{(g['per_1000'] or 0):>11.3f}")
+            results["passes"].append(
+                with_growth(result, f"in-process manager: {args.in_process_batches} batches"))
         if args.http_batches > 0:
             result = manager_over_http(root, args.http_batches)
-            rows = result["samples"]
-            keys = sorted(k for k in rows[0] if k != "batches_done")
-            result["growth"] = {k: {"first": rows[0][k], "last": rows[-1][k],
-                                    "per_1000": slope_per_1000(rows[len(rows) // 5:], k)}
-                                for k in keys}
-            results["passes"].append(result)
-            print(f"\nmanager over HTTP: {result['batches_done']} batches")
-            for k in keys:
-                g = result["growth"][k]
-                print(f"  {k:<32}{g['first']:>10.2f}{g['last']:>10.2f}"
-                      f"{(g['per_1000'] or 0):>11.3f}")
+            results["passes"].append(
+                with_growth(result, f"manager over HTTP: {result['batches_done']} batches"))
         if args.facility_in_process_batches > 0:
             results["passes"].append(facility_in_process(root, args.facility_in_process_batches,
                                                          args.runs))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    out = write_json(args.out, results)
-    print(f"JSON: {out}")
+    save_results(args.out, results)
     return 0
 
 

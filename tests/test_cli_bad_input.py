@@ -345,6 +345,11 @@ BENCH_PARTS = ["manager", "engine", "orchestrator", "output_check", "fleet", "re
                "overhead", "connections", "live", "facility"]
 
 
+# bench_soak.py with every pass skipped: a bad count is all that is left to see
+SOAK_NOTHING = ("--minutes", "0", "--facility-minutes", "0", "--in-process-batches", "0",
+                "--http-batches", "0", "--facility-in-process-batches", "0")
+
+
 def _bench(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
                           cwd=REPO, stdin=subprocess.DEVNULL)
@@ -357,6 +362,12 @@ def _bench(*argv: str) -> subprocess.CompletedProcess:
     (("scripts/bench.py",), "manager|engine"),
     (("scripts/bench_latency.py", "--files", "x"), "--files"),
     (("scripts/gpu_host_check.py", "--files", "0"), "--files"),
+    (("scripts/bench.py", "orchestrator", "ready", "--trials", "0"), "--trials"),
+    (("scripts/bench.py", "orchestrator", "ready", "--gpus", "-1", "--trials", "0"), "--gpus"),
+    (("scripts/bench_soak.py", *SOAK_NOTHING, "--in-process-batches", "1",
+      "--horizon-batches", "0"), "--horizon-batches"),
+    (("scripts/bench_soak.py", *SOAK_NOTHING, "--http-batches", "-1", "--out", "/dev/null"),
+     "--http-batches"),
 ])
 def test_bench_scripts_refuse_bad_flags_in_one_line_and_78(argv, names):
     """The benchmarks follow the rule of every other command (scripts/bench_args.py): not
