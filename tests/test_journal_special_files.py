@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from support import ManagedProcess, ManagerProcess
@@ -54,6 +55,24 @@ def assert_one_line_refusal(code: int, log: str, path: Path, kind: str) -> None:
     assert str(path) in lines[0] and KINDS[kind] in lines[0], lines[0]
 
 
+def raised_without_blocking(action: Callable[[], object], timeout: float,
+                            blocked: str) -> list[BaseException]:
+    """Run action in a daemon thread (one blocked on a FIFO could never be joined): what it
+    raised. Fails with the message `blocked` if it has not returned within timeout s."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001 - the caller examines it
+            errors.append(exc)
+        done.set()
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(timeout), blocked
+    return errors
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("closed", [False, True], ids=["open", "input-closed"])
 def test_a_special_journal_is_refused_at_start(procs, tmp_path, kind, closed):
@@ -91,17 +110,7 @@ def test_a_fifo_swapped_in_after_the_check_does_not_block_an_append(tmp_path):
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        done = threading.Event()
-        errors: list[BaseException] = []
-
-        def append():
-            try:
-                journal.record_closed()
-            except BaseException as exc:  # noqa: BLE001 - examined below
-                errors.append(exc)
-            done.set()
-        threading.Thread(target=append, daemon=True).start()
-        assert done.wait(10), "the append blocked on a FIFO"
+        errors = raised_without_blocking(journal.record_closed, 10, "the append blocked on a FIFO")
         assert errors and isinstance(errors[0], NotRegularFile), errors
         assert "FIFO" in str(errors[0])
         with pytest.raises(JournalUnusable, match="FIFO"):
@@ -151,16 +160,8 @@ def test_a_run_part_with_a_fifo_journal_is_refused_not_blocked(tmp_path):
     os.mkfifo(tmp_path / "out" / JOURNAL_NAME)
     place = RunPlace(str(tmp_path / "in"), str(tmp_path / "out"), str(tmp_path / "db.sqlite"),
                      db_chosen=True)
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def open_part():
-        try:
-            RunPart(Config().manager, place, input_closed=True).close()
-        except BaseException as exc:  # noqa: BLE001 - examined below
-            errors.append(exc)
-        done.set()
-    threading.Thread(target=open_part, daemon=True).start()
-    assert done.wait(20), "opening the run blocked on a FIFO journal"
+    errors = raised_without_blocking(
+        lambda: RunPart(Config().manager, place, input_closed=True).close(), 20,
+        "opening the run blocked on a FIFO journal")
     assert errors and isinstance(errors[0], JournalUnusable), errors
     assert str(tmp_path / "out" / JOURNAL_NAME) in str(errors[0]) and "FIFO" in str(errors[0])
