@@ -206,6 +206,7 @@ class FacilityConfig:
     output_root: str = ""
     switch_slack_s: float = 600.0
     late_watch_s: float = 7 * 24 * 3600.0
+    shown_settled_s: float = 7 * 24 * 3600.0
     rules: list[FacilityRule] = field(default_factory=list)
 
 
@@ -350,6 +351,7 @@ _MINIMUMS: dict[str, float] = {
     "orchestrator.drain_timeout_s": 0, "orchestrator.metrics_port": 0,
     "orchestrator.first_contact_timeout_s": 0,
     "facility.switch_slack_s": 0, "facility.late_watch_s": 0,
+    "facility.shown_settled_s": 0,
 }
 _MAXIMUMS: dict[str, float] = {
     "manager.port": 65535, "runner.port": 65535, "orchestrator.metrics_port": 65535,

@@ -698,8 +698,11 @@ class Facility:
     def runs(self) -> list[dict[str, Any]]:
         return self.view.runs()
 
-    def status(self) -> dict[str, Any]:
-        return self.view.status()
+    def status(self, every_run: bool = False) -> dict[str, Any]:
+        return self.view.status(every_run)
+
+    def shown_ids(self) -> set[str]:
+        return self.view.shown_ids()
 
     def files_in_state(self, state: FileState, limit: int, run_id: object = None) -> list[dict]:
         return self.view.files_in_state(state, limit, run_id)

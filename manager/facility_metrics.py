@@ -22,7 +22,11 @@ class FacilityCollector:
         self.facility = facility
 
     def collect(self) -> Iterable[Any]:
-        runs = self.facility.run_counts()
+        """Per-run series for the runs /status shows (manager.facility_view); the
+        facility-wide sums over every run, so they never drop."""
+        every = self.facility.run_counts()
+        shown = self.facility.shown_ids()
+        runs = [run for run in every if run.run_id in shown]
         files = GaugeMetricFamily("bcmanager_files", "Input files by run and state",
                                   labels=["run", "state"])
         size = GaugeMetricFamily("bcmanager_file_bytes", "Bytes of input files by run and state",
@@ -34,6 +38,8 @@ class FacilityCollector:
             for state, n in sorted(run.files.items()):
                 files.add_metric([run.run_id, state], n)
                 size.add_metric([run.run_id, state], run.bytes.get(state, 0))
+        for run in every:
+            for state, n in run.files.items():
                 total = totals.setdefault(state, [0, 0])
                 total[0] += n
                 total[1] += run.bytes.get(state, 0)
@@ -76,6 +82,8 @@ class FacilityCollector:
         state = GaugeMetricFamily("bcmanager_run_state", "1 for each run's current state",
                                   labels=["run", "state"])
         for run_id, current in sorted(self.facility.states().items()):
+            if run_id not in shown:
+                continue
             for s in RunState:
                 state.add_metric([run_id, s.value], int(s.value == current))
         yield state
@@ -83,6 +91,8 @@ class FacilityCollector:
                                    "GPU seconds served to each run (batches held)",
                                    labels=["run"])
         for run_id, seconds in sorted(self.facility.served().items()):
+            if run_id not in shown:
+                continue
             served.add_metric([run_id], seconds)
         yield served
         switches = CounterMetricFamily("bcmanager_model_switches",

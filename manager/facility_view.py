@@ -10,11 +10,17 @@ A settled run has no part (the facility closed it): its figures come from its su
 and its files in a state from its store, opened for that one query. A part read outside
 the lock may be closed under the reader (the run settled meanwhile); the reader then
 takes the summary, as it would a moment later.
+
+/status and the per-run metric series leave out runs settled longer than
+facility.shown_settled_s ago (their summary's written_at, wall clock), so what a facility
+that runs for months answers grows with its recent runs, not with every run it has found;
+/runs, /files and /status?runs=all still list them, and the facility-wide totals count them.
 """
 from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -113,6 +119,19 @@ class FacilityView:
             "_counts": counts,
         }
 
+    def shown(self, run: Run) -> bool:
+        """Listed in /status and the per-run metrics: not settled, or settled recently."""
+        summary = run.row.summary
+        if not (run.state.final and summary):
+            return True
+        settled_at = summary.get("written_at")
+        if not isinstance(settled_at, (int, float)):
+            return True
+        return time.time() - settled_at < self.facility.fcfg.shown_settled_s
+
+    def shown_ids(self) -> set[str]:
+        return {r.row.run_id for r in self._all_runs() if self.shown(r)}
+
     def _all_runs(self) -> list[Run]:
         with self.facility._lock:
             return list(self.facility._runs.values())
@@ -124,9 +143,12 @@ class FacilityView:
             v.pop("_counts")
         return views
 
-    def status(self) -> dict[str, Any]:
+    def status(self, every_run: bool = False) -> dict[str, Any]:
+        """The facility's status; its "runs" leave out those settled longer than
+        facility.shown_settled_s ago unless every_run (the totals count them all)."""
         fac = self.facility
-        views = [self.run_view(r) for r in self._all_runs()]
+        runs = self._all_runs()
+        views = [self.run_view(r) for r in runs]
         with fac._lock:
             seen = dict(fac._engines_seen)
             nothing_left = fac.nothing_left()
@@ -167,7 +189,8 @@ class FacilityView:
             "duplicates": [d for p in parts for d in p["duplicates"]][:DUPLICATES_SHOWN],
             "files_waiting": sum(p["files_waiting"] for p in parts),
             "paces": {},
-            "runs": views,
+            "runs": [v for r, v in zip(runs, views) if every_run or self.shown(r)],
+            "runs_not_shown": 0 if every_run else sum(not self.shown(r) for r in runs),
             "facility": {"root": fac.root, "output_root": fac.output_root,
                          "output": fac.fcfg.output, "closed": fac._closed,
                          "model_switches": switches,
