@@ -85,6 +85,32 @@ def runs(fac: Facility) -> dict[str, dict]:
     return {r["run_id"]: r for r in fac.runs()}
 
 
+def assert_each_read_once(base: Path, ids: set[str]) -> None:
+    """Every read of `ids`, and no other, is in the FASTQ under base exactly once."""
+    counts = reads_in(base)
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+
+
+def report_unreadable(fac: Facility, batch: dict) -> None:
+    """The engine reports `batch` FAILED: it could not open the POD5 files."""
+    answer = fac.complete(batch["jobid"], JobState.FAILED, {}, "cannot open the POD5 files",
+                          engine_id="gpu0")
+    assert answer.status == 200, answer.body
+
+
+def batches_out_while_away(fac: Facility, path: Path, away: Path, rounds: int = 4):
+    """A flapping mount, `rounds` times: scan, take the run's one-file batch, move `path` to
+    `away` and yield the batch; `path` is moved back after the round unless the round did."""
+    for _ in range(rounds):
+        fac.scan_tick()
+        batch = take(fac)
+        assert batch["batch_size"] == 1, runs(fac)
+        os.rename(path, away)
+        yield batch
+        if not path.exists():
+            os.rename(away, path)
+
+
 def test_a_run_directory_that_vanishes_does_not_stop_the_other_runs(tmp_path):
     """A run's directory deleted, moved out of the root or unmounted while it has files
     left: the other runs are still served (it used to answer every /assignwork 503, for
@@ -116,8 +142,7 @@ def test_a_run_directory_that_vanishes_does_not_stop_the_other_runs(tmp_path):
         assert set(view) == {"run_gone", "run_stays"}
     finally:
         fac.close()
-    counts = reads_in(root)
-    assert set(counts) == gone | stays and set(counts.values()) == {1}, counts
+    assert_each_read_once(root, gone | stays)
 
 
 def test_assigning_skips_a_run_whose_directory_vanished_since_the_last_scan(tmp_path):
@@ -176,8 +201,7 @@ def test_a_run_moved_to_another_sample_mid_run_keeps_its_id_and_nothing_is_redon
         assert runs(fac)[run_id]["files"]["DONE"] == 4
     finally:
         fac.close()
-    counts = reads_in(tmp_path)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(tmp_path, ids)
 
 
 def test_a_run_whose_last_outputs_could_not_be_moved_is_not_settled_until_they_are(tmp_path):
@@ -209,8 +233,7 @@ def test_a_run_whose_last_outputs_could_not_be_moved_is_not_settled_until_they_a
         assert fac._runs["run1"].part is None
     finally:
         fac.close()
-    counts = reads_in(root)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(root, ids)
 
 
 def test_a_run_reachable_twice_through_symlinks_is_one_run(tmp_path, caplog):
@@ -244,8 +267,7 @@ def test_a_run_reachable_twice_through_symlinks_is_one_run(tmp_path, caplog):
         assert take(again)["batch_size"] == 0
     finally:
         again.close()
-    counts = reads_in(root / GROUP / SAMPLE / "run_real")
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(root / GROUP / SAMPLE / "run_real", ids)
 
 
 def test_a_restart_while_the_watch_root_is_not_mounted_hands_out_nothing_and_loses_nothing(
@@ -283,8 +305,7 @@ def test_a_restart_while_the_watch_root_is_not_mounted_hands_out_nothing_and_los
         assert all(r["files"]["DONE"] == 3 and r["reason"] == "" for r in runs(again).values())
     finally:
         again.close()
-    counts = reads_in(root)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(root, ids)
 
 
 def test_a_run_whose_pod5_folder_is_a_symlink_is_quarantined_not_silently_empty(tmp_path):
@@ -306,8 +327,7 @@ def test_a_run_whose_pod5_folder_is_a_symlink_is_quarantined_not_silently_empty(
         assert drain(fac) == ["run_real", "run_real"]
     finally:
         fac.close()
-    counts = reads_in(root)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(root, ids)
 
 
 def test_a_bcorch_toml_written_after_the_run_was_found_is_used_until_its_first_batch(
@@ -481,8 +501,7 @@ def test_a_new_run_named_like_a_deleted_one_is_not_taken_for_it_unless_minknow_n
         assert drain(fac) == ["run1-2", "run1-2"]
     finally:
         fac.close()
-    counts = reads_in(root / GROUP / "other_sample" / "run1")
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(root / GROUP / "other_sample" / "run1", ids)
 
 
 def test_a_complete_run_moved_within_the_root_is_not_basecalled_again(tmp_path):
@@ -514,8 +533,7 @@ def test_a_complete_run_moved_within_the_root_is_not_basecalled_again(tmp_path):
         assert set(runs(again)) == {name} and take(again)["batch_size"] == 0
     finally:
         again.close()
-    counts = reads_in(out)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(out, ids)
 
 
 def test_batches_failed_while_their_run_directory_is_missing_count_no_attempt(tmp_path):
@@ -525,26 +543,17 @@ def test_batches_failed_while_their_run_directory_is_missing_count_no_attempt(tm
     unchanged, they were never looked at again)."""
     root = tmp_path / "root"
     ids = make_run(root, "run1", 1, 1)
-    run_path = root / GROUP / SAMPLE / "run1"
-    away = tmp_path / "away"
     fac = facility(tmp_path, root)
     try:
-        for _ in range(4):
-            fac.scan_tick()
-            batch = take(fac)
-            assert batch["batch_size"] == 1, runs(fac)
-            os.rename(run_path, away)
-            answer = fac.complete(batch["jobid"], JobState.FAILED, {},
-                                  "cannot open the POD5 files", engine_id="gpu0")
-            assert answer.status == 200, answer.body
-            os.rename(away, run_path)
+        for batch in batches_out_while_away(fac, root / GROUP / SAMPLE / "run1",
+                                            tmp_path / "away"):
+            report_unreadable(fac, batch)
         fac.scan_tick()
         assert runs(fac)["run1"]["files"]["QUARANTINED"] == 0
         assert drain(fac) == ["run1"]
     finally:
         fac.close()
-    counts = reads_in(root)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(root, ids)
 
 
 def test_a_new_state_directory_redoes_nothing_and_finishes_closed_runs(tmp_path):
@@ -593,8 +602,7 @@ def test_a_new_state_directory_redoes_nothing_and_finishes_closed_runs(tmp_path)
         assert {r["state"] for r in runs(elsewhere).values()} == {"COMPLETE"}
     finally:
         elsewhere.close()
-    counts = reads_in(root)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(root, ids)
 
 
 def test_a_new_state_directory_keeps_each_runs_model_and_its_cancel(tmp_path):
@@ -675,8 +683,7 @@ def test_a_batch_failed_because_its_run_moved_meanwhile_counts_no_attempt(tmp_pa
         assert fac._runs[name].part.store.job(batch["jobid"]).state.value == "STOPPED"
     finally:
         fac.close()
-    counts = reads_in(root)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(root, ids)
 
 
 def _one_batch_done_then_copied(tmp_path: Path, files: int, sample: str
@@ -712,8 +719,7 @@ def test_a_copy_of_a_run_under_another_sample_is_not_basecalled_again(tmp_path):
         assert drain(fac) == [name]
     finally:
         fac.close()
-    counts = reads_in(tmp_path / "out")
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(tmp_path / "out", ids)
 
 
 def test_a_run_copied_then_deleted_is_a_move(tmp_path):
@@ -732,5 +738,4 @@ def test_a_run_copied_then_deleted_is_a_move(tmp_path):
         assert drain(fac) == [name, name]
     finally:
         fac.close()
-    counts = reads_in(tmp_path / "out")
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(tmp_path / "out", ids)
