@@ -23,11 +23,11 @@ from bcorch.manager import store as store_mod
 from bcorch.manager.facility_states import RunEvent, RunState
 from bcorch.manager.states import FileState
 from bcorch.orchestrator.pod5_dataset import write_pod5
-from bcorch.protocol import JobState
 from test_facility import GROUP as GROUP_E2E, SAMPLE as SAMPLE_E2E
 from test_facility import assign as fac_assign, done, drain as fac_drain
 from test_facility import make_run as fac_make_run, output_reads, pending, started, wait_runs
-from test_facility_hostile import (GROUP, SAMPLE, drain, facility, finish, make_run, reads_in,
+from test_facility_hostile import (GROUP, SAMPLE, assert_each_read_once, batches_out_while_away,
+                                   drain, facility, finish, make_run, reads_in, report_unreadable,
                                    runs, take)
 
 NAME = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
@@ -41,18 +41,29 @@ def _mirror(tmp_path: Path, root: Path, state: str = "state"):
     return facility(tmp_path / state, root, output="mirror", output_root=str(tmp_path / "out"))
 
 
+def _one_batch_done(tmp_path: Path, files: int) -> tuple[Path, set[str], Facility]:
+    """Run NAME of `files` files (mirror output) with one batch done: (root, read ids, the
+    facility)."""
+    root = tmp_path / "root"
+    ids = make_run(root, NAME, files, 1)
+    fac = _mirror(tmp_path, root)
+    try:
+        fac.scan_tick()
+        finish(fac, take(fac))
+    except BaseException:
+        fac.close()
+        raise
+    return root, ids, fac
+
+
 @pytest.mark.parametrize("where", ["same sample", "another group"])
 def test_a_run_copied_under_another_name_is_not_basecalled_again(tmp_path, where):
     """`cp -r RUN RUN_copy` (or into another protocol group under a new name): the same-name
     check does not see it, and it used to be a new run, every read basecalled twice. Its
     files' POD5 identities are known in the original: they are DUPLICATE, each naming the
     run and file where it is basecalled, and the copy's batches are none."""
-    root = tmp_path / "root"
-    ids = make_run(root, NAME, 3, 1)
-    fac = _mirror(tmp_path, root)
+    root, ids, fac = _one_batch_done(tmp_path, 3)
     try:
-        fac.scan_tick()
-        finish(fac, take(fac))
         copy_rel = (f"{GROUP}/{SAMPLE}/{NAME}_copy" if where == "same sample"
                     else f"other_group/{SAMPLE}/copied_run")
         shutil.copytree(root / GROUP / SAMPLE / NAME, root / copy_rel)
@@ -65,8 +76,7 @@ def test_a_run_copied_under_another_name_is_not_basecalled_again(tmp_path, where
         assert drain(fac) == [NAME, NAME]
     finally:
         fac.close()
-    counts = reads_in(tmp_path / "out")
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(tmp_path / "out", ids)
 
 
 def test_a_run_copied_with_its_beside_output_is_not_basecalled_again(tmp_path):
@@ -111,8 +121,7 @@ def test_a_run_nested_inside_another_run_is_basecalled_once(tmp_path):
         assert sorted(drain(fac)) == sorted([NAME, NAME, outer])
     finally:
         fac.close()
-    counts = reads_in(tmp_path / "out")
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(tmp_path / "out", ids)
 
 
 def test_a_copy_of_a_complete_run_found_after_a_new_state_directory_is_not_basecalled(tmp_path):
@@ -139,8 +148,7 @@ def test_a_copy_of_a_complete_run_found_after_a_new_state_directory_is_not_basec
         assert drain(elsewhere) == []
     finally:
         elsewhere.close()
-    counts = reads_in(tmp_path / "out")
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(tmp_path / "out", ids)
 
 
 def test_a_new_state_directory_keeps_a_pause_and_the_gpu_seconds(tmp_path):
@@ -192,18 +200,12 @@ def test_a_batch_failed_after_its_missing_run_directory_came_back_counts_no_atte
     away = tmp_path / "away"
     fac = facility(tmp_path, root)
     try:
-        for _ in range(4):
-            fac.scan_tick()
-            batch = take(fac)
-            assert batch["batch_size"] == 1, runs(fac)
-            os.rename(run_path, away)
+        for batch in batches_out_while_away(fac, run_path, away):
             fac.scan_tick()
             assert runs(fac)["run1"]["reason"].startswith("its directory is missing")
             os.rename(away, run_path)
             fac.scan_tick()
-            answer = fac.complete(batch["jobid"], JobState.FAILED, {},
-                                  "cannot open the POD5 files", engine_id="gpu0")
-            assert answer.status == 200, answer.body
+            report_unreadable(fac, batch)
             job = fac._runs["run1"].part.store.job(batch["jobid"])
             assert job.state.value == "STOPPED", job
         view = runs(fac)["run1"]
@@ -211,8 +213,7 @@ def test_a_batch_failed_after_its_missing_run_directory_came_back_counts_no_atte
         assert drain(fac) == ["run1"]
     finally:
         fac.close()
-    counts = reads_in(root)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(root, ids)
 
 
 @pytest.mark.parametrize("output", ["beside", "mirror"])
@@ -239,8 +240,7 @@ def test_a_run_folder_renamed_mid_run_is_a_new_run_that_redoes_nothing_and_loses
         assert drain(fac) == [redo["run_id"]] * 2
     finally:
         fac.close()
-    counts = reads_in(out if output == "mirror" else root)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(out if output == "mirror" else root, ids)
 
 
 def test_a_copy_quarantined_while_incomplete_is_not_basecalled_once_complete(tmp_path):
@@ -268,20 +268,15 @@ def test_a_copy_quarantined_while_incomplete_is_not_basecalled_once_complete(tmp
         assert sorted(drain(fac)) == sorted([NAME, "run2"])
     finally:
         fac.close()
-    counts = reads_in(tmp_path / "out")
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(tmp_path / "out", ids)
 
 
 def test_a_same_name_copy_resumed_basecalls_only_files_of_its_own(tmp_path):
     """A copy QUARANTINED for its MinKNOW name and then resumed by an operator used to be
     basecalled whole (every read twice). Resumed, it is served: the original's files are
     DUPLICATE naming it, a file added to the copy alone is basecalled."""
-    root = tmp_path / "root"
-    ids = make_run(root, NAME, 2, 1)
-    fac = _mirror(tmp_path, root)
+    root, ids, fac = _one_batch_done(tmp_path, 2)
     try:
-        fac.scan_tick()
-        finish(fac, take(fac))
         shutil.copytree(root / GROUP / SAMPLE / NAME, root / GROUP / "backup" / NAME)
         fac.scan_tick()
         copy = next(r for r in runs(fac).values() if r["rel"] == f"{GROUP}/backup/{NAME}")
@@ -295,8 +290,7 @@ def test_a_same_name_copy_resumed_basecalls_only_files_of_its_own(tmp_path):
         assert sorted(drain(fac)) == sorted([NAME, copy["run_id"]])
     finally:
         fac.close()
-    counts = reads_in(tmp_path / "out")
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(tmp_path / "out", ids)
 
 
 def test_a_batch_failed_while_its_files_are_missing_counts_no_attempt(tmp_path, monkeypatch):
@@ -307,20 +301,12 @@ def test_a_batch_failed_while_its_files_are_missing_counts_no_attempt(tmp_path, 
     unchanged)."""
     root = tmp_path / "root"
     ids = make_run(root, "run1", 1, 1)
-    pod5 = root / GROUP / SAMPLE / "run1" / "pod5"
-    away = tmp_path / "away"
     fac = facility(tmp_path, root)
     ahead = 0.0
     try:
-        for _ in range(4):
-            fac.scan_tick()
-            batch = take(fac)
-            assert batch["batch_size"] == 1, runs(fac)
-            os.rename(pod5, away)
-            answer = fac.complete(batch["jobid"], JobState.FAILED, {},
-                                  "cannot open the POD5 files", engine_id="gpu0")
-            assert answer.status == 200, answer.body
-            os.rename(away, pod5)
+        for batch in batches_out_while_away(fac, root / GROUP / SAMPLE / "run1" / "pod5",
+                                            tmp_path / "away"):
+            report_unreadable(fac, batch)
             files = fac._runs["run1"].part.store.files_in_state(FileState.QUARANTINED, 10)
             assert files == [], files
             ahead += 3600.0   # past the file's retry back-off
@@ -328,8 +314,7 @@ def test_a_batch_failed_while_its_files_are_missing_counts_no_attempt(tmp_path, 
         assert drain(fac) == ["run1"]
     finally:
         fac.close()
-    counts = reads_in(root)
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(root, ids)
 
 
 @pytest.mark.slow
@@ -376,12 +361,8 @@ def test_files_of_a_cancelled_run_copied_into_a_new_run_are_basecalled_there(tmp
     files into a new run directory. What the cancelled run basecalled is DUPLICATE there;
     the rest is basecalled in the new run (not DUPLICATE of a run that will never
     basecall it)."""
-    root = tmp_path / "root"
-    ids = make_run(root, NAME, 3, 1)
-    fac = _mirror(tmp_path, root)
+    root, ids, fac = _one_batch_done(tmp_path, 3)
     try:
-        fac.scan_tick()
-        finish(fac, take(fac))
         fac.command(NAME, RunEvent.CANCEL)
         shutil.copytree(root / GROUP / SAMPLE / NAME / "pod5", root / GROUP / SAMPLE / "redo"
                         / "pod5")
@@ -391,8 +372,7 @@ def test_files_of_a_cancelled_run_copied_into_a_new_run_are_basecalled_there(tmp
         assert drain(fac) == ["redo", "redo"]
     finally:
         fac.close()
-    counts = reads_in(tmp_path / "out")
-    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    assert_each_read_once(tmp_path / "out", ids)
 
 
 def test_a_settled_run_whose_journal_cannot_be_read_is_still_found(tmp_path):
