@@ -85,6 +85,15 @@ def runs(fac: Facility) -> dict[str, dict]:
     return {r["run_id"]: r for r in fac.runs()}
 
 
+def basecall_and_close(fac: Facility, name: str) -> None:
+    """Scan, basecall all of run `name` and close it: it is COMPLETE."""
+    fac.scan_tick()
+    drain(fac)
+    fac.command(name, RunEvent.CLOSE)
+    fac.scan_tick()
+    assert fac._runs[name].state is RunState.COMPLETE
+
+
 def assert_each_read_once(base: Path, ids: set[str]) -> None:
     """Every read of `ids`, and no other, is in the FASTQ under base exactly once."""
     counts = reads_in(base)
@@ -514,11 +523,7 @@ def test_a_complete_run_moved_within_the_root_is_not_basecalled_again(tmp_path):
     ids = make_run(root, name, 2, 1)
     fac = facility(tmp_path, root, output="mirror", output_root=str(out))
     try:
-        fac.scan_tick()
-        drain(fac)
-        fac.command(name, RunEvent.CLOSE)
-        fac.scan_tick()
-        assert fac._runs[name].state is RunState.COMPLETE
+        basecall_and_close(fac, name)
         (root / GROUP / SAMPLE).rename(root / GROUP / "archived")
         fac.scan_tick()
         view = runs(fac)

@@ -20,14 +20,14 @@ import pytest
 from bcorch.config import FacilityConfig, ManagerConfig
 from bcorch.manager.facility import Facility
 from bcorch.manager import store as store_mod
-from bcorch.manager.facility_states import RunEvent, RunState
+from bcorch.manager.facility_states import RunEvent
 from bcorch.manager.states import FileState
 from bcorch.orchestrator.pod5_dataset import write_pod5
 from test_facility import GROUP as GROUP_E2E, SAMPLE as SAMPLE_E2E
 from test_facility import assign as fac_assign, done, drain as fac_drain
 from test_facility import make_run as fac_make_run, output_reads, pending, started, wait_runs
-from test_facility_hostile import (GROUP, SAMPLE, assert_each_read_once, batches_out_while_away,
-                                   drain, facility, finish, make_run, reads_in, report_unreadable,
+from test_facility_hostile import (GROUP, SAMPLE, assert_each_read_once, basecall_and_close,
+                                   batches_out_while_away, drain, facility, finish, make_run, reads_in, report_unreadable,
                                    runs, take)
 
 NAME = "20261126_1200_P2S-01-A_FLOW001_abcd0001"
@@ -41,12 +41,12 @@ def _mirror(tmp_path: Path, root: Path, state: str = "state"):
     return facility(tmp_path / state, root, output="mirror", output_root=str(tmp_path / "out"))
 
 
-def _one_batch_done(tmp_path: Path, files: int) -> tuple[Path, set[str], Facility]:
-    """Run NAME of `files` files (mirror output) with one batch done: (root, read ids, the
-    facility)."""
+def _one_batch_done(tmp_path: Path, files: int, output: str = "mirror", name: str = NAME
+                    ) -> tuple[Path, set[str], Facility]:
+    """Run `name` of `files` files with one batch done: (root, read ids, the facility)."""
     root = tmp_path / "root"
-    ids = make_run(root, NAME, files, 1)
-    fac = _mirror(tmp_path, root)
+    ids = make_run(root, name, files, 1)
+    fac = _mirror(tmp_path, root) if output == "mirror" else facility(tmp_path, root)
     try:
         fac.scan_tick()
         finish(fac, take(fac))
@@ -83,12 +83,8 @@ def test_a_run_copied_with_its_beside_output_is_not_basecalled_again(tmp_path):
     """With `beside` output the copy brings the original's journal and bcorch_run.json:
     its finished files are known from the journal, and the rest are DUPLICATE of the
     original's (they used to be basecalled in both runs)."""
-    root = tmp_path / "root"
-    make_run(root, NAME, 3, 1)
-    fac = facility(tmp_path, root)
+    root, _, fac = _one_batch_done(tmp_path, 3, "beside")
     try:
-        fac.scan_tick()
-        finish(fac, take(fac))
         shutil.copytree(root / GROUP / SAMPLE / NAME, root / GROUP / SAMPLE / "backup_run")
         fac.scan_tick()
         view = runs(fac)
@@ -132,11 +128,7 @@ def test_a_copy_of_a_complete_run_found_after_a_new_state_directory_is_not_basec
     ids = make_run(root, NAME, 2, 1)
     fac = _mirror(tmp_path, root)
     try:
-        fac.scan_tick()
-        drain(fac)
-        fac.command(NAME, RunEvent.CLOSE)
-        fac.scan_tick()
-        assert fac._runs[NAME].state is RunState.COMPLETE
+        basecall_and_close(fac, NAME)
     finally:
         fac.close()
     shutil.copytree(root / GROUP / SAMPLE / NAME, root / GROUP / SAMPLE / "copied_later")
@@ -156,12 +148,8 @@ def test_a_new_state_directory_keeps_a_pause_and_the_gpu_seconds(tmp_path):
     only in the facility database: on a new state directory it was served again, and the
     GPU seconds of an unfinished run were lost from its view and its summary. Both are in
     bcorch_run.json beside its output now."""
-    root = tmp_path / "root"
-    make_run(root, NAME, 3, 1)
-    fac = facility(tmp_path, root)
+    root, _, fac = _one_batch_done(tmp_path, 3, "beside")
     try:
-        fac.scan_tick()
-        finish(fac, take(fac))
         fac.command(NAME, RunEvent.PAUSE)
         served = runs(fac)[NAME]["served_s"]
         assert served > 0
@@ -224,13 +212,9 @@ def test_a_run_folder_renamed_mid_run_is_a_new_run_that_redoes_nothing_and_loses
     DUPLICATE in the new one (with `mirror` output it used to be basecalled again); what it
     had not is the new run's to basecall (not DUPLICATE of a run that can no longer read
     it, which would lose it)."""
-    root = tmp_path / "root"
-    ids = make_run(root, "run1", 3, 1)
+    root, ids, fac = _one_batch_done(tmp_path, 3, output, "run1")
     out = tmp_path / "out"
-    fac = (_mirror(tmp_path, root) if output == "mirror" else facility(tmp_path, root))
     try:
-        fac.scan_tick()
-        finish(fac, take(fac))
         (root / GROUP / SAMPLE / "run1").rename(root / GROUP / SAMPLE / "run1_redo")
         fac.scan_tick()
         view = runs(fac)
