@@ -10,7 +10,8 @@ work left out, plus the runner's own start-up such as a model load where the run
 measures it; docs/engine.md, "The pace it reports"). From those:
 
 - steady state: a batch holds enough work that start-up is at most `share` of the batch's
-  time: work >= startup * (1 - share) / share seconds at the engine's rate;
+  time: work >= startup * (1 - share) / share seconds at the engine's rate, and never less
+  than MIN_STEADY_S seconds of it (`steady_work`);
 - end of a closed run: what is left is split so that the engines finish together, with
   one more piece (one more start-up) only where that start-up costs less than the
   imbalance it removes (`finish_together`);
@@ -24,6 +25,16 @@ from typing import Iterable
 
 SMOOTHING = 0.5   # weight of a new report in an engine's running pace
 END_OF_RUN = "end of run"
+MIN_STEADY_S = 10.0
+"""The least work of a steady batch, in seconds at the engine's rate, whatever its start-up.
+
+An engine whose runner starts in no time (a dorado-server with its model loaded, the
+simulate runner with `startup_s` 0) still costs 25-50 ms per batch on a loaded host:
+process start and exit, output check, /completed and /assignwork, measured in
+docs/benchmarks.md. The share alone then sized ~1.3-s batches: 2 % of the GPU spent
+on them. Bigger batches cost nothing at the end of a closed run (`finish_together`
+splits what is left) nor in an open one (a batch takes the files there are, it never
+waits for more), and 10 s is still short beside a lease or a fair-share turn."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +81,9 @@ class PaceBook:
 
 
 def steady_work(pace: Pace, share: float) -> float:
-    """The least work (bytes) whose batch spends at most `share` of its time starting up."""
-    return pace.rate * pace.startup_s * (1.0 - share) / share
+    """The least work (bytes) whose batch spends at most `share` of its time starting up,
+    and at least MIN_STEADY_S seconds of it."""
+    return pace.rate * max(pace.startup_s * (1.0 - share) / share, MIN_STEADY_S)
 
 
 def finish_together(now: float, pace: Pace, pending_s: float,

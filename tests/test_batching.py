@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bcorch.manager.batching import Pace, PaceBook, finish_together, size_batch, steady_work
+from bcorch.manager.batching import (MIN_STEADY_S, Pace, PaceBook, finish_together, size_batch,
+                                     steady_work)
 from bcorch.manager.layout import Layout
 from bcorch.manager.service import Manager
 from bcorch.manager.store import Store
@@ -37,9 +38,19 @@ def test_steady_batch_keeps_startup_at_its_share():
 
 def test_batch_grows_with_a_long_startup_and_shrinks_with_a_short_one():
     long = size_batch(pace=Pace(100.0, 10.0), files_cap=50, share=0.02, closed=False)
-    short = size_batch(pace=Pace(100.0, 0.1), files_cap=50, share=0.02, closed=False)
+    short = size_batch(pace=Pace(100.0, 0.3), files_cap=50, share=0.02, closed=False)
     assert long.work == pytest.approx(49_000)
-    assert short.work == pytest.approx(490)
+    assert short.work == pytest.approx(1_470)
+
+
+@pytest.mark.parametrize("startup_s", [0.0, 0.025, 0.1])
+def test_steady_batch_is_never_shorter_than_its_floor(startup_s):
+    """A runner that starts in no time still costs the engine tens of ms per batch: the
+    share alone would size 0-5-s batches (issue 14 §3: 2 % of the GPU lost to them)."""
+    pace = Pace(rate=100.0, startup_s=startup_s)
+    assert steady_work(pace, 0.02) == pytest.approx(100.0 * MIN_STEADY_S)
+    assert size_batch(pace=pace, files_cap=50, share=0.02, closed=False).work \
+        == pytest.approx(100.0 * MIN_STEADY_S)
 
 
 def test_unknown_pace_counts_files():
@@ -138,10 +149,18 @@ def test_service_sizes_by_the_reported_startup(tmp_path, store, startup_s, files
 
 def test_service_batch_grows_with_startup(tmp_path, store):
     manager = _manager(tmp_path, store, [KB] * 200, closed=False, clock=FakeClock())
-    manager.learn_pace("short", rate=1000.0, startup_s=0.1)    # 4.9 kB -> 5 files
+    manager.learn_pace("short", rate=1000.0, startup_s=0.3)    # 14.7 kB -> 15 files
     manager.learn_pace("long", rate=1000.0, startup_s=1.0)     # 49 kB -> 49 files
-    assert manager.assign("short", 0).body["batch_size"] == 5
+    assert manager.assign("short", 0).body["batch_size"] == 15
     assert manager.assign("long", 0).body["batch_size"] == 49
+
+
+def test_service_near_zero_startup_gets_the_floor_not_one_file(tmp_path, store):
+    """The fleet benchmark's case: 1-s files, an engine that reports 20 ms per batch.
+    The share alone gives 0.98 s of work (one file per batch); the floor 10 files."""
+    manager = _manager(tmp_path, store, [KB] * 40, closed=False, clock=FakeClock())
+    manager.learn_pace("e1", rate=1000.0, startup_s=0.02)
+    assert manager.assign("e1", 0).body["batch_size"] == round(MIN_STEADY_S)
 
 
 def test_engine_batchsize_caps_the_batch(tmp_path, store):
@@ -171,7 +190,7 @@ def four_idle_engines(manager, startup_s: float) -> None:
 def test_zero_startup_gives_one_file_batches_at_the_end(tmp_path, store):
     clock = FakeClock()
     manager = _manager(tmp_path, store, [KB] * 40, closed=True, clock=clock)
-    four_idle_engines(manager, startup_s=0.0)   # steady batch: 1 file
+    four_idle_engines(manager, startup_s=0.0)   # steady batch: 10 s = 1 file
     got = [manager.assign(f"e{1 + i % 4}", 0).body["batch_size"] for i in range(4)]
     assert got == [1, 1, 1, 1]
 
