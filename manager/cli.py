@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import bcorch
+import contextlib
 import http.client
 import json
 import logging
@@ -63,7 +64,11 @@ def _serve_parser() -> argparse.ArgumentParser:
                                  "$STATE_DIRECTORY, $XDG_STATE_HOME/bcorch or "
                                  "~/.local/state/bcorch, named after OUTPUT_DIR)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="TCP port (default 40765)")
+    p.add_argument("--port", type=int, help="TCP port (default 40765; 0: any free port, "
+                                            "see --port-file)")
+    p.add_argument("--port-file", metavar="PATH",
+                   help="once listening, write the port it listens on (a number and a "
+                        "newline) to PATH, atomically: how a caller of --port 0 learns it")
     p.add_argument("--token", help="bearer token (or env BCORCH_TOKEN)")
     p.add_argument("--input-closed", action="store_true", default=None,
                    help="the run has finished writing: no file will be added")
@@ -212,10 +217,34 @@ def _run_service(cfg: Config, args: argparse.Namespace, lock_dir: str,
         print(f"bcmanager: cannot start: {type(exc).__name__}: {exc}".splitlines()[0],
               file=sys.stderr)
         return 1
+    if args.port_file:
+        try:
+            write_port_file(args.port_file, service.port)
+        except OSError as exc:
+            service.shutdown()
+            lock.release()
+            print(f"bcmanager: --port-file: cannot write {args.port_file!r}: {exc}",
+                  file=sys.stderr)
+            return 1
     lock.start_refreshing(on_lost=lambda _reason: service.stop_event.set())
     code = service.serve()
     lock.release()
     return _fail(lock.lost, EXIT_CONFIG) if lock.lost else code
+
+
+def write_port_file(path: str, port: int) -> None:
+    """PATH holds the listening port, or does not exist: written beside it, then renamed.
+    The socket is bound and listening when this runs, so a client that reads the port can
+    connect at once (its connection waits in the backlog until the server answers)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(f"{port}\n")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _request(cfg: Config, route: str, method: str = "GET", body: dict | None = None) -> Any:

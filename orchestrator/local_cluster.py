@@ -1,8 +1,8 @@
 """A manager and bcorch on this machine as real subprocesses: the demo, the benchmarks, the tests.
 
 `LocalCluster(workdir, gpus=...)` writes one config file (simulation by default, see
-bcorch.config_writer), starts `bcmanager` on a free loopback port and `bcorch --gpus
-virtual:N`, and stops both. With `watch_root=` the manager serves a facility (every run
+bcorch.config_writer), starts `bcmanager` on a loopback port the manager chooses itself
+(`--port 0 --port-file`) and `bcorch --gpus virtual:N`, and stops both. With `watch_root=` the manager serves a facility (every run
 directory under that root; `facility` and `facility_rules` give the runs' settings).
 Every child runs in its own session with its output in a log file; every wait is bounded;
 `close()` leaves nothing running. The cluster's children also die with the process that
@@ -45,6 +45,8 @@ def _die_with_parent(parent: int) -> None:  # pragma: no cover - in the child, f
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before it is used (LocalCluster lets
+    the manager choose instead). For scripts that need a port for something else."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -250,42 +252,86 @@ class LocalCluster:
                                               else self.workdir / "output")
         for d in (self.input_dir, self.output_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port: int | None = port  # None: the manager picks one at its first start
+        self.port_file = self.workdir / "manager.port"
         self.db = self.workdir / "bcmanager.sqlite"  # in the workspace, not ~/.local/state
         self.socket = self.workdir / "control" / "control.sock"
         self._short_socket_dir: Path | None = None
         if len(os.fsencode(str(self.socket))) > MAX_SOCKET_PATH:  # a deep TMPDIR
             self._short_socket_dir = Path(tempfile.mkdtemp(prefix="bcorch-ctl-", dir="/tmp"))
             self.socket = self._short_socket_dir / "control.sock"
-        where = ({"watch_root": str(self.watch_root)} if self.watch_root else
-                 {"input_dir": str(self.input_dir), "output_dir": str(self.output_dir)})
-        self.config = write_config(
-            self.workdir / "bcorch.toml",
-            manager={"url": self.url, "port": self.port, **where, "db": str(self.db),
-                     "settle_s": 0.0, "scan_interval_s": 0.2, **(manager or {})},
-            engine={"polling_interval": 0.01, "work_until_none_left": True, **(engine or {})},
-            runner={"stop_grace_s": 2.0, **(runner or {})},
-            orchestrator={"hang_timeout_s": 30.0, "drain_timeout_s": 30.0,
-                          "control_socket": str(self.socket), **(orchestrator or {})},
-            **({"facility": dict(facility)} if facility else {}))
-        if facility_rules:
-            with open(self.config, "a") as fh:
-                fh.write(rules_toml(facility_rules))
+        self._sections = dict(manager=manager, engine=engine, runner=runner,
+                              orchestrator=orchestrator, facility=facility,
+                              facility_rules=facility_rules)
+        self.config = self.workdir / "bcorch.toml"
+        self._write_config()
         self.manager: LocalProcess | None = None
         self.bcorch: LocalProcess | None = None
 
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the manager's port is not known before its first start "
+                               "(start_manager)")
+        return f"http://127.0.0.1:{self.port}"
+
+    def _write_config(self) -> None:
+        """bcorch.toml for both processes; manager.url only once the port is known (before
+        the first start the manager is told --port 0 and says which port it got)."""
+        s = self._sections
+        where = ({"watch_root": str(self.watch_root)} if self.watch_root else
+                 {"input_dir": str(self.input_dir), "output_dir": str(self.output_dir)})
+        known = {"url": self.url, "port": self.port} if self.port is not None else {}
+        write_config(
+            self.config,
+            manager={**known, **where, "db": str(self.db),
+                     "settle_s": 0.0, "scan_interval_s": 0.2, **(s["manager"] or {})},
+            engine={"polling_interval": 0.01, "work_until_none_left": True,
+                    **(s["engine"] or {})},
+            runner={"stop_grace_s": 2.0, **(s["runner"] or {})},
+            orchestrator={"hang_timeout_s": 30.0, "drain_timeout_s": 30.0,
+                          "control_socket": str(self.socket), **(s["orchestrator"] or {})},
+            **({"facility": dict(s["facility"])} if s["facility"] else {}))
+        if s["facility_rules"]:
+            with open(self.config, "a") as fh:
+                fh.write(rules_toml(s["facility_rules"]))
+
     def start_manager(self, *extra: str, input_closed: bool = True, timeout: float = 60.0,
                       wait_files: int | None = None) -> float:
-        """Start bcmanager; return the monotonic time it first answered /heartbeat."""
-        argv = manager_argv(self.config, *extra, *(["--input-closed"] if input_closed else []))
+        """Start bcmanager; return the monotonic time it first answered /heartbeat.
+
+        The first start without a port given: the manager listens on --port 0 and writes
+        the port it got to --port-file (no other process can take it between a choice and
+        the bind); the config then names it, so bcorch and later restarts use it."""
+        choose = self.port is None
+        port_args: list[str] = []
+        if choose:
+            self.port_file.unlink(missing_ok=True)
+            port_args = ["--port", "0", "--port-file", str(self.port_file)]
+        argv = manager_argv(self.config, *port_args, *extra,
+                            *(["--input-closed"] if input_closed else []))
         self.manager = LocalProcess(argv, self.workdir / "manager.log",
                                     die_with_parent=True).start()
 
-        def up() -> bool:
+        def alive() -> None:
             if not self.manager.running():
                 raise RuntimeError(f"the manager exited with {self.manager.returncode}; "
                                    f"see {self.manager.log_path}")
+
+        def port_written() -> int | None:
+            alive()
+            try:
+                return int(self.port_file.read_text())
+            except (OSError, ValueError):
+                return None
+
+        if choose:
+            self.port = wait_for(port_written, timeout, f"the manager's port in {self.port_file}",
+                                 interval=0.02)
+            self._write_config()
+
+        def up() -> bool:
+            alive()
             return get_json(self.url + "/heartbeat", timeout=0.5) is not None
 
         wait_for(up, timeout, f"the manager on {self.url}", interval=0.02)
