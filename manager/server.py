@@ -118,6 +118,7 @@ class Service:
                      self.cfg.host, self.port, self.cfg.input_dir, self.cfg.output_dir,
                      self.store.path, self.cfg.report_back_interval,
                      "required" if self.app.auth.required else "off")
+        self._start_restored_leases()
         self._threads = [
             threading.Thread(target=self._every, name="reaper", daemon=True,
                              args=(self.reap_tick_s(), "lease reaper", self._reap)),
@@ -139,6 +140,14 @@ class Service:
                 signal.signal(sig, handler)
             self.shutdown()
         return 0
+
+    def _start_restored_leases(self) -> None:
+        """Before the reaper and the HTTP thread: the start-up is not taken from the leases
+        of the jobs live at the restart (Manager.leases_start_now)."""
+        parts = self.facility.parts() if self.facility is not None else [("", self.part)]
+        for _, part in parts:
+            if part is not None:
+                part.manager.leases_start_now()
 
     def _serve_http(self) -> None:
         try:

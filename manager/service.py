@@ -95,11 +95,13 @@ class Manager:
         self._close_requested = input_closed
         self._input_closed = store.input_closed()
         self._input_scanned = False   # "nothing left" needs one whole scan since the start
+        self._restored: list[str] = []   # live at recovery; their lease restarts when serving
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def recover(self) -> None:
-        """After a start: finish recorded moves, re-create live jobs' dirs, fresh leases."""
+        """After a start: finish recorded moves, re-create live jobs' dirs, fresh leases
+        (started again by leases_start_now() once the HTTP server answers)."""
         with self._lock:
             self.layout.create_roots()
             self._rebuild_from_journal()
@@ -111,6 +113,7 @@ class Manager:
             for job in live:
                 self.layout.prepare(job)
                 self.leases.grant(job.job_id, job.engine_id)
+                self._restored.append(job.job_id)
                 self._in_flight[job.job_id] = InFlight(job.engine_id, self._clock(),
                                                        sum(f.size for f in job.files))
             self._engines_seen.update(self.store.recent_engines())
@@ -118,6 +121,19 @@ class Manager:
                 log.info("restart: %d live jobs get a fresh lease of %.0f s: %s", len(live),
                          self.interval,
                          ", ".join(f"{short_job_id(j.job_id)}@{j.engine_id}" for j in live[:20]))
+
+    def leases_start_now(self) -> None:
+        """The restored jobs' leases run from now, when the server starts answering: the
+        engines could not keep them alive before, and a slow start (a big journal, many
+        runs of a facility to recover) must not eat the lease and have their batches
+        redone. A keep-alive already taken only gets its deadline moved later."""
+        with self._lock:
+            restored, self._restored = self._restored, []
+            for job_id in restored:
+                self.leases.refresh(job_id)
+        if restored:
+            log.info("serving: the %d restored jobs' leases of %.0f s start now",
+                     len(restored), self.interval)
 
     def _rebuild_from_journal(self) -> None:
         """A new (or lost) database learns from the journal what is already DONE."""
