@@ -336,7 +336,13 @@ class App:
         return Answer(200, {"state": state.value, "count": len(files), "files": files})
 
     def metrics_text(self, params: Params) -> RawAnswer:
-        return RawAnswer(*self.metrics.exposition())
+        """GET /metrics[?runs=all]: a facility's per-run series for every run, not only
+        those /status shows (facility.shown_settled_s); one run's manager has no others."""
+        which = params.one("runs", required=False)
+        if which not in (None, "all", "recent"):
+            raise HTTPError(400, f"parameter runs must be 'all' (every run) or 'recent' "
+                                 f"(the default), got {str(which)[:40]!r}")
+        return RawAnswer(*self.metrics.exposition(every_run=which == "all"))
 
     def close_input(self, params: Params) -> Answer:
         return self.manager.close_input()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .facility import Facility
@@ -21,11 +22,15 @@ class FacilityCollector:
     def __init__(self, facility: Facility):
         self.facility = facility
 
-    def collect(self) -> Iterable[Any]:
-        """Per-run series for the runs /status shows (manager.facility_view); the
-        facility-wide sums over every run, so they never drop."""
+    def collect(self, every_run: bool = False) -> Iterable[Any]:
+        """Per-run series for the runs /status shows (manager.facility_view), or for every
+        run (GET /metrics?runs=all); the facility-wide sums over every run, so they never
+        drop."""
         every = self.facility.run_counts()
-        shown = self.facility.shown_ids()
+        if every_run:
+            shown = {run.run_id for run in every} | set(self.facility.states())
+        else:
+            shown = self.facility.shown_ids()
         runs = [run for run in every if run.run_id in shown]
         files = GaugeMetricFamily("bcmanager_files", "Input files by run and state",
                                   labels=["run", "state"])
@@ -107,4 +112,22 @@ class FacilityMetrics(CollectorMetrics):
     """The facility's registry: its collector and the request latency histogram."""
 
     def __init__(self, facility: Facility):
-        super().__init__(FacilityCollector(facility))
+        self.collector = FacilityCollector(facility)
+        super().__init__(self.collector)
+
+    def exposition(self, every_run: bool = False) -> tuple[bytes, str]:
+        if not every_run:
+            return super().exposition()
+        return generate_latest(_EveryRun(self)), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
+
+
+class _EveryRun:
+    """What generate_latest reads (a collect()): the registry's families, with the
+    per-run series of every run."""
+
+    def __init__(self, metrics: FacilityMetrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        yield from self.metrics.collector.collect(every_run=True)
+        yield from self.metrics.latency.collect()

@@ -116,7 +116,8 @@ class CollectorMetrics:
                                  ["route", "code"], buckets=LATENCY_BUCKETS,
                                  registry=self.registry)
 
-    def exposition(self) -> tuple[bytes, str]:
+    def exposition(self, every_run: bool = False) -> tuple[bytes, str]:
+        """every_run: a facility's series of every run (FacilityMetrics); here the same."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

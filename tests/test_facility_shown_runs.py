@@ -62,6 +62,19 @@ def test_runs_settled_long_ago_leave_status_and_metrics_but_not_runs(procs, tmp_
     assert f'bcmanager_files_done_total{{run="{recent}"}} 2.0' in metrics
     assert "bcmanager_assignments_total 4.0" in metrics   # the old runs' jobs still count
 
+    code, every_metrics = fac.get("/metrics", runs="all")
+    assert code == 200, every_metrics
+    for run_id in (*old, recent, active):
+        assert f'bcmanager_run_state{{run="{run_id}",state=' in every_metrics, run_id
+        assert f'bcmanager_run_gpu_seconds{{run="{run_id}"}}' in every_metrics, run_id
+    for run_id in (*old, recent):
+        assert f'bcmanager_files_done_total{{run="{run_id}"}} 2.0' in every_metrics, run_id
+    assert "bcmanager_assignments_total 4.0" in every_metrics
+    assert "bcmanager_request_duration_seconds_bucket" in every_metrics
+
+    code, body = fac.get("/metrics", runs="everything")
+    assert code == 400 and "parameter runs" in body["error"] and "\n" not in body["error"], body
+
 
 def test_shown_settled_s_zero_shows_no_settled_run(procs, tmp_path, root):
     recent = settled_run(root, 1, 60.0)
