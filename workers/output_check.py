@@ -31,10 +31,12 @@ the check could not read the outputs, the count is unknown and nothing is report
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -52,6 +54,12 @@ _SKIP_LINE = re.compile(
     re.IGNORECASE)
 
 _said_once: set[str] = set()
+
+WARM_UP_MODULES = ("pod5",)
+WARM_UP_NICE = 10           # as the simulated basecaller (simulate_main.SIMULATE_NICE)
+WARM_UP_WAIT_S = 20.0       # the check waits this long at most for the warm-up to finish
+_warm_up: threading.Thread | None = None
+_warm_up_nice: tuple[int, int] | None = None   # (its thread id, the nice value it had)
 
 
 def _once(log: logging.Logger | logging.LoggerAdapter, key: str, message: str) -> None:
@@ -106,13 +114,31 @@ class OutputChecker:
 
         The import (pyarrow) costs ~0.25 s of CPU; done in the check it lands on every
         engine's first batch, after the basecaller, when GPUs could already have new work.
+        It runs in a thread of its own at nice WARM_UP_NICE (Linux sets a thread's nice
+        value alone), so the engine's loop is not held up and, on a host with fewer cores
+        than GPUs, the engines still starting and the manager assigning their first
+        batches go first: 16 engines importing pyarrow at normal priority held the last
+        first batch back by seconds (docs/benchmarks.md, issue 14 §3).
         """
-        if "pod5" in sys.modules:
+        global _warm_up
+        if _warm_up is not None or all(m in sys.modules for m in WARM_UP_MODULES):
             return
-        try:
-            import pod5  # noqa: F401
-        except ImportError:
-            pass
+        _warm_up = threading.Thread(target=_import_niced, args=(WARM_UP_MODULES,),
+                                    name="output-check-warm-up", daemon=True)
+        _warm_up.start()
+
+    @staticmethod
+    def warmed_up(timeout: float = WARM_UP_WAIT_S) -> None:
+        """Wait (at most `timeout`) for a warm-up still importing; the check needs it."""
+        thread, niced = _warm_up, _warm_up_nice
+        if thread is None or not thread.is_alive():
+            return
+        if niced is not None:   # it is on the critical path now: back to normal if allowed
+            try:
+                os.setpriority(os.PRIO_PROCESS, *niced)
+            except OSError:
+                pass
+        thread.join(timeout)
 
     def apply(self, result: RunResult, input_dir: Path, output_dir: Path,
               batch: Sequence[str]) -> RunResult:
@@ -124,6 +150,7 @@ class OutputChecker:
         """The batch's result after the check, with the reads a DONE batch wrote."""
         if result.state is not JobState.DONE:
             return Checked(result)
+        self.warmed_up()
         report = self.check(input_dir, output_dir, batch)
         for note in report.notes:
             self.log.warning("output check: %s", note)
@@ -177,6 +204,23 @@ class OutputChecker:
                 report.notes.append(f"{name}: {len(ids) - found} of {len(ids)} reads not in the "
                                     f"output (within runner.min_read_fraction)")
         return report
+
+
+def _import_niced(modules: Sequence[str]) -> None:
+    """Import `modules` from this thread, first lowering this thread's priority."""
+    global _warm_up_nice
+    try:
+        tid = threading.get_native_id()
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, nice + WARM_UP_NICE)
+        _warm_up_nice = (tid, nice)
+    except (OSError, AttributeError):
+        pass
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
 
 
 def input_read_ids(input_dir: Path, batch: Sequence[str],
