@@ -518,7 +518,8 @@ class Manager:
         of a Facility) is not looked at."""
         return self.store.files_in_state(state, limit)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, every_run: bool = False) -> dict[str, Any]:
+        """every_run: as Facility.status takes it; one run is always shown whole."""
         counters = self.store.snapshot()
         now = self._clock()
         with self._lock:
