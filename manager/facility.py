@@ -111,7 +111,8 @@ class Facility:
         self.fair = FairShare(fcfg.switch_slack_s, clock)
         self.view = FacilityView(self)
         self.late = LateFiles(fcfg.late_watch_s)
-        self.identities = IdentityIndex(self.db, self._rel_of, self._will_basecall)
+        self.identities = IdentityIndex(self.db, self._rel_of, self._will_basecall,
+                                        self._state_of)
         self.relocation = RunRelocation(self)
         self.settlement = RunSettlement(self)
         self.settings_reader = RunSettingsReader(self)
@@ -136,6 +137,10 @@ class Facility:
     def _rel_of(self, run_id: str) -> str:
         run = self._runs.get(run_id)
         return run.row.rel if run is not None else "no longer known"
+
+    def _state_of(self, run_id: str) -> RunState | None:
+        run = self._runs.get(run_id)
+        return run.state if run is not None else None
 
     def _will_basecall(self, run_id: str, path: str) -> bool:
         """Whether run_id may still basecall its file at path: the file is still there,
@@ -380,6 +385,10 @@ class Facility:
                          event.value)
             if after is RunState.CANCELLED:
                 self.fair.forget_run(run.row.run_id)
+                if before is not after:   # copies made before the cancel: basecalled there
+                    self.identities.release(run.row.run_id, [
+                        (r.row.run_id, r.part.store) for r in self._runs.values()
+                        if r.part is not None and r.state is not RunState.CANCELLED])
             if before is not after:
                 self._write_record(run)
             self.settlement.check(run)

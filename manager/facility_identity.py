@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .facility_db import FacilityDB
+from .facility_states import RunState
 from .journal import PATH_PREFIX, Journal, JournalUnusable
 from .states import FileState
-from .store import Found
+from .store import Found, Store
 
 log = logging.getLogger("bcmanager.facility")
 
@@ -34,13 +35,16 @@ Owner = tuple[str, str]   # (run id, path relative to that run's directory)
 
 class IdentityIndex:
     """will_basecall(run id, path): whether that run may still basecall its file at path
-    (the run is not CANCELLED and the file is still there)."""
+    (the run is not CANCELLED and the file is still there); state_of(run id): the run's
+    state (None when unknown), for the reason a DUPLICATE gives."""
 
     def __init__(self, db: FacilityDB, rel_of: Callable[[str], str],
-                 will_basecall: Callable[[str, str], bool]):
+                 will_basecall: Callable[[str, str], bool],
+                 state_of: Callable[[str], RunState | None] = lambda _run_id: None):
         self.db = db
         self._rel_of = rel_of
         self._will_basecall = will_basecall
+        self._state_of = state_of
         self._warned: set[tuple[str, str]] = set()
 
     def screen(self, run_id: str, found: list[Found]) -> list[Found]:
@@ -80,8 +84,13 @@ class IdentityIndex:
 
     def _reason(self, owner: Owner) -> str:
         run_id, path = owner
-        return (f"duplicate of {path} in run {run_id} ({self._rel_of(run_id)}): the same POD5 "
-                f"file identifier; basecalled there, not again")
+        where = (f"duplicate of {path} in run {run_id} ({self._rel_of(run_id)}): the same POD5 "
+                 f"file identifier")
+        if self._state_of(run_id) is RunState.QUARANTINED:
+            return (f"{where}; that run is QUARANTINED, so it is basecalled nowhere yet: fix "
+                    f"its bcorch.toml and `bcmanager run resume {run_id}` (basecalled there), "
+                    f"or `bcmanager run cancel {run_id}` (basecalled here)")
+        return f"{where}; basecalled there, not again"
 
     def _warn_once(self, run_id: str, path: str, owner: Owner) -> None:
         key = (run_id, owner[0])
@@ -91,6 +100,32 @@ class IdentityIndex:
         log.warning("run %s: %s (and any other file of run %s's) is a copy of %s in run %s "
                     "(%s): DUPLICATE, not basecalled again", run_id, path, owner[0], owner[1],
                     owner[0], self._rel_of(owner[0]))
+
+    def release(self, run_id: str, parts: Iterable[tuple[str, Store]]) -> int:
+        """run_id was cancelled: its files that other runs hold as DUPLICATE of it, and
+        that it has not basecalled and will not, become PENDING in the first of those runs
+        (the copy an operator made before the cancel) and that run's claim. Returns how
+        many."""
+        released = 0
+        for other, store in parts:
+            if other == run_id:
+                continue
+            duplicates = store.cross_run_duplicates()
+            if not duplicates:
+                continue
+            owners = self.db.claim_identities(other, duplicates)
+            freed = [(fid, path) for fid, path in duplicates
+                     if fid in owners and owners[fid][0] == run_id and not owners[fid][2]
+                     and not self._will_basecall(*owners[fid][:2])]
+            if not freed:
+                continue
+            store.release_duplicates([path for _, path in freed])
+            self.db.transfer_identities(other, freed)
+            released += len(freed)
+            log.warning("run %s: %d files DUPLICATE of run %s, which was cancelled before "
+                        "it basecalled them: PENDING, basecalled in run %s", other,
+                        len(freed), run_id, other)
+        return released
 
     def adopt_store(self, run_id: str, store_path: str) -> None:
         """The identities in a run's store (not its duplicates), where not claimed yet."""

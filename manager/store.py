@@ -401,6 +401,29 @@ class Store:
                 "SELECT path, size, mtime FROM files WHERE state = 'QUARANTINED'").fetchall()
         return {p: (s, m) for p, s, m in rows}
 
+    def cross_run_duplicates(self) -> list[tuple[str, str]]:
+        """(fid, path) of the files placed DUPLICATE of another run's file (a facility's
+        identity index; a copy within this store has dup_of set instead)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT fid, path FROM files WHERE state = 'DUPLICATE' AND dup_of IS NULL "
+                "AND fid IS NOT NULL ORDER BY id").fetchall()
+
+    def release_duplicates(self, paths: list[str]) -> int:
+        """These cross-run DUPLICATE files are this run's to basecall after all (the run
+        that held them was cancelled before basecalling them): PENDING. Returns how many."""
+        if not paths:
+            return 0
+        with self._tx() as db:
+            before = db.total_changes
+            db.executemany("UPDATE files SET state = 'PENDING', reason = NULL, attempts = 0, "
+                           "updated = ? WHERE path = ? AND state = 'DUPLICATE' "
+                           "AND dup_of IS NULL", [(time.time(), p) for p in paths])
+            released = db.total_changes - before
+        with self._lock:
+            self.counters = self._recount()
+        return released
+
     # -- the journal -------------------------------------------------------------------
 
     def is_new(self) -> bool:

@@ -382,3 +382,82 @@ def test_a_settled_run_whose_journal_cannot_be_read_is_still_found(tmp_path):
         assert runs(elsewhere)[NAME]["state"] == "COMPLETE"
     finally:
         elsewhere.close()
+
+
+def _quarantined_before_its_first_batch(tmp_path: Path, files: int
+                                        ) -> tuple[Path, Path, set[str], Facility]:
+    """A run found and its files claimed, then QUARANTINED by a bad bcorch.toml before it
+    basecalled anything: (root, the run's directory, read ids, the facility)."""
+    root = tmp_path / "root"
+    ids = make_run(root, NAME, files, 1)
+    fac = _mirror(tmp_path, root)
+    run = root / GROUP / SAMPLE / NAME
+    try:
+        fac.scan_tick()
+        (run / "bcorch.toml").write_text('model = "sup"\n')   # not in a [run] table
+        fac.scan_tick()
+        assert runs(fac)[NAME]["state"] == "QUARANTINED", runs(fac)[NAME]
+    except BaseException:
+        fac.close()
+        raise
+    return root, run, ids, fac
+
+
+def test_a_copy_of_a_quarantined_run_says_how_to_have_it_basecalled(tmp_path):
+    """Copied out of a QUARANTINED run, a file is DUPLICATE of it (the run may be fixed and
+    resumed); its reason tells the operator what to do, not that it was basecalled."""
+    root, run, _, fac = _quarantined_before_its_first_batch(tmp_path, 1)
+    try:
+        shutil.copytree(run / "pod5", root / GROUP / SAMPLE / "redo" / "pod5")
+        fac.scan_tick()
+        [dup] = _duplicates(fac, "redo")
+        assert f"run {NAME}" in dup["reason"] and "QUARANTINED" in dup["reason"], dup
+        assert "bcorch.toml" in dup["reason"] and f"bcmanager run resume {NAME}" in \
+            dup["reason"] and f"bcmanager run cancel {NAME}" in dup["reason"], dup
+        assert "not again" not in dup["reason"], dup
+    finally:
+        fac.close()
+
+
+@pytest.mark.parametrize("order", ["cancel, then copy", "copy, then cancel"])
+def test_files_of_a_cancelled_quarantined_run_are_basecalled_in_the_copy(tmp_path, order):
+    """docs/facility.md: a QUARANTINED run never fixed is cancelled and its files copied
+    into a new run, which basecalls them; also when the copy was made first (its files
+    DUPLICATE of the quarantined run until the cancel releases them)."""
+    root, run, ids, fac = _quarantined_before_its_first_batch(tmp_path, 3)
+    try:
+        if order == "cancel, then copy":
+            fac.command(NAME, RunEvent.CANCEL)
+        shutil.copytree(run / "pod5", root / GROUP / SAMPLE / "redo" / "pod5")
+        fac.scan_tick()
+        if order == "copy, then cancel":
+            assert runs(fac)["redo"]["files"]["DUPLICATE"] == 3, runs(fac)["redo"]
+            fac.command(NAME, RunEvent.CANCEL)
+        view = runs(fac)["redo"]
+        assert view["files"]["PENDING"] == 3 and view["files"]["DUPLICATE"] == 0, view
+        assert drain(fac) == ["redo"] * 3
+        shutil.copytree(run / "pod5", root / GROUP / SAMPLE / "third" / "pod5")
+        fac.scan_tick()   # a third copy: DUPLICATE of redo, where they were basecalled
+        assert runs(fac)["third"]["files"]["DUPLICATE"] == 3, runs(fac)["third"]
+        assert drain(fac) == []
+    finally:
+        fac.close()
+    assert_each_read_once(tmp_path / "out", ids)
+
+
+def test_a_quarantined_run_fixed_and_resumed_basecalls_its_files_once(tmp_path):
+    """The other documented way: fix the run's bcorch.toml and resume it. A copy made
+    meanwhile stays DUPLICATE: each read is basecalled once, in the original run."""
+    root, run, ids, fac = _quarantined_before_its_first_batch(tmp_path, 2)
+    try:
+        shutil.copytree(run / "pod5", root / GROUP / SAMPLE / "redo" / "pod5")
+        fac.scan_tick()
+        (run / "bcorch.toml").write_text('[run]\nmodel = "sup"\n')
+        fac.command(NAME, RunEvent.RESUME)
+        fac.scan_tick()
+        assert runs(fac)[NAME]["state"] == "ACTIVE", runs(fac)[NAME]
+        assert drain(fac) == [NAME] * 2
+        assert runs(fac)["redo"]["files"]["DUPLICATE"] == 2, runs(fac)["redo"]
+    finally:
+        fac.close()
+    assert_each_read_once(tmp_path / "out", ids)
