@@ -2,8 +2,9 @@
 
 `LocalCluster(workdir, gpus=...)` writes one config file (simulation by default, see
 bcorch.config_writer), starts `bcmanager` on a loopback port the manager chooses itself
-(`--port 0 --port-file`) and `bcorch --gpus virtual:N`, and stops both. With `watch_root=` the manager serves a facility (every run
-directory under that root; `facility` and `facility_rules` give the runs' settings).
+(`--port 0 --port-file`) and `bcorch --gpus virtual:N`, and stops both. With `watch_root=`
+the manager serves a facility (every run directory under that root; `facility` and
+`facility_rules` give the runs' settings).
 Every child runs in its own session with its output in a log file; every wait is bounded;
 `close()` leaves nothing running. The cluster's children also die with the process that
 started them, should it be killed with SIGKILL and run no clean-up (die_with_parent).
