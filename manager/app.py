@@ -88,6 +88,17 @@ class Params:
         return self._values.get(name, [])
 
 
+def _every_run(params: Params) -> bool:
+    """The `runs` parameter of /status and /metrics: 'all' lists a facility's every run,
+    'recent' (the default) leaves out runs settled before facility.shown_settled_s; one
+    run's manager has no others."""
+    which = params.one("runs", required=False)
+    if which not in (None, "all", "recent"):
+        raise HTTPError(400, f"parameter runs must be 'all' (every run) or 'recent' "
+                             f"(the default), got {str(which)[:40]!r}")
+    return which == "all"
+
+
 def _int_param(value: Any, name: str, low: int, high: int) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
@@ -317,7 +328,8 @@ class App:
             raise HTTPError(400, f"parameter {exc}") from None
 
     def status(self, params: Params) -> Answer:
-        return Answer(200, self.manager.status())
+        """GET /status[?runs=all] (_every_run)."""
+        return Answer(200, self.manager.status(every_run=_every_run(params)))
 
     def files(self, params: Params) -> Answer:
         raw = params.one("state")
@@ -338,11 +350,7 @@ class App:
     def metrics_text(self, params: Params) -> RawAnswer:
         """GET /metrics[?runs=all]: a facility's per-run series for every run, not only
         those /status shows (facility.shown_settled_s); one run's manager has no others."""
-        which = params.one("runs", required=False)
-        if which not in (None, "all", "recent"):
-            raise HTTPError(400, f"parameter runs must be 'all' (every run) or 'recent' "
-                                 f"(the default), got {str(which)[:40]!r}")
-        return RawAnswer(*self.metrics.exposition(every_run=which == "all"))
+        return RawAnswer(*self.metrics.exposition(every_run=_every_run(params)))
 
     def close_input(self, params: Params) -> Answer:
         return self.manager.close_input()

@@ -1,6 +1,4 @@
-"""The facility's HTTP routes: GET /runs and /runs/pause|resume|cancel|close?run=RUN_ID,
-and GET /status[?runs=all] (every run, not only those settled within
-facility.shown_settled_s: manager.facility_view).
+"""The facility's HTTP routes: GET /runs and /runs/pause|resume|cancel|close?run=RUN_ID.
 
 A command takes `run` from the query (GET) or the JSON body (POST). An unknown or
 missing run is a 400 naming `run`; a change the run's state does not allow is a 409
@@ -19,13 +17,6 @@ def run_routes(facility: Facility, http_error: type) -> dict[str, tuple]:
     def runs(params: Any) -> Answer:
         return Answer(200, {"runs": facility.runs()})
 
-    def status(params: Any) -> Answer:
-        which = params.one("runs", required=False)
-        if which not in (None, "all", "recent"):
-            raise http_error(400, f"parameter runs must be 'all' (every run) or 'recent' "
-                                  f"(the default), got {str(which)[:40]!r}")
-        return Answer(200, facility.status(every_run=which == "all"))
-
     def command(event: RunEvent) -> Callable[[Any], Answer]:
         def handle(params: Any) -> Answer:
             run = params.one("run", required=False)
@@ -41,8 +32,7 @@ def run_routes(facility: Facility, http_error: type) -> dict[str, tuple]:
             return Answer(200, {"ok": True, "run": view})
         return handle
 
-    routes: dict[str, tuple] = {"/runs": (frozenset({"GET", "HEAD"}), True, runs),
-                                "/status": (frozenset({"GET", "HEAD"}), True, status)}
+    routes: dict[str, tuple] = {"/runs": (frozenset({"GET", "HEAD"}), True, runs)}
     for event in COMMANDS:
         routes[f"/runs/{event.value}"] = (frozenset({"GET", "POST"}), True, command(event))
     return routes
