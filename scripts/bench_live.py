@@ -111,20 +111,20 @@ class Feeder(threading.Thread):
         self.files, self.input_dir, self.every_s = files, input_dir, every_s
         self.ready: dict[str, float] = {}
         self.late_s = 0.0          # how far behind its schedule the feeder fell, at most
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         start = time.monotonic()
         for i, path in enumerate(self.files):
             due = start + i * self.every_s
-            if self._stop.wait(max(0.0, due - time.monotonic())):
+            if self._halt.wait(max(0.0, due - time.monotonic())):
                 return
             self.late_s = max(self.late_s, time.monotonic() - due)
             os.link(path, self.input_dir / path.name)
             self.ready[path.name] = time.time()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 def _percentile(values: list[float], q: float) -> float:
