@@ -269,8 +269,7 @@ class InstanceLock:
         """Rewrite the lock; a reason string when it is no longer ours, else ""."""
         current, _ = self._read()
         if current is None or current.instance != self.me.instance:
-            who = current.describe() if current else "nobody (the lock file is gone)"
-            return f"the lock {self.path} is now held by {who}"
+            return self._held_by(current, "nobody (the lock file is gone)")
         tmp = self._write_temp(Holder(**{**asdict(self.me), "refreshed": time.time()}))
         try:
             return self._swap_if_ours(tmp)
@@ -288,7 +287,7 @@ class InstanceLock:
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
-            return f"the lock {self.path} is now held by nobody (the lock file is gone)"
+            return self._held_by(None, "nobody (the lock file is gone)")
         with open_regular_for_reading(aside) as fh:
             current = Holder.parse(fh.read().decode(errors="replace"))
         ours = current is not None and current.instance == self.me.instance
@@ -298,14 +297,15 @@ class InstanceLock:
             except FileExistsError:
                 pass
         aside.unlink(missing_ok=True)
-        if not ours:
-            who = current.describe() if current else "an unreadable lock file"
-            return f"the lock {self.path} is now held by {who}"
-        if not self._create_exclusive(fresh):
+        if ours:
+            if self._create_exclusive(fresh):
+                return ""
             current, _ = self._read()
-            who = current.describe() if current else "an unreadable lock file"
-            return f"the lock {self.path} is now held by {who}"
-        return ""
+        return self._held_by(current, "an unreadable lock file")
+
+    def _held_by(self, holder: Holder | None, otherwise: str) -> str:
+        """Why the lock is lost: who holds it now (`otherwise` when no holder can be named)."""
+        return f"the lock {self.path} is now held by {holder.describe() if holder else otherwise}"
 
     def release(self) -> None:
         """Stop refreshing and remove the lock if it is still ours (idempotent)."""
