@@ -18,6 +18,16 @@ __all__ = ["REPO", "ManagedProcess", "ManagerProcess", "ServingProcess", "free_p
 REPO = Path(__file__).resolve().parent.parent
 
 
+class FakeClock:
+    """A clock the test moves by hand (`clock.now += 5`), for classes that take one."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,16 +15,9 @@ from bcorch.manager.store import Store
 from bcorch.protocol import JobState as WireState
 
 from manager_helpers import assign, complete, start_manager, write_files
+from support import FakeClock
 
 KB = 1000
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- the pure policy -------------------------------------------------------------------

@@ -11,13 +11,7 @@ from bcorch.config import FacilityConfig, ManagerConfig
 from bcorch.manager.facility import Facility
 from bcorch.protocol import JobState
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from support import FakeClock
 
 
 def _run(root: Path, name: str, files: int, toml: str = "") -> None:

@@ -19,6 +19,8 @@ from bcorch.orchestrator.slot import (ALLOWED, AfterExit, Decision, Do, EnginePr
                                       transition)
 from bcorch.orchestrator.supervisor import Supervisor
 
+from support import FakeClock
+
 S = SlotState
 UP = World()
 DOWN = World(manager_down=True, manager_known_up=False)
@@ -320,19 +322,11 @@ def test_status_table_has_no_run_column_without_runs():
 
 
 # --- a whole supervisor on a plain clock -------------------------------------------------
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def supervisor(monkeypatch):
     """A Supervisor whose spawns make no process: each engine is a record the test drives."""
-    def make(**orchestrator) -> tuple[Supervisor, Clock]:
-        clock = Clock()
+    def make(**orchestrator) -> tuple[Supervisor, FakeClock]:
+        clock = FakeClock(0.0)
         sup = Supervisor(from_mapping({"orchestrator": {"first_contact_timeout_s": 0,
                                                         "hang_timeout_s": 1e6,
                                                         **orchestrator}}),

@@ -9,24 +9,18 @@ from bcorch.manager.service import Manager
 from bcorch.manager.store import Store
 from bcorch.protocol import JobState as WireState
 
+from support import FakeClock
+
 INTERVAL = 60.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _manager(tmp_path: Path, clock: Clock) -> tuple[Store, Manager]:
+def _manager(tmp_path: Path, clock: FakeClock) -> tuple[Store, Manager]:
     store = Store(str(tmp_path / "m.sqlite"), max_attempts=3)
     return store, Manager(store, Layout(tmp_path / "in", tmp_path / "out"), batch_size=1,
                           report_back_interval=INTERVAL, clock=clock)
 
 
-def _one_job_live_at_a_restart(tmp_path: Path, clock: Clock) -> str:
+def _one_job_live_at_a_restart(tmp_path: Path, clock: FakeClock) -> str:
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
     (tmp_path / "in" / "a.pod5").write_bytes(b"pod5?")
@@ -42,7 +36,7 @@ def _one_job_live_at_a_restart(tmp_path: Path, clock: Clock) -> str:
 
 
 def test_a_slow_start_does_not_expire_the_restored_leases(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     job_id = _one_job_live_at_a_restart(tmp_path, clock)
     store, manager = _manager(tmp_path, clock)
     try:
@@ -61,7 +55,7 @@ def test_a_slow_start_does_not_expire_the_restored_leases(tmp_path):
 def test_leases_start_once_and_a_keepalive_before_is_kept(tmp_path):
     """Serving starts once: a second call restarts nothing (a lease that ran out since
     the first stays out), and a keep-alive taken before the call is not shortened."""
-    clock = Clock()
+    clock = FakeClock()
     job_id = _one_job_live_at_a_restart(tmp_path, clock)
     store, manager = _manager(tmp_path, clock)
     try:

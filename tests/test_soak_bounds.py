@@ -12,15 +12,9 @@ from bcorch.protocol import Batch, JobState as WireState
 from bcorch.workers.engine import BatchTiming, BCEngine
 from bcorch.workers.runners.base import RunResult
 
+from support import FakeClock
+
 BATCHES = 1500
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
