@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import dataclasses
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -111,7 +110,7 @@ class RunPart:
         screened = self._screen(found)
         if any(f.state is FileState.DUPLICATE for f in screened):
             quarantined = self.store.quarantined()
-            screened = [dataclasses.replace(f, state=FileState.QUARANTINED)
+            screened = [replace(f, state=FileState.QUARANTINED)
                         if f.state is FileState.DUPLICATE and f.path in quarantined else f
                         for f in screened]
         return self.manager.add_found(screened)
