@@ -88,7 +88,6 @@ OUTPUT_BESIDE = "basecalls"
 DEFAULT_ESTIMATE_S = 60.0   # a batch's GPU seconds before the engine's pace is known
 CLOSED_FLAG = "closed"
 IDENTITIES_FLAG = "identities_indexed"   # settled runs' file identities are in the index
-MAX_ASSIGNED_LISTED = 1_000_000   # a cancelled run's files still out (its running batches)
 
 
 class Facility:
@@ -153,9 +152,7 @@ class Facility:
             return True
         part = run.part
         try:
-            return part is not None and any(
-                f["path"] == path for f in part.store.files_in_state(FileState.ASSIGNED,
-                                                                     MAX_ASSIGNED_LISTED))
+            return part is not None and part.store.state_of(path) is FileState.ASSIGNED
         except sqlite3.ProgrammingError:   # settled and closed meanwhile: nothing out
             return False
 

@@ -686,6 +686,12 @@ class Store:
 
     # -- reading -----------------------------------------------------------------------
 
+    def state_of(self, path: str) -> FileState | None:
+        """The state of the file at path (input-relative); None when it is not known."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM files WHERE path = ?", (path,)).fetchone()
+        return FileState(row[0]) if row else None
+
     def files_in_state(self, state: FileState, limit: int) -> list[dict]:
         with self._lock:
             rows = self._db.execute(

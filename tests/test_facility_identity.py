@@ -359,6 +359,26 @@ def test_files_of_a_cancelled_run_copied_into_a_new_run_are_basecalled_there(tmp
     assert_each_read_once(tmp_path / "out", ids)
 
 
+def test_a_file_a_cancelled_run_still_has_out_is_not_basecalled_in_the_copy(tmp_path):
+    """A cancelled run finishes the batches it had out: a copy of a file in one of them is
+    DUPLICATE in the new run, as a file it basecalled is; only the rest is basecalled there."""
+    root, ids, fac = _one_batch_done(tmp_path, 3)
+    try:
+        out = take(fac)
+        assert out["batch_size"] == 1 and out["run_id"] == NAME, out
+        fac.command(NAME, RunEvent.CANCEL)
+        shutil.copytree(root / GROUP / SAMPLE / NAME / "pod5", root / GROUP / SAMPLE / "redo"
+                        / "pod5")
+        fac.scan_tick()
+        view = runs(fac)["redo"]
+        assert view["files"]["DUPLICATE"] == 2 and view["files"]["PENDING"] == 1, view
+        finish(fac, out)
+        assert drain(fac) == ["redo"]
+    finally:
+        fac.close()
+    assert_each_read_once(tmp_path / "out", ids)
+
+
 def test_a_settled_run_whose_journal_cannot_be_read_is_still_found(tmp_path):
     """On a new state directory a settled run's journal is read for its file identities;
     one that is not a regular file (here a directory) only leaves them out of the index:
