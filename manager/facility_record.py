@@ -17,10 +17,9 @@ a run that the database does not know.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +74,13 @@ class RunRecord:
     last_batch_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
 
 def write_record(output_dir: str, record: RunRecord) -> None:
     """Write bcorch_run.json; a failure is logged (the facility database still holds it)."""
-    run_id = record.run_id
     text = json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n"
     try:
         write_atomically(Path(output_dir) / RECORD_NAME, text)
     except OSError as exc:
-        log.error("run %s: cannot write %s in %s: %s", run_id, RECORD_NAME, output_dir, exc)
+        log.error("run %s: cannot write %s in %s: %s", record.run_id, RECORD_NAME, output_dir, exc)
