@@ -340,6 +340,14 @@ def test_a_manager_killed_and_started_on_another_host_keeps_the_pause_and_gpu_ti
     assert sorted(reads) == sorted(ids)
 
 
+def _cancel_and_copy_into_redo(fac: Facility, root: Path) -> dict:
+    """Cancel run NAME, copy its POD5 files into a new run "redo", scan: redo's view."""
+    fac.command(NAME, RunEvent.CANCEL)
+    shutil.copytree(root / GROUP / SAMPLE / NAME / "pod5", root / GROUP / SAMPLE / "redo" / "pod5")
+    fac.scan_tick()
+    return runs(fac)["redo"]
+
+
 def test_files_of_a_cancelled_run_copied_into_a_new_run_are_basecalled_there(tmp_path):
     """The documented way to change a started run's settings: cancel it and copy its POD5
     files into a new run directory. What the cancelled run basecalled is DUPLICATE there;
@@ -347,11 +355,7 @@ def test_files_of_a_cancelled_run_copied_into_a_new_run_are_basecalled_there(tmp
     basecall it)."""
     root, ids, fac = _one_batch_done(tmp_path, 3)
     try:
-        fac.command(NAME, RunEvent.CANCEL)
-        shutil.copytree(root / GROUP / SAMPLE / NAME / "pod5", root / GROUP / SAMPLE / "redo"
-                        / "pod5")
-        fac.scan_tick()
-        view = runs(fac)["redo"]
+        view = _cancel_and_copy_into_redo(fac, root)
         assert view["files"]["DUPLICATE"] == 1 and view["files"]["PENDING"] == 2, view
         assert drain(fac) == ["redo", "redo"]
     finally:
@@ -366,11 +370,7 @@ def test_a_file_a_cancelled_run_still_has_out_is_not_basecalled_in_the_copy(tmp_
     try:
         out = take(fac)
         assert out["batch_size"] == 1 and out["run_id"] == NAME, out
-        fac.command(NAME, RunEvent.CANCEL)
-        shutil.copytree(root / GROUP / SAMPLE / NAME / "pod5", root / GROUP / SAMPLE / "redo"
-                        / "pod5")
-        fac.scan_tick()
-        view = runs(fac)["redo"]
+        view = _cancel_and_copy_into_redo(fac, root)
         assert view["files"]["DUPLICATE"] == 2 and view["files"]["PENDING"] == 1, view
         finish(fac, out)
         assert drain(fac) == ["redo"]
